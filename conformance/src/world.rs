@@ -1,0 +1,106 @@
+//! A whole system for one test: an isolated embedded stack, fake-rails
+//! exporting its Rails spans into it, and the runner under test.
+
+use std::time::Duration;
+
+use anyhow::Result;
+
+use crate::gitlab::{FakeRails, FakeRailsOptions};
+use crate::process::{wait_for, Lifetime};
+use crate::runner::{Runner, RunnerOptions};
+use crate::stack::{Stack, StackOptions};
+use crate::trace::{self, StoredSpan};
+
+/// How long a span may take from a job's end to ClickHouse before a test
+/// gives up (the design's target is minutes; ours is about a second).
+pub const SPAN_DEADLINE: Duration = Duration::from_secs(30);
+/// How long a small pipeline may take to finish.
+pub const PIPELINE_DEADLINE: Duration = Duration::from_secs(90);
+
+pub struct World {
+    pub stack: Stack,
+    pub rails: FakeRails,
+    pub runner: Option<Runner>,
+}
+
+impl World {
+    /// Stack and fake-rails; the runner is started by [`World::start_runner`].
+    pub fn new(mut rails_options: FakeRailsOptions) -> Result<World> {
+        let stack = Stack::start(StackOptions::isolated())?;
+        if rails_options.otlp_endpoint.is_none() {
+            rails_options.otlp_endpoint = Some(stack.endpoints().otlp_http.clone());
+        }
+        if rails_options.otel_endpoints.is_empty() {
+            // What contract v2 payloads tell runners to export to.
+            rails_options
+                .otel_endpoints
+                .push(format!("{}/v1/traces", stack.endpoints().otlp_http));
+        }
+        let rails = FakeRails::start(stack.dir(), &rails_options, Lifetime::Owned)?;
+        Ok(World {
+            stack,
+            rails,
+            runner: None,
+        })
+    }
+
+    /// Runner options that send telemetry to this world's collector over
+    /// OTLP/HTTP, as a runner manager's static configuration would.
+    pub fn to_collector(&self) -> RunnerOptions {
+        RunnerOptions {
+            otlp_endpoint: Some(self.stack.endpoints().otlp_http.clone()),
+            otlp_protocol: Some("http/protobuf".into()),
+            ..RunnerOptions::default()
+        }
+    }
+
+    /// Registers a runner and starts the runner under test.
+    pub fn start_runner(&mut self, options: RunnerOptions) -> Result<()> {
+        let token = self.rails.register_runner("conformance")?;
+        self.runner = Some(Runner::start(
+            self.stack.dir(),
+            &self.rails.url,
+            &token,
+            &options,
+            Lifetime::Owned,
+        )?);
+        Ok(())
+    }
+
+    /// Waits for the runner's `job_execution` span of `job`.
+    pub fn job_execution(&self, job: u64) -> Result<StoredSpan> {
+        let clickhouse = self.stack.clickhouse();
+        wait_for(&format!("the job_execution span of job {job}"), SPAN_DEADLINE, || {
+            let spans = trace::select(
+                &clickhouse,
+                &format!("SpanName = 'job_execution' AND SpanAttributes['ci.job.id'] = '{job}'"),
+            )?;
+            Ok(spans.into_iter().next())
+        })
+    }
+
+    /// Every span whose `ci.job.id` is `job`, runner's and Rails' alike.
+    pub fn spans_of_job(&self, job: u64) -> Result<Vec<StoredSpan>> {
+        trace::select(
+            &self.stack.clickhouse(),
+            &format!("SpanAttributes['ci.job.id'] = '{job}' OR ResourceAttributes['ci.job.id'] = '{job}'"),
+        )
+    }
+
+    pub fn runner_log(&self) -> String {
+        self.runner.as_ref().map(Runner::log).unwrap_or_default()
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            if let Some(runner) = &self.runner {
+                eprintln!("--- runner log ---\n{}", crate::process::log_tail(runner.log_path(), 60));
+            }
+            eprintln!("--- fake-rails log ---\n{}", crate::process::log_tail(self.rails.log_path(), 30));
+        }
+        // The runner stops before the services it talks to.
+        self.runner = None;
+    }
+}

@@ -1,0 +1,249 @@
+//! The embedded stack end to end: spans exported with the stock
+//! `opentelemetry-otlp` exporter land in ClickHouse through the real collector,
+//! and the CI materialized view picks up exactly the CI services' spans.
+
+use std::time::{Duration, SystemTime};
+
+use conformance::process::{self, wait_for};
+use conformance::{ClickHouse, Stack, StackOptions};
+use opentelemetry::trace::{
+    SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState,
+};
+use opentelemetry::{InstrumentationScope, KeyValue};
+use opentelemetry_otlp::{Protocol, WithExportConfig};
+use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanExporter as _, SpanLinks};
+use opentelemetry_sdk::Resource;
+use serde_json::Value;
+
+const LANDING_DEADLINE: Duration = Duration::from_secs(20);
+
+fn random_trace_id() -> TraceId {
+    TraceId::from_bytes(rand::random::<u128>().max(1).to_be_bytes())
+}
+
+fn random_span_id() -> SpanId {
+    SpanId::from_bytes(rand::random::<u64>().max(1).to_be_bytes())
+}
+
+/// A finished span of 250 ms that ended just now (the exporter's TTL drops
+/// old timestamps, so tests use current ones).
+fn span(trace_id: TraceId, parent: SpanId, name: &'static str, attributes: Vec<KeyValue>) -> SpanData {
+    let end = SystemTime::now();
+    SpanData {
+        span_context: SpanContext::new(
+            trace_id,
+            random_span_id(),
+            TraceFlags::SAMPLED,
+            false,
+            TraceState::default(),
+        ),
+        parent_span_id: parent,
+        parent_span_is_remote: true,
+        span_kind: SpanKind::Internal,
+        name: name.into(),
+        start_time: end - Duration::from_millis(250),
+        end_time: end,
+        attributes,
+        dropped_attributes_count: 0,
+        events: SpanEvents::default(),
+        links: SpanLinks::default(),
+        status: Status::Ok,
+        instrumentation_scope: InstrumentationScope::builder("conformance").build(),
+    }
+}
+
+fn resource(service: &str, extra: Vec<KeyValue>) -> Resource {
+    Resource::builder_empty()
+        .with_service_name(service.to_string())
+        .with_attributes(extra)
+        .build()
+}
+
+#[derive(Clone, Copy)]
+enum Transport {
+    Http,
+    Grpc,
+}
+
+/// Exports `spans` with the stock OTLP exporter, as a runner would. The HTTP
+/// exporter uses reqwest's blocking client (no async runtime around it); the
+/// gRPC one runs on tokio.
+fn export(stack: &Stack, transport: Transport, resource: &Resource, spans: Vec<SpanData>) {
+    match transport {
+        Transport::Http => {
+            let mut exporter = opentelemetry_otlp::SpanExporter::builder()
+                .with_http()
+                .with_protocol(Protocol::HttpBinary)
+                .with_endpoint(format!("{}/v1/traces", stack.endpoints().otlp_http))
+                .build()
+                .expect("building the OTLP/HTTP exporter");
+            exporter.set_resource(resource);
+            futures::executor::block_on(exporter.export(spans))
+                .expect("the collector accepted the spans");
+        }
+        Transport::Grpc => {
+            let runtime = tokio::runtime::Runtime::new().unwrap();
+            runtime.block_on(async {
+                let mut exporter = opentelemetry_otlp::SpanExporter::builder()
+                    .with_tonic()
+                    .with_endpoint(stack.endpoints().otlp_grpc.clone())
+                    .build()
+                    .expect("building the OTLP/gRPC exporter");
+                exporter.set_resource(resource);
+                exporter
+                    .export(spans)
+                    .await
+                    .expect("the collector accepted the spans");
+            });
+        }
+    }
+}
+
+fn rows_of_trace(clickhouse: &ClickHouse, trace_id: TraceId, expected: usize) -> Vec<Value> {
+    wait_for("the spans to land in otel.otel_traces", LANDING_DEADLINE, || {
+        let rows = clickhouse.rows(&format!(
+            "SELECT TraceId, SpanId, ParentSpanId, SpanName, ServiceName, ScopeName, \
+             SpanAttributes, ResourceAttributes, Duration, StatusCode \
+             FROM otel.otel_traces WHERE TraceId = '{trace_id}' ORDER BY SpanName"
+        ))?;
+        Ok((rows.len() >= expected).then_some(rows))
+    })
+    .unwrap()
+}
+
+fn check_span_lands(transport: Transport) {
+    let stack = Stack::start(StackOptions::isolated()).unwrap();
+    let clickhouse = stack.clickhouse();
+    let trace_id = random_trace_id();
+    let parent = random_span_id();
+    let sent = span(
+        trace_id,
+        parent,
+        "job_execution",
+        vec![
+            KeyValue::new("ci.job.id", 4242_i64),
+            KeyValue::new("ci.job.status", "success"),
+        ],
+    );
+    let span_id = sent.span_context.span_id();
+    export(&stack, transport, &resource("gitlab-ci-runner", vec![]), vec![sent]);
+
+    let rows = rows_of_trace(&clickhouse, trace_id, 1);
+    assert_eq!(rows.len(), 1, "{rows:#?}");
+    let row = &rows[0];
+    assert_eq!(row["TraceId"], trace_id.to_string());
+    assert_eq!(row["SpanId"], span_id.to_string());
+    assert_eq!(row["ParentSpanId"], parent.to_string());
+    assert_eq!(row["SpanName"], "job_execution");
+    assert_eq!(row["ServiceName"], "gitlab-ci-runner");
+    assert_eq!(row["ScopeName"], "conformance");
+    assert_eq!(row["SpanAttributes"]["ci.job.id"], "4242");
+    assert_eq!(row["SpanAttributes"]["ci.job.status"], "success");
+    assert_eq!(text(&row["Duration"]), "250000000", "Duration is in nanoseconds");
+
+    // The trace-id lookup table is fed by its materialized view.
+    let lookups = wait_for("otel_traces_trace_id_ts", LANDING_DEADLINE, || {
+        let n = clickhouse.count(&format!(
+            "SELECT count() FROM otel.otel_traces_trace_id_ts WHERE TraceId = '{trace_id}'"
+        ))?;
+        Ok((n > 0).then_some(n))
+    })
+    .unwrap();
+    assert!(lookups >= 1);
+}
+
+#[test]
+fn a_span_exported_over_otlp_http_lands_in_otel_traces() {
+    check_span_lands(Transport::Http);
+}
+
+#[test]
+fn a_span_exported_over_otlp_grpc_lands_in_otel_traces() {
+    check_span_lands(Transport::Grpc);
+}
+
+#[test]
+fn ci_job_telemetry_traces_holds_the_ci_services_spans_only() {
+    let stack = Stack::start(StackOptions::isolated()).unwrap();
+    let clickhouse = stack.clickhouse();
+    let trace_id = random_trace_id();
+    let parent = random_span_id();
+    let ids = |job: i64| {
+        vec![
+            KeyValue::new("ci.job.id", job),
+            KeyValue::new("ci.pipeline.id", 777_i64),
+            KeyValue::new("ci.project.id", 12_i64),
+        ]
+    };
+    // IDs as span attributes (what the runner does) ...
+    export(
+        &stack,
+        Transport::Http,
+        &resource("gitlab-ci-runner", vec![]),
+        vec![span(trace_id, parent, "job_execution", ids(1001))],
+    );
+    // ... or as resource attributes (what the upstream MV expected) ...
+    export(
+        &stack,
+        Transport::Grpc,
+        &resource("gitlab-ci-runner", ids(1002)),
+        vec![span(trace_id, parent, "get_sources", vec![])],
+    );
+    // ... and a service that is not CI, with the same attributes.
+    export(
+        &stack,
+        Transport::Http,
+        &resource("payments-api", vec![]),
+        vec![span(trace_id, parent, "charge_card", ids(1003))],
+    );
+
+    // All three are in otel_traces: from here on, absence means something.
+    rows_of_trace(&clickhouse, trace_id, 3);
+    let rows = wait_for("ci_job_telemetry_traces", LANDING_DEADLINE, || {
+        let rows = clickhouse.rows(&format!(
+            "SELECT build_id, pipeline_id, project_id, span_name, service_name \
+             FROM otel.ci_job_telemetry_traces WHERE trace_id = '{trace_id}' ORDER BY build_id"
+        ))?;
+        Ok((rows.len() >= 2).then_some(rows))
+    })
+    .unwrap();
+    let summary: Vec<String> = rows
+        .iter()
+        .map(|r| {
+            ["build_id", "pipeline_id", "project_id", "span_name", "service_name"]
+                .map(|c| text(&r[c]))
+                .join(" ")
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            "1001 777 12 job_execution gitlab-ci-runner",
+            "1002 777 12 get_sources gitlab-ci-runner",
+        ]
+    );
+}
+
+/// A JSONEachRow value as text (64-bit integers may come quoted or not).
+fn text(value: &Value) -> String {
+    match value {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+#[test]
+fn dropping_a_stack_stops_its_processes() {
+    let stack = Stack::start(StackOptions::isolated()).unwrap();
+    let ports: Vec<u16> = [&stack.endpoints().clickhouse_url, &stack.endpoints().otlp_http, &stack.endpoints().otlp_grpc]
+        .iter()
+        .map(|u| u.rsplit(':').next().unwrap().parse().unwrap())
+        .collect();
+    assert!(ports.iter().all(|p| process::port_open(*p)));
+    let dir = stack.dir().to_path_buf();
+    drop(stack);
+    for port in ports {
+        assert!(!process::port_open(port), "port {port} still answers after drop");
+    }
+    assert!(!dir.exists(), "the isolated stack's directory is removed");
+}

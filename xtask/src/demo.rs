@@ -1,0 +1,263 @@
+//! `cargo xtask demo`: the whole pipeline on this machine. Brings up the
+//! embedded stack (kept running afterwards, so the data can be looked at),
+//! starts fake-rails and the reference runner, runs the demo pipeline from
+//! `compose/demo/.gitlab-ci.yml`, and prints each job's trace as read back
+//! from ClickHouse. Exits non-zero if any expectation failed.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Result};
+use conformance::gitlab::{Contract, FakeRails, FakeRailsOptions};
+use conformance::process::Lifetime;
+use conformance::runner::{Runner, RunnerOptions};
+use conformance::trace::{self, format_duration, StoredSpan, Tree};
+use conformance::{paths, ClickHouse};
+use serde_json::Value;
+
+/// What the demo pipeline's jobs must end as.
+const EXPECTED: &[(&str, &str)] = &[
+    ("build", "success"),
+    ("flaky-test", "failed"),
+    ("slow-test", "success"),
+];
+
+pub fn run(args: &[String]) -> Result<()> {
+    let contract = match args.iter().position(|a| a == "--contract") {
+        Some(i) => match args.get(i + 1).map(String::as_str) {
+            Some("v1") => Contract::V1,
+            Some("v2") => Contract::V2,
+            _ => bail!("--contract takes v1 or v2"),
+        },
+        None => Contract::V1,
+    };
+    crate::test::build_binaries()?;
+
+    let stack_dir = paths::target_dir().join("stack");
+    println!("==> Embedded stack ({})", stack_dir.display());
+    let endpoints = crate::stack::up(&stack_dir)?;
+    let clickhouse = endpoints.clickhouse();
+
+    let demo_dir = paths::target_dir().join("demo");
+    let _ = std::fs::remove_dir_all(&demo_dir);
+    std::fs::create_dir_all(demo_dir.join("logs"))?;
+
+    let rails = FakeRails::start(
+        &demo_dir,
+        &FakeRailsOptions {
+            contract,
+            otlp_endpoint: Some(endpoints.otlp_http.clone()),
+            otel_endpoints: vec![format!("{}/v1/traces", endpoints.otlp_http)],
+            extra_args: Vec::new(),
+        },
+        Lifetime::Owned,
+    )?;
+    println!(
+        "==> fake-rails on {} (payload contract {:?}, log {})",
+        rails.url,
+        contract,
+        rails.log_path().display()
+    );
+    let (project, project_path) = rails.create_project("ci-telemetry-demo", None)?;
+    rails.set_telemetry_flag(true, Some(&project_path))?;
+    println!("  Project {project_path} (id {project}), feature flag ci_job_telemetry on");
+    let ci_config_path = paths::compose_dir().join("demo").join(".gitlab-ci.yml");
+    let ci_config = std::fs::read_to_string(&ci_config_path)?;
+    let pipeline = rails.create_pipeline(project, &ci_config)?;
+    let jobs = rails.pipeline_jobs(project, pipeline)?;
+    println!(
+        "  Pipeline {pipeline} from compose/demo/.gitlab-ci.yml: {}",
+        jobs.iter()
+            .filter_map(|j| j["name"].as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+
+    let token = rails.register_runner("demo-runner")?;
+    let runner = Runner::start(
+        &demo_dir,
+        &rails.url,
+        &token,
+        &RunnerOptions {
+            otlp_endpoint: (contract == Contract::V1).then(|| endpoints.otlp_http.clone()),
+            otlp_protocol: Some("http/protobuf".into()),
+            ..RunnerOptions::default()
+        },
+        Lifetime::Owned,
+    )?;
+    println!(
+        "==> ci-runner (shell executor, log {})",
+        runner.log_path().display()
+    );
+
+    let watch = watch_pipeline(&rails, &clickhouse, project, pipeline)?;
+    drop(runner);
+
+    println!("==> Traces read back from ClickHouse");
+    let mut failures = Vec::new();
+    let trace_id = format!("{pipeline:032x}");
+    let spans = trace::spans_of_trace(&clickhouse, &trace_id)?;
+    let tree = Tree::new(spans);
+    for job in &watch.jobs {
+        let id = job["id"].as_u64().unwrap_or_default();
+        let name = job["name"].as_str().unwrap_or("?");
+        let status = job["status"].as_str().unwrap_or("?");
+        println!();
+        println!("Job {id} `{name}`: {status}, trace {trace_id}");
+        match job_root(&tree, id) {
+            Some(root) => print!("{}", indent(&tree.render_from(root))),
+            None => println!("  (no spans found)"),
+        }
+        failures.extend(check_job(&tree, job, &trace_id));
+    }
+    println!();
+    for (job, latency) in &watch.latencies {
+        println!(
+            "  job_execution of job {job} queryable {} after the job ended",
+            format_duration(latency.as_nanos() as u64)
+        );
+    }
+
+    print_where_to_look(&endpoints, &stack_dir, &trace_id);
+    if !failures.is_empty() {
+        bail!("the demo's expectations failed:\n  {}", failures.join("\n  "));
+    }
+    println!("All expectations met.");
+    Ok(())
+}
+
+struct Watched {
+    jobs: Vec<Value>,
+    /// Job id -> time from the job's end to its span being queryable.
+    latencies: BTreeMap<u64, Duration>,
+}
+
+/// Prints job status changes until the pipeline is done and every finished
+/// job's `job_execution` span is in ClickHouse (or a deadline passes).
+fn watch_pipeline(rails: &FakeRails, clickhouse: &ClickHouse, project: u64, pipeline: u64) -> Result<Watched> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut seen_status: HashMap<u64, String> = HashMap::new();
+    let mut latencies = BTreeMap::new();
+    let mut finished_at: Option<Instant> = None;
+    loop {
+        let jobs = rails.pipeline_jobs(project, pipeline)?;
+        for job in &jobs {
+            let id = job["id"].as_u64().unwrap_or_default();
+            let status = job["status"].as_str().unwrap_or("?").to_string();
+            if seen_status.get(&id) != Some(&status) {
+                println!("  job {id:<4} {:<12} {status}", job["name"].as_str().unwrap_or("?"));
+                seen_status.insert(id, status.clone());
+            }
+            if matches!(status.as_str(), "success" | "failed") && !latencies.contains_key(&id) {
+                if let Some(span) = job_execution_span(clickhouse, id)? {
+                    latencies.insert(id, since_end(&span));
+                }
+            }
+        }
+        let all_done = jobs.iter().all(|j| {
+            matches!(j["status"].as_str(), Some("success" | "failed" | "canceled" | "skipped"))
+        });
+        if all_done && finished_at.is_none() {
+            finished_at = Some(Instant::now());
+        }
+        let all_spans = jobs
+            .iter()
+            .all(|j| latencies.contains_key(&j["id"].as_u64().unwrap_or_default()));
+        let grace_over = finished_at.is_some_and(|t| t.elapsed() > Duration::from_secs(30));
+        if (all_done && all_spans) || grace_over || Instant::now() > deadline {
+            if !all_done {
+                bail!("the pipeline did not finish in time");
+            }
+            return Ok(Watched { jobs, latencies });
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn job_execution_span(clickhouse: &ClickHouse, job: u64) -> Result<Option<StoredSpan>> {
+    let spans = trace::select(
+        clickhouse,
+        &format!("SpanName = 'job_execution' AND SpanAttributes['ci.job.id'] = '{job}'"),
+    )?;
+    Ok(spans.into_iter().next())
+}
+
+fn since_end(span: &StoredSpan) -> Duration {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    Duration::from_nanos(now.saturating_sub(span.end_ns()) as u64)
+}
+
+/// The root of a job's subtree: its `job_lifecycle` span, or whatever root
+/// holds its `job_execution` span.
+fn job_root(tree: &Tree, job: u64) -> Option<usize> {
+    let id = job.to_string();
+    tree.roots.iter().copied().find(|&r| {
+        let span = &tree.spans[r];
+        span.attribute("ci.job.id") == Some(id.as_str())
+    })
+}
+
+fn check_job(tree: &Tree, job: &Value, trace_id: &str) -> Vec<String> {
+    let id = job["id"].as_u64().unwrap_or_default();
+    let name = job["name"].as_str().unwrap_or("?");
+    let status = job["status"].as_str().unwrap_or("?");
+    let mut failures = Vec::new();
+    if let Some((_, want)) = EXPECTED.iter().find(|(n, _)| *n == name) {
+        if status != *want {
+            failures.push(format!("job `{name}` ended {status}, expected {want}"));
+        }
+    }
+    let id_text = id.to_string();
+    let of_job = |span_name: &str| {
+        tree.spans
+            .iter()
+            .find(|s| s.name == span_name && s.attribute("ci.job.id") == Some(id_text.as_str()))
+    };
+    let Some(execution) = of_job("job_execution") else {
+        failures.push(format!("job `{name}`: no job_execution span in ClickHouse"));
+        return failures;
+    };
+    if execution.trace_id != trace_id {
+        failures.push(format!("job `{name}`: trace id {} instead of {trace_id}", execution.trace_id));
+    }
+    match of_job("job_running") {
+        Some(running) if running.span_id == execution.parent_span_id => {}
+        Some(_) => failures.push(format!("job `{name}`: job_execution is not a child of job_running")),
+        None => failures.push(format!("job `{name}`: no job_running span from Rails")),
+    }
+    if of_job("job_lifecycle").is_none() {
+        failures.push(format!("job `{name}`: no job_lifecycle root span"));
+    }
+    if execution.attribute("ci.job.status") != Some(status) {
+        failures.push(format!(
+            "job `{name}`: ci.job.status is {:?}, the job is {status}",
+            execution.attribute("ci.job.status")
+        ));
+    }
+    let is_error = execution.status_code.contains("Error") || execution.status_code.contains("ERROR");
+    if (status == "failed") != is_error {
+        failures.push(format!("job `{name}`: span status {} for a {status} job", execution.status_code));
+    }
+    failures
+}
+
+fn indent(text: &str) -> String {
+    text.lines().map(|l| format!("  {l}\n")).collect()
+}
+
+fn print_where_to_look(endpoints: &conformance::Endpoints, stack_dir: &std::path::Path, trace_id: &str) {
+    println!();
+    println!("==> Where the data is");
+    println!("  The stack keeps running: ClickHouse at {}, collector at {} (OTLP/HTTP) and {} (OTLP/gRPC).",
+        endpoints.clickhouse_url, endpoints.otlp_http, endpoints.otlp_grpc);
+    println!("  Credentials: {}", stack_dir.join("endpoints.env").display());
+    println!("  Look at this trace:");
+    println!("    . {} && curl -s -u \"$CLICKHOUSE_USER:$CLICKHOUSE_PASSWORD\" \"$CLICKHOUSE_URL\" --data-binary \\", stack_dir.join("endpoints.env").display());
+    println!("      \"SELECT SpanName, ServiceName, Duration/1e6 AS ms, StatusCode FROM otel.otel_traces WHERE TraceId = '{trace_id}' ORDER BY Timestamp FORMAT PrettyCompact\"");
+    println!("  CI view: SELECT build_id, span_name, job_status, duration_ns FROM otel.ci_job_telemetry_traces ORDER BY start_time DESC LIMIT 20");
+    println!("  With Docker, compose/docker-compose.yml runs the same schema with Grafana on http://localhost:3000.");
+    println!("  Stop the stack with: cargo xtask stack down");
+}

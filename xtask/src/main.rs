@@ -1,0 +1,45 @@
+//! `cargo xtask`: the project's own commands.
+//!
+//! - `cargo xtask demo`           the main demo (stack + fake-rails + runner)
+//! - `cargo xtask test`           every check and test CI runs
+//! - `cargo xtask e2e`            the conformance suite only
+//! - `cargo xtask stack up|down|status [--dir DIR]`
+
+mod demo;
+mod stack;
+mod test;
+
+use std::process::ExitCode;
+
+const USAGE: &str = "\
+Usage: cargo xtask <command>
+
+Commands:
+  demo [--contract v1|v2]       run the demo: stack, fake-rails, runner, traces
+  test                          run every check and test (what CI runs)
+  e2e                           run the conformance suite against a real stack
+  stack up|down|status [--dir DIR]
+                                control the embedded stack (default target/stack)
+";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("stack") => stack::run(&args[1..]),
+        Some("demo") => demo::run(&args[1..]),
+        Some("test") => test::run_all(&args[1..]),
+        Some("e2e") => test::run_e2e(&args[1..]),
+        Some("-h" | "--help" | "help") | None => {
+            print!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Some(other) => Err(anyhow::anyhow!("unknown command `{other}`\n\n{USAGE}")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,111 @@
+//! `cargo xtask stack up|down|status [--dir DIR]`.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use conformance::paths;
+use conformance::stack::{self, Endpoints, Stack, StackOptions};
+
+pub fn run(args: &[String]) -> Result<()> {
+    let (command, dir) = parse(args)?;
+    match command.as_str() {
+        "up" => up(&dir).map(|_| ()),
+        "down" => down(&dir),
+        "status" => status(&dir),
+        other => bail!("unknown stack command `{other}`: expected up, down or status"),
+    }
+}
+
+fn parse(args: &[String]) -> Result<(String, PathBuf)> {
+    let mut command = None;
+    let mut dir = paths::target_dir().join("stack");
+    let mut rest = args.iter();
+    while let Some(arg) = rest.next() {
+        match arg.as_str() {
+            "--dir" => match rest.next() {
+                Some(d) => dir = PathBuf::from(d),
+                None => bail!("--dir needs a directory"),
+            },
+            a if a.starts_with("--dir=") => dir = PathBuf::from(&a["--dir=".len()..]),
+            a if command.is_none() && !a.starts_with('-') => command = Some(a.to_string()),
+            a => bail!("unexpected argument `{a}`"),
+        }
+    }
+    let Some(command) = command else {
+        bail!("usage: cargo xtask stack up|down|status [--dir DIR]");
+    };
+    let dir = if dir.is_relative() {
+        std::env::current_dir()?.join(dir)
+    } else {
+        dir
+    };
+    Ok((command, dir))
+}
+
+/// Starts the detached stack in `dir`, or reports the one already running.
+pub fn up(dir: &std::path::Path) -> Result<Endpoints> {
+    let started = Instant::now();
+    let states = stack::components(dir);
+    if states.iter().all(|c| c.running) {
+        let endpoints = Endpoints::from_env_file(&std::fs::read_to_string(
+            dir.join("endpoints.env"),
+        )?)?;
+        println!("The stack in {} is already running.", dir.display());
+        print_endpoints(dir, &endpoints);
+        return Ok(endpoints);
+    }
+    if states.iter().any(|c| c.running) {
+        // Half a stack is no use: stop what is left and start afresh.
+        stack::down(dir)?;
+    }
+    let stack = Stack::start_with_progress(StackOptions::detached(dir), &mut |line| {
+        println!("  {line}")
+    })?;
+    let endpoints = stack.detach()?;
+    println!(
+        "Stack up in {:.1}s ({}).",
+        started.elapsed().as_secs_f64(),
+        dir.display()
+    );
+    print_endpoints(dir, &endpoints);
+    Ok(endpoints)
+}
+
+fn print_endpoints(dir: &std::path::Path, endpoints: &Endpoints) {
+    println!("  ClickHouse (HTTP): {}  user {}", endpoints.clickhouse_url, endpoints.clickhouse_user);
+    println!("  OTLP/HTTP:         {}", endpoints.otlp_http);
+    println!("  OTLP/gRPC:         {}", endpoints.otlp_grpc);
+    println!(
+        "  Endpoints and the ClickHouse password: {}",
+        dir.join("endpoints.env").display()
+    );
+    println!("  Logs: {}", dir.join("logs").display());
+}
+
+fn down(dir: &std::path::Path) -> Result<()> {
+    for line in stack::down(dir)? {
+        println!("{line}");
+    }
+    Ok(())
+}
+
+fn status(dir: &std::path::Path) -> Result<()> {
+    let states = stack::components(dir);
+    for c in &states {
+        match (c.pid, c.running) {
+            (Some(pid), true) => println!("{:<10} running (pid {pid})", c.name),
+            (Some(pid), false) => println!("{:<10} not running (stale pid {pid})", c.name),
+            (None, _) => println!("{:<10} not running", c.name),
+        }
+    }
+    if states.iter().all(|c| c.running) {
+        if let Ok(text) = std::fs::read_to_string(dir.join("endpoints.env")) {
+            let endpoints = Endpoints::from_env_file(&text)?;
+            print_endpoints(dir, &endpoints);
+        }
+        Ok(())
+    } else {
+        bail!("the stack in {} is not (fully) running", dir.display())
+    }
+}
