@@ -46,8 +46,25 @@ impl Venv {
 /// them when needed. `progress` receives one line per step a person would want
 /// to see (the first install downloads ~200 MB).
 pub fn ensure(progress: &mut dyn FnMut(&str)) -> Result<Venv> {
-    let dir = paths::venv_dir();
-    let requirements = paths::compose_dir().join("requirements.txt");
+    let python3 = std::env::var_os("PYTHON3")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("python3"));
+    ensure_at(
+        &paths::venv_dir(),
+        &python3,
+        &paths::compose_dir().join("requirements.txt"),
+        progress,
+    )
+}
+
+/// [`ensure`] with every input explicit.
+pub fn ensure_at(
+    dir: &Path,
+    python3: &Path,
+    requirements: &Path,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Venv> {
+    let dir = dir.to_path_buf();
     let pins = fs::read_to_string(&requirements)
         .with_context(|| format!("reading {}", requirements.display()))?;
     let want = format!("{:016x}\n", fnv1a(pins.as_bytes()));
@@ -66,11 +83,11 @@ pub fn ensure(progress: &mut dyn FnMut(&str)) -> Result<Venv> {
         return Ok(venv);
     }
 
-    let python3 = find_python3()?;
+    check_python3(python3)?;
     if !venv.python().is_file() {
         progress(&format!("Creating the Python environment in {}", dir.display()));
         run_quiet(
-            Command::new(&python3).arg("-m").arg("venv").arg(&dir),
+            Command::new(python3).arg("-m").arg("venv").arg(&dir),
             "python3 -m venv",
             "install Python's venv module (Debian: apt-get install python3-venv) and try again",
         )?;
@@ -79,7 +96,7 @@ pub fn ensure(progress: &mut dyn FnMut(&str)) -> Result<Venv> {
     run_quiet(
         Command::new(venv.python())
             .args(["-m", "pip", "install", "--disable-pip-version-check", "-q", "-r"])
-            .arg(&requirements),
+            .arg(requirements),
         "pip install -r compose/requirements.txt",
         "check that PyPI is reachable (a proxy may need PIP_INDEX_URL) and try again",
     )?;
@@ -88,12 +105,9 @@ pub fn ensure(progress: &mut dyn FnMut(&str)) -> Result<Venv> {
     Ok(venv)
 }
 
-fn find_python3() -> Result<PathBuf> {
-    let candidate = std::env::var_os("PYTHON3")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("python3"));
-    match Command::new(&candidate).arg("--version").output() {
-        Ok(out) if out.status.success() => Ok(candidate),
+fn check_python3(python3: &Path) -> Result<()> {
+    match Command::new(python3).arg("--version").output() {
+        Ok(out) if out.status.success() => Ok(()),
         _ => bail!(
             "python3 was not found (the embedded stack's ClickHouse engine, chDB, ships only for Python): install Python 3.9 or newer, or point PYTHON3 at one"
         ),
@@ -145,5 +159,48 @@ impl FileLock {
             bail!("locking {}: {}", path.display(), std::io::Error::last_os_error());
         }
         Ok(FileLock { _file: file })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ensure_at;
+    use std::path::Path;
+
+    #[test]
+    fn a_missing_python_is_one_line_with_what_to_do() {
+        let dir = std::env::temp_dir().join(format!("venv-test-{}", std::process::id()));
+        let requirements = dir.join("requirements.txt");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(&requirements, "chdb-core==26.9.0\n").unwrap();
+        let error = ensure_at(
+            &dir.join("venv"),
+            Path::new("/nonexistent/python3"),
+            &requirements,
+            &mut |_| {},
+        )
+        .unwrap_err();
+        let message = format!("{error:#}");
+        assert!(!message.contains('\n'), "one line: {message}");
+        assert!(message.contains("python3 was not found"), "{message}");
+        assert!(message.contains("install Python"), "says what to do: {message}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_failed_download_is_one_line_with_what_to_do() {
+        let dir = std::env::temp_dir().join(format!("venv-test-dl-{}", std::process::id()));
+        let requirements = dir.join("requirements.txt");
+        std::fs::create_dir_all(&dir).unwrap();
+        // A package that cannot exist: pip fails the way a download does.
+        std::fs::write(&requirements, "this-package-does-not-exist-ci-telemetry==0.0.0\n").unwrap();
+        let error = ensure_at(&dir.join("venv"), Path::new("python3"), &requirements, &mut |_| {})
+            .unwrap_err();
+        let message = format!("{error:#}");
+        assert!(!message.contains('\n'), "one line: {message}");
+        assert!(message.contains("pip install"), "{message}");
+        assert!(message.contains("PyPI"), "says what to do: {message}");
+        assert!(!message.contains("Traceback"), "{message}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
