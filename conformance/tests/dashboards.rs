@@ -1,0 +1,89 @@
+//! Every dashboard panel's SQL runs against the real ClickHouse engine after a
+//! real pipeline, with Grafana's ClickHouse macros expanded as the datasource
+//! expands them; the panels that summarise jobs return rows.
+
+use conformance::gitlab::FakeRailsOptions;
+use conformance::paths;
+use conformance::world::{World, PIPELINE_DEADLINE};
+use serde_json::Value;
+
+const PIPELINE: &str = "
+build:
+  stage: build
+  script:
+    - echo building
+test:
+  stage: test
+  script:
+    - echo testing
+    - exit 1
+";
+
+/// Expands the macros of grafana-clickhouse-datasource for a 1-day window.
+fn expand(sql: &str, trace_id: &str) -> String {
+    let mut out = sql
+        .replace("${trace_id}", trace_id)
+        .replace("$trace_id", trace_id)
+        .replace("$__fromTime", "toDateTime(now() - INTERVAL 1 DAY)")
+        .replace("$__toTime", "toDateTime(now() + INTERVAL 1 HOUR)")
+        .replace("$__interval_s", "60");
+    for (name, expansion) in [
+        (
+            "$__timeFilter(",
+            "{c} >= toDateTime(now() - INTERVAL 1 DAY) AND {c} <= toDateTime(now() + INTERVAL 1 HOUR)",
+        ),
+        ("$__timeInterval(", "toStartOfInterval(toDateTime({c}), INTERVAL 60 second)"),
+    ] {
+        while let Some(start) = out.find(name) {
+            let rest = &out[start + name.len()..];
+            let end = rest.find(')').expect("a closing parenthesis");
+            let column = rest[..end].trim().to_string();
+            let replacement = expansion.replace("{c}", &column);
+            out.replace_range(start..start + name.len() + end + 1, &replacement);
+        }
+    }
+    out
+}
+
+#[test]
+fn every_panel_query_runs_and_the_job_panels_have_data() {
+    let mut world = World::new(FakeRailsOptions::default()).unwrap();
+    let (project, path) = world.rails.create_project("dashboards", None).unwrap();
+    world.rails.set_telemetry_flag(true, Some(&path)).unwrap();
+    world.start_runner(world.to_collector()).unwrap();
+    let pipeline = world.rails.create_pipeline(project, PIPELINE).unwrap();
+    let jobs = world.rails.wait_for_pipeline(project, pipeline, PIPELINE_DEADLINE).unwrap();
+    for job in &jobs {
+        world.job_execution(job["id"].as_u64().unwrap()).unwrap();
+    }
+    let trace_id = format!("{pipeline:032x}");
+    let clickhouse = world.stack.clickhouse();
+
+    let dir = paths::repo_root().join("dashboards");
+    let mut ran = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "json") {
+            continue;
+        }
+        let dashboard: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        for panel in dashboard["panels"].as_array().unwrap() {
+            let title = panel["title"].as_str().unwrap_or("?");
+            for target in panel["targets"].as_array().unwrap() {
+                let sql = expand(target["rawSql"].as_str().unwrap(), &trace_id);
+                let rows = clickhouse
+                    .rows(&sql)
+                    .unwrap_or_else(|e| panic!("panel `{title}` of {}: {e:#}\n{sql}", path.display()));
+                ran += 1;
+                if ["Jobs by status", "Slowest jobs", "Trace", "Queue time (job_pending, s)"].contains(&title) {
+                    assert!(!rows.is_empty(), "panel `{title}` shows nothing after a pipeline:\n{sql}");
+                }
+                if title == "Slowest jobs" {
+                    let statuses: Vec<&str> = rows.iter().filter_map(|r| r["job_status"].as_str()).collect();
+                    assert!(statuses.contains(&"success") && statuses.contains(&"failed"), "{rows:#?}");
+                }
+            }
+        }
+    }
+    assert!(ran >= 8, "ran {ran} panel queries");
+}
