@@ -1,0 +1,1062 @@
+#!/usr/bin/env python3
+"""chdb-http: ClickHouse's HTTP interface in front of an embedded chDB engine.
+
+chDB is the ClickHouse engine as a Python module and has no network server.
+This program is that server for the embedded stack: the collector (rotel),
+the Rust `clickhouse` crate, SQL clients and curl talk to it exactly as they
+would talk to clickhouse-server on port 8123.
+
+    python chdb_http.py --listen 127.0.0.1:0 --data DIR [--user default --password SECRET]
+
+The password may also come from the `CHDB_HTTP_PASSWORD` environment variable
+(it then does not show in `ps`). Once listening, exactly one line goes to
+stdout: `chdb-http listening on http://HOST:PORT`. Logs go to stderr, one line
+per request; they never contain credentials.
+
+What goes over the wire (the subset of ClickHouse's HTTP interface we speak):
+- `GET /ping`, `HEAD /ping`, `GET /` without a query: `200 Ok.\n`.
+- `GET|POST /?query=...`, or the query in the POST body. When `query` is in
+  the URL and the body is not empty, the body is the data of the INSERT
+  (ClickHouse concatenates: URL query, "\n", body). A body may also hold
+  `INSERT ... FORMAT X` followed by the data. Bodies may be chunked.
+- Data after `FORMAT X` is written to a temporary file and inserted with
+  `INSERT ... FROM INFILE '<file>' FORMAT X`, so every input format chDB
+  knows works (RowBinary, JSONEachRow, TabSeparated, CSV, Native, ...).
+- URL parameters: `database` (default `default`), `default_format` (default
+  TabSeparated; a FORMAT clause in the query wins), `param_<name>` (query
+  parameters `{name:Type}`), `user`/`password`, and ClickHouse settings,
+  which are applied to the one query (see `Engine.execute`).
+- Errors never answer 200: the body is ClickHouse's message, the header
+  `X-ClickHouse-Exception-Code` carries the code.
+
+**Architecture Invariant:** one process owns the data directory, and it owns
+exactly one chDB session, used under one lock. Requests are served by
+threads, queries run one at a time.
+
+**Architecture Invariant:** nothing a client sends changes the shared session
+for the next client. `database` and settings are applied per request and
+reset afterwards; client `SET` and `USE` statements are accepted and ignored,
+as a ClickHouse server does for HTTP requests without `session_id`; settings
+that cannot be reset (`readonly`) are never set on the session.
+
+The `database` parameter: chDB 26.9 keeps `USE db` in the session (older
+notes say it does not; it does now), so each request runs `USE <database>`
+under the lock before its query. Unqualified names therefore resolve in the
+requested database for every statement kind, with no SQL rewriting.
+
+Security: queries run with this process's privileges (`file()`, `INFILE`,
+`INTO OUTFILE` reach the whole file system). Bind to localhost, set a password.
+
+Not implemented: ClickHouse's compressed transfer (`compress=1`,
+`decompress=1`, a request `Content-Encoding`) is refused with a clear error,
+so clients must be built with compression off. Responses are never
+compressed. HTTP sessions (`session_id`) are ignored.
+"""
+
+import argparse
+import base64
+import hmac
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import uuid
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Optional
+from urllib.parse import parse_qsl, urlsplit
+
+PASSWORD_ENV = "CHDB_HTTP_PASSWORD"
+MAX_BODY_BYTES = 256 * 1024 * 1024
+MAX_CHUNK_LINE_BYTES = 4096
+MAX_TRAILER_LINES = 64
+READ_PIECE_BYTES = 1024 * 1024
+# Idle keep-alive connections are closed after this many seconds. Larger than
+# hyper's default pool idle timeout (90 s), so rotel closes first and never
+# sends on a connection we are closing.
+SOCKET_TIMEOUT_SECONDS = 300
+LOG_QUERY_CHARS = 120
+
+# ClickHouse error codes used by this server itself.
+CODE_SYNTAX_ERROR = 62
+CODE_BAD_ARGUMENTS = 36
+CODE_UNKNOWN_FORMAT = 73
+CODE_READONLY = 164
+CODE_QUERY_IS_TOO_LARGE = 202
+CODE_CANNOT_READ_ALL_DATA = 33
+CODE_UNKNOWN_SETTING = 115
+CODE_AUTHENTICATION_FAILED = 516
+CODE_UNKNOWN_EXCEPTION = 1002
+
+AUTH_FAILED_MESSAGE = (
+    "Code: 516. DB::Exception: {user}: Authentication failed: password is incorrect, "
+    "or there is no user with such name. (AUTHENTICATION_FAILED)"
+)
+
+# HTTP status per ClickHouse error code. ClickHouse's own table
+# (HTTPHandler.cpp, exceptionCodeToHTTPStatus) with one deliberate change:
+# UNKNOWN_IDENTIFIER (47) is a client mistake in the query text and answers
+# 400 here, where ClickHouse answers 404. Everything not listed is 500.
+_BAD_REQUEST_CODES = {
+    6,  # CANNOT_PARSE_TEXT
+    8,  # THERE_IS_NO_COLUMN
+    15,  # DUPLICATE_COLUMN
+    16,  # NO_SUCH_COLUMN_IN_TABLE
+    25,  # CANNOT_PARSE_ESCAPE_SEQUENCE
+    26,  # CANNOT_PARSE_QUOTED_STRING
+    27,  # CANNOT_PARSE_INPUT_ASSERTION_FAILED
+    33,  # CANNOT_READ_ALL_DATA (truncated RowBinary and the like)
+    36,  # BAD_ARGUMENTS
+    38,  # CANNOT_PARSE_DATE
+    41,  # CANNOT_PARSE_DATETIME
+    42,  # NUMBER_OF_ARGUMENTS_DOESNT_MATCH
+    43,  # ILLEGAL_TYPE_OF_ARGUMENT
+    44,  # ILLEGAL_COLUMN
+    47,  # UNKNOWN_IDENTIFIER
+    53,  # TYPE_MISMATCH
+    62,  # SYNTAX_ERROR
+    72,  # CANNOT_PARSE_NUMBER
+    117,  # INCORRECT_DATA
+    167,  # TOO_DEEP_AST
+    168,  # TOO_BIG_AST
+    223,  # UNEXPECTED_AST_STRUCTURE
+    321,  # VALUE_IS_OUT_OF_RANGE_OF_DATA_TYPE
+    376,  # CANNOT_PARSE_UUID
+    441,  # CANNOT_PARSE_IPV4
+    442,  # CANNOT_PARSE_IPV6
+}
+_NOT_FOUND_CODES = {
+    46,  # UNKNOWN_FUNCTION
+    50,  # UNKNOWN_TYPE
+    56,  # UNKNOWN_STORAGE
+    60,  # UNKNOWN_TABLE
+    63,  # UNKNOWN_AGGREGATE_FUNCTION
+    73,  # UNKNOWN_FORMAT
+    81,  # UNKNOWN_DATABASE
+    115,  # UNKNOWN_SETTING
+    336,  # UNKNOWN_DATABASE_ENGINE
+}
+_STATUS_BY_CODE = {
+    192: 403,  # UNKNOWN_USER
+    193: 403,  # WRONG_PASSWORD
+    194: 401,  # REQUIRED_PASSWORD
+    516: 403,  # AUTHENTICATION_FAILED
+    202: 413,  # QUERY_IS_TOO_LARGE
+    48: 501,  # NOT_IMPLEMENTED
+    209: 503,  # SOCKET_TIMEOUT
+}
+
+
+def http_status_for_code(code: int) -> int:
+    if code in _STATUS_BY_CODE:
+        return _STATUS_BY_CODE[code]
+    if code in _BAD_REQUEST_CODES:
+        return 400
+    if code in _NOT_FOUND_CODES:
+        return 404
+    return 500
+
+
+class QueryError(Exception):
+    """A ClickHouse-style failure: `Code: N. DB::Exception: ...`."""
+
+    def __init__(self, code: int, message: str, status: Optional[int] = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.status = status if status is not None else http_status_for_code(code)
+
+    @classmethod
+    def from_engine_message(cls, text: str) -> "QueryError":
+        text = (text or "").strip()
+        match = re.search(r"Code: (\d+)\.", text)
+        if match is None:
+            return cls(CODE_UNKNOWN_EXCEPTION, f"Code: {CODE_UNKNOWN_EXCEPTION}. DB::Exception: {text or 'unknown error'}")
+        return cls(int(match.group(1)), text[match.start():])
+
+    @classmethod
+    def ours(cls, code: int, name: str, text: str, status: Optional[int] = None) -> "QueryError":
+        return cls(code, f"Code: {code}. DB::Exception: {text}. ({name})", status)
+
+
+class MalformedRequest(Exception):
+    """The HTTP framing itself is broken: answer 400 and close the connection."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+# ---------------------------------------------------------------------------
+# A small SQL lexer: just enough to find the first keyword, the FORMAT clause,
+# where INSERT data starts, and multi-statements. Strings, quoted identifiers
+# and comments are skipped, so keywords inside them do not count.
+
+_TOKEN_RE = re.compile(
+    r"""
+      (?P<space>\s+)
+    | (?P<comment>--[^\n]*|\#[^\n]*|/\*.*?(?:\*/|\Z))
+    | (?P<string>'(?:[^'\\]|\\.|'')*+(?:'|\Z))
+    | (?P<quoted>"(?:[^"\\]|\\.|"")*+(?:"|\Z)|`(?:[^`\\]|\\.|``)*+(?:`|\Z))
+    | (?P<word>[A-Za-z_][A-Za-z0-9_]*)
+    | (?P<number>[0-9][0-9A-Za-z_.]*)
+    | (?P<punct>.)
+    """,
+    re.VERBOSE | re.DOTALL,
+)
+
+_READ_ONLY_KEYWORDS = {"SELECT", "WITH", "SHOW", "DESCRIBE", "DESC", "EXISTS", "EXPLAIN", "(", "SET", "USE"}
+
+
+@dataclass
+class Analysis:
+    """What the lexer learned about one query text."""
+
+    keyword: str = ""  # first keyword, upper case ('' for an empty query)
+    output_format: Optional[str] = None  # trailing `FORMAT X` of a non-INSERT query
+    multi_statement: bool = False
+    # For `INSERT ... FORMAT X <data>`:
+    insert_format: Optional[str] = None
+    head_end: int = 0  # offset of the FORMAT keyword
+    settings_at: Optional[int] = None  # offset of a top-level SETTINGS before FORMAT
+    data_start: int = 0  # offset where the data begins
+
+
+def analyze(text: str) -> Analysis:
+    """Lex `text` (for INSERT data, lexing stops where the data starts)."""
+    result = Analysis()
+    depth = 0
+    after_semicolon = False
+    pending_format_at = None  # offset of a top-level FORMAT keyword just seen
+    format_candidate = None  # name in a FORMAT clause, confirmed when the query ends
+    settings_after_format = False
+    insert_has_infile = False
+    insert_has_query = False  # INSERT ... VALUES / SELECT: no data part to split
+    for match in _TOKEN_RE.finditer(text):
+        kind = match.lastgroup
+        if kind in ("space", "comment"):
+            continue
+        token = match.group()
+        if after_semicolon:
+            result.multi_statement = True
+            break
+        if not result.keyword:
+            result.keyword = token.upper() if kind == "word" else token
+        if kind == "word" and depth == 0:
+            upper = token.upper()
+            if pending_format_at is not None:
+                if result.keyword == "INSERT" and not insert_has_infile and not insert_has_query:
+                    result.insert_format = token
+                    result.head_end = pending_format_at
+                    result.data_start = _insert_data_start(text, match.end())
+                    return result
+                format_candidate = token
+                settings_after_format = False
+                pending_format_at = None
+                continue
+            if upper == "FORMAT":
+                pending_format_at = match.start()
+                continue
+            if format_candidate is not None and not settings_after_format:
+                if upper == "SETTINGS":
+                    settings_after_format = True  # `FORMAT X SETTINGS ...` is allowed
+                else:
+                    format_candidate = None  # `FORMAT` was a name, not the last clause
+            if result.keyword == "INSERT":
+                if upper == "SETTINGS" and result.settings_at is None:
+                    result.settings_at = match.start()
+                elif upper == "INFILE":
+                    insert_has_infile = True
+                elif upper in ("VALUES", "SELECT", "WITH"):
+                    insert_has_query = True
+            continue
+        pending_format_at = None
+        if kind != "punct":
+            continue
+        if token in "([{":
+            depth += 1
+        elif token in ")]}":
+            depth = max(0, depth - 1)
+        elif token == ";" and depth == 0:
+            after_semicolon = True
+    if format_candidate is not None:
+        result.output_format = format_candidate
+    return result
+
+
+def _insert_data_start(text: str, pos: int) -> int:
+    # ClickHouse (ParserInsertQuery): data starts after the first newline if
+    # there is one, or after all the whitespace characters otherwise.
+    end = len(text)
+    while pos < end and text[pos] in " \t\f":
+        pos += 1
+    if pos < end and text[pos] == "\r":
+        pos += 1
+    if pos < end and text[pos] == "\n":
+        pos += 1
+    return pos
+
+
+def quote_identifier(name: str) -> str:
+    return "`" + name.replace("\\", "\\\\").replace("`", "\\`") + "`"
+
+
+def quote_string(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+# ---------------------------------------------------------------------------
+# Output formats and headers.
+
+_UNSUPPORTED_OUTPUT_FORMATS = {"dataframe", "datastore", "arrowtable", "debug"}
+
+
+def content_type_for(fmt: str) -> str:
+    f = fmt.lower()
+    if f.startswith(("tabseparated", "tsv")):
+        return "text/tab-separated-values; charset=UTF-8"
+    if f.startswith("csv"):
+        return "text/csv; charset=UTF-8; header=" + ("present" if "withnames" in f else "absent")
+    if f.startswith("json") and ("eachrow" in f or f in ("jsonlines", "jsonl")):
+        return "application/x-ndjson; charset=UTF-8"
+    if f.startswith("json"):
+        return "application/json; charset=UTF-8"
+    if f == "xml":
+        return "application/xml; charset=UTF-8"
+    if f.startswith(("rowbinary", "native", "parquet", "arrow", "orc", "avro", "protobuf", "capnproto", "msgpack", "bson", "npy")):
+        return "application/octet-stream"
+    return "text/plain; charset=UTF-8"
+
+
+# URL parameters that are not settings, or settings we deliberately do not
+# apply. `readonly` is honoured by refusing modifying queries, never set on
+# the shared session (chDB cannot reset it afterwards). Inserts are always
+# synchronous here, so the async_insert family is ignored.
+_NON_SETTING_PARAMS = {
+    "query",
+    "database",
+    "default_format",
+    "user",
+    "password",
+    "quota_key",
+    "query_id",
+    "session_id",
+    "session_timeout",
+    "session_check",
+    "wait_end_of_query",
+    "buffer_size",
+    "compress",
+    "decompress",
+    "enable_http_compression",
+    "http_zlib_compression_level",
+    "http_native_compression_disable_checksumming_on_decompress",
+    "send_progress_in_http_headers",
+    "http_headers_progress_interval_ms",
+    "add_http_cors_header",
+    "client_protocol_version",
+    "stacktrace",
+    "role",
+    "readonly",
+    "async_insert",
+    "wait_for_async_insert",
+    "wait_for_async_insert_timeout",
+    "async_insert_deduplicate",
+    "async_insert_busy_timeout_ms",
+    "async_insert_max_data_size",
+}
+_SETTING_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+# ---------------------------------------------------------------------------
+# The engine: one chDB session, one lock.
+
+
+@dataclass
+class EngineResult:
+    body: bytes
+    rows_read: int = 0
+    bytes_read: int = 0
+    rows_written: int = 0
+    bytes_written: int = 0
+    elapsed_ns: int = 0
+
+
+def _metric(result, name: str) -> int:
+    try:
+        return int(getattr(result, name)())
+    except Exception:
+        return 0
+
+
+class Engine:
+    def __init__(self, session_class, data_dir: str, log):
+        self._lock = threading.Lock()
+        self._session = session_class(data_dir)
+        self._log = log
+        self._warned_settings = set()
+        self.timezone = "UTC"
+        tz = self._query_locked("SELECT timezone()", "TabSeparated").bytes().decode().strip()
+        if tz:
+            self.timezone = tz
+
+    def close(self) -> None:
+        with self._lock:
+            if self._session is not None:
+                self._session.close()
+                self._session = None
+
+    def execute(self, sql: str, database: str, settings, output_format: str, params) -> EngineResult:
+        """Run one query with `database` current and `settings` applied.
+
+        chDB 26.9 keeps `USE` and `SET` in the session (a ClickHouse server
+        would not, between HTTP requests), so every request first selects its
+        database and applies its settings with `SET`, and resets them with
+        `SET x = DEFAULT` afterwards, all under the lock. This works for every
+        statement kind (no SQL rewriting). An unknown setting is ignored with
+        a warning; a bad value fails the query like ClickHouse does.
+        """
+        with self._lock:
+            if self._session is None:
+                raise QueryError.ours(CODE_UNKNOWN_EXCEPTION, "UNKNOWN_EXCEPTION", "Server is shutting down", 503)
+            self._query_locked(f"USE {quote_identifier(database)}")
+            applied = []
+            try:
+                for name, value in settings:
+                    try:
+                        self._query_locked(f"SET {name} = {quote_string(value)}")
+                    except QueryError as error:
+                        if error.code != CODE_UNKNOWN_SETTING:
+                            raise
+                        if name not in self._warned_settings:
+                            self._warned_settings.add(name)
+                            self._log(f"Ignoring URL parameter `{name}`: chDB does not know this setting")
+                        continue
+                    applied.append(name)
+                started = time.monotonic_ns()
+                result = self._query_locked(sql, output_format, params)
+                elapsed = time.monotonic_ns() - started
+            finally:
+                for name in applied:
+                    try:
+                        self._query_locked(f"SET {name} = DEFAULT")
+                    except QueryError as error:
+                        self._log(f"Could not reset setting `{name}`: {error.message}")
+            body = result.bytes() if result is not None else b""
+            return EngineResult(
+                body=body or b"",
+                rows_read=_metric(result, "rows_read"),
+                bytes_read=_metric(result, "bytes_read"),
+                rows_written=_metric(result, "rows_written"),
+                bytes_written=_metric(result, "bytes_written"),
+                elapsed_ns=elapsed,
+            )
+
+    def _query_locked(self, sql: str, fmt: str = "TabSeparated", params=None):
+        # chDB reports failures in two ways: it raises (ChdbError/RuntimeError,
+        # message `Code: N. DB::Exception: ...`), or it returns a result whose
+        # has_error() is true. Both become QueryError.
+        try:
+            if params:
+                result = self._session.query(sql, fmt, params=params)
+            else:
+                result = self._session.query(sql, fmt)
+        except Exception as exc:  # noqa: BLE001 - chDB raises several types
+            raise QueryError.from_engine_message(str(exc)) from None
+        if result is not None and hasattr(result, "has_error") and result.has_error():
+            raise QueryError.from_engine_message(result.error_message())
+        return result
+
+
+# ---------------------------------------------------------------------------
+# HTTP.
+
+
+@dataclass
+class Config:
+    user: str
+    password: Optional[str]
+    tmp_dir: str
+    display_name: str
+
+
+@dataclass
+class Response:
+    status: int
+    body: bytes
+    headers: dict
+
+
+def redact(text: str) -> str:
+    return re.sub(r"(?i)(password=)[^&\s]*", r"\1[redacted]", text)
+
+
+def one_line(text: str, limit: int = LOG_QUERY_CHARS) -> str:
+    return re.sub(r"\s+", " ", text).strip()[:limit]
+
+
+def query_preview(text: str) -> str:
+    """The query for the log: leading comment lines dropped, whitespace folded."""
+    text = re.sub(r"\A(?:\s*--[^\n]*(?:\n|\Z))+", "", text[: 64 * 1024])
+    return one_line(text)
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "chdb-http"
+    sys_version = ""
+    timeout = SOCKET_TIMEOUT_SECONDS
+
+    # Set by make_server.
+    engine: Engine = None
+    config: Config = None
+
+    # -- logging ----------------------------------------------------------
+
+    def log_request(self, code="-", size="-"):
+        pass  # one line per request is written by _finish_log instead
+
+    def log_message(self, format, *args):  # noqa: A002 - BaseHTTPRequestHandler's signature
+        sys.stderr.write("chdb-http: " + redact(format % args) + "\n")
+
+    def _finish_log(self, status: int, started: float, preview: str) -> None:
+        duration_ms = (time.monotonic() - started) * 1000
+        path = urlsplit(self.path).path if self.path else "-"
+        line = f"{self.command} {path} {status} {duration_ms:.1f}ms {query_preview(preview)}"
+        sys.stderr.write("chdb-http: " + redact(line).rstrip() + "\n")
+
+    # -- entry points -----------------------------------------------------
+
+    def do_GET(self):
+        self._handle()
+
+    def do_POST(self):
+        self._handle()
+
+    def do_HEAD(self):
+        self._handle()
+
+    def _handle(self):
+        started = time.monotonic()
+        self._preview = ""
+        self._body_consumed = False
+        try:
+            response = self._route()
+        except MalformedRequest as error:
+            self.close_connection = True
+            response = self._error_response(QueryError.ours(error.code, _code_name(error.code), error.message, 400))
+        except QueryError as error:
+            response = self._error_response(error)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+            self._finish_log(499, started, self._preview)
+            return
+        except Exception as exc:  # noqa: BLE001 - never crash the connection thread
+            self.log_message("Internal error: %s", "".join(traceback.format_exception_only(type(exc), exc)).strip())
+            response = self._error_response(
+                QueryError.ours(CODE_UNKNOWN_EXCEPTION, "UNKNOWN_EXCEPTION", f"Internal error in chdb-http: {exc!r}", 500)
+            )
+        if self._has_body() and not self._body_consumed:
+            # Answered without reading the body: the connection cannot be reused.
+            self.close_connection = True
+        try:
+            self._send(response)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+        self._finish_log(response.status, started, self._preview)
+
+    def _send(self, response: Response) -> None:
+        self.send_response(response.status)
+        headers = {
+            "X-ClickHouse-Server-Display-Name": self.config.display_name,
+            "Content-Length": str(len(response.body)),
+        }
+        headers.update(response.headers)
+        if self.close_connection:
+            headers["Connection"] = "close"
+        else:
+            headers["Connection"] = "Keep-Alive"
+            headers["Keep-Alive"] = f"timeout={SOCKET_TIMEOUT_SECONDS}"
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.end_headers()
+        if self.command != "HEAD" and response.body:
+            self.wfile.write(response.body)
+        self.wfile.flush()
+
+    def _error_response(self, error: QueryError) -> Response:
+        body = error.message.rstrip("\n") + "\n"
+        return Response(
+            error.status,
+            body.encode("utf-8", "replace"),
+            {
+                "Content-Type": "text/plain; charset=UTF-8",
+                "X-ClickHouse-Exception-Code": str(error.code),
+            },
+        )
+
+    # -- routing ----------------------------------------------------------
+
+    def _route(self):
+        url = urlsplit(self.path)
+        params = parse_qsl(url.query, keep_blank_values=True)
+        param = dict(params)  # last value wins, like ClickHouse
+        ok = Response(200, b"Ok.\n", {"Content-Type": "text/html; charset=UTF-8"})
+        if url.path in ("/ping", "/replicas_status"):
+            return ok
+        if url.path != "/":
+            body = f"There is no handle {url.path}\n\nUse / or /ping for health checks.\n"
+            return Response(404, body.encode(), {"Content-Type": "text/plain; charset=UTF-8"})
+        if "query" not in param and not self._has_body() and self.command in ("GET", "HEAD"):
+            return ok
+        self._preview = param.get("query", "")
+
+        self._authenticate(param)
+        self._refuse_compression(param)
+
+        database = param.get("database") or self.headers.get("X-ClickHouse-Database") or "default"
+        default_format = param.get("default_format") or self.headers.get("X-ClickHouse-Format") or "TabSeparated"
+        if default_format.lower() in _UNSUPPORTED_OUTPUT_FORMATS:
+            raise QueryError.ours(CODE_UNKNOWN_FORMAT, "UNKNOWN_FORMAT", f"Unknown output format {default_format}")
+        query_id = param.get("query_id") or str(uuid.uuid4())
+        read_only = self.command in ("GET", "HEAD") or param.get("readonly", "0") not in ("", "0")
+        query_params = {name[len("param_"):]: value for name, value in params if name.startswith("param_")}
+        settings = []
+        for name, value in params:
+            if name in _NON_SETTING_PARAMS or name.startswith("param_") or name.startswith("async_insert"):
+                continue
+            if not _SETTING_NAME_RE.fullmatch(name):
+                raise QueryError.ours(CODE_BAD_ARGUMENTS, "BAD_ARGUMENTS", f"Invalid URL parameter name {name!r}")
+            settings.append((name, value))
+
+        plan = self._plan(param.get("query"))
+        self._preview = plan.preview
+        try:
+            if plan.keyword == "":
+                raise QueryError.ours(CODE_SYNTAX_ERROR, "SYNTAX_ERROR", "Empty query")
+            if plan.multi_statement:
+                raise QueryError.ours(CODE_SYNTAX_ERROR, "SYNTAX_ERROR", "Multi-statements are not allowed")
+            if read_only and plan.keyword not in _READ_ONLY_KEYWORDS:
+                raise QueryError.ours(
+                    CODE_READONLY,
+                    "READONLY",
+                    "Cannot execute query in readonly mode. For queries over HTTP, method GET implies readonly. "
+                    "You should use method POST for modifying queries",
+                )
+            headers = {"X-ClickHouse-Query-Id": query_id, "X-ClickHouse-Timezone": self.engine.timezone}
+            if plan.keyword in ("SET", "USE"):
+                # Stateless like a ClickHouse HTTP request without session_id:
+                # accepted, and forgotten at the end of the request.
+                headers["Content-Type"] = "text/plain; charset=UTF-8"
+                headers["X-ClickHouse-Summary"] = _summary(EngineResult(b""))
+                return Response(200, b"", headers)
+            if plan.data_path is not None:
+                sql = plan.insert_sql()
+                result = self.engine.execute(sql, database, settings, "TabSeparated", query_params)
+                headers["Content-Type"] = "text/plain; charset=UTF-8"
+            else:
+                result = self.engine.execute(plan.sql, database, settings, default_format, query_params)
+                effective = plan.output_format or default_format
+                headers["Content-Type"] = content_type_for(effective)
+                headers["X-ClickHouse-Format"] = effective
+            headers["X-ClickHouse-Summary"] = _summary(result)
+            return Response(200, result.body, headers)
+        finally:
+            plan.cleanup()
+
+    # -- request body -----------------------------------------------------
+
+    def _has_body(self) -> bool:
+        if self.headers.get("Transfer-Encoding"):
+            return True
+        length = self.headers.get("Content-Length")
+        return bool(length) and length.strip() != "0"
+
+    def _read_body(self, sink) -> int:
+        """Read the request body into `sink(bytes)`; returns its size."""
+        transfer_encoding = self.headers.get("Transfer-Encoding")
+        if transfer_encoding:
+            codings = [c.strip().lower() for c in transfer_encoding.split(",") if c.strip()]
+            if codings != ["chunked"]:
+                self.close_connection = True
+                raise MalformedRequest(CODE_BAD_ARGUMENTS, f"Unsupported Transfer-Encoding: {transfer_encoding}")
+            total = self._read_chunked(sink)
+            self._body_consumed = True
+            return total
+        length_text = self.headers.get("Content-Length")
+        if not length_text:
+            self._body_consumed = True
+            return 0
+        if not length_text.strip().isdigit():
+            self.close_connection = True
+            raise MalformedRequest(CODE_BAD_ARGUMENTS, f"Invalid Content-Length: {length_text!r}")
+        length = int(length_text.strip())
+        if length > MAX_BODY_BYTES:
+            self.close_connection = True
+            raise MalformedRequest(
+                CODE_QUERY_IS_TOO_LARGE, f"Request body of {length} bytes is larger than the limit of {MAX_BODY_BYTES} bytes"
+            )
+        self._read_exactly(length, sink)
+        self._body_consumed = True
+        return length
+
+    def _read_exactly(self, length: int, sink) -> None:
+        remaining = length
+        while remaining > 0:
+            piece = self.rfile.read(min(remaining, READ_PIECE_BYTES))
+            if not piece:
+                self.close_connection = True
+                raise MalformedRequest(
+                    CODE_CANNOT_READ_ALL_DATA, f"Unexpected end of request body: {length - remaining} of {length} bytes read"
+                )
+            sink(piece)
+            remaining -= len(piece)
+
+    def _read_chunked(self, sink) -> int:
+        total = 0
+        while True:
+            line = self.rfile.readline(MAX_CHUNK_LINE_BYTES + 1)
+            if not line:
+                self.close_connection = True
+                raise MalformedRequest(CODE_CANNOT_READ_ALL_DATA, "Unexpected end of chunked request body")
+            if len(line) > MAX_CHUNK_LINE_BYTES or not line.endswith(b"\n"):
+                self.close_connection = True
+                raise MalformedRequest(CODE_BAD_ARGUMENTS, "Chunk size line is too long")
+            size_text = line.split(b";", 1)[0].strip()
+            if not re.fullmatch(rb"[0-9A-Fa-f]{1,15}", size_text):
+                self.close_connection = True
+                raise MalformedRequest(CODE_BAD_ARGUMENTS, f"Invalid chunk size {size_text[:32]!r} in chunked request body")
+            size = int(size_text, 16)
+            if size == 0:
+                for _ in range(MAX_TRAILER_LINES):
+                    trailer = self.rfile.readline(MAX_CHUNK_LINE_BYTES + 1)
+                    if not trailer:
+                        self.close_connection = True
+                        raise MalformedRequest(CODE_CANNOT_READ_ALL_DATA, "Unexpected end of chunked request body")
+                    if trailer in (b"\r\n", b"\n"):
+                        return total
+                self.close_connection = True
+                raise MalformedRequest(CODE_BAD_ARGUMENTS, "Too many trailer lines in chunked request body")
+            total += size
+            if total > MAX_BODY_BYTES:
+                self.close_connection = True
+                raise MalformedRequest(
+                    CODE_QUERY_IS_TOO_LARGE, f"Request body is larger than the limit of {MAX_BODY_BYTES} bytes"
+                )
+            self._read_exactly(size, sink)
+            end = self.rfile.readline(3)
+            if end not in (b"\r\n", b"\n"):
+                self.close_connection = True
+                raise MalformedRequest(CODE_BAD_ARGUMENTS, "Chunk data is not followed by CRLF in chunked request body")
+
+    # -- query planning ---------------------------------------------------
+
+    def _plan(self, url_query: Optional[str]) -> "Plan":
+        """Decide what to run: a query text, or an INSERT whose data is in a file."""
+        if url_query is not None:
+            analysis = analyze(url_query)
+            inline_data = url_query[analysis.data_start:] if analysis.insert_format else ""
+            if analysis.insert_format and not inline_data.strip() and not analysis.multi_statement:
+                # The common case (rotel, the clickhouse crate): the body is
+                # the data. Stream it to a file, never into memory.
+                plan = Plan.for_insert(url_query, analysis, self.config.tmp_dir)
+                try:
+                    with open(plan.data_path, "wb") as data_file:
+                        self._read_body(data_file.write)
+                except BaseException:
+                    plan.cleanup()
+                    raise
+                return plan
+            if not self._has_body():
+                return Plan.for_text(url_query, self.config.tmp_dir)
+            # ClickHouse concatenates the URL query, a newline and the body.
+            body = self._read_body_bytes()
+            return Plan.for_bytes(url_query.encode("utf-8") + b"\n" + body, self.config.tmp_dir)
+        return Plan.for_bytes(self._read_body_bytes(), self.config.tmp_dir)
+
+    def _read_body_bytes(self) -> bytes:
+        pieces = []
+        self._read_body(pieces.append)
+        return b"".join(pieces)
+
+    # -- auth and compression -----------------------------------------------
+
+    def _authenticate(self, param: dict) -> None:
+        """Accept X-ClickHouse-User/Key headers, HTTP basic auth, or user/password URL parameters.
+
+        Precedence: headers, then basic auth, then URL parameters. No
+        credentials at all answers 401; wrong ones 403 (ClickHouse answers
+        403 for AUTHENTICATION_FAILED). Both carry code 516.
+        """
+        expected_password = self.config.password
+        if expected_password is None:
+            return
+        user = password = None
+        if self.headers.get("X-ClickHouse-User") is not None or self.headers.get("X-ClickHouse-Key") is not None:
+            user = self.headers.get("X-ClickHouse-User", "default")
+            password = self.headers.get("X-ClickHouse-Key", "")
+        elif (self.headers.get("Authorization") or "").lower().startswith("basic "):
+            try:
+                decoded = base64.b64decode(self.headers["Authorization"][6:].strip(), validate=True).decode("utf-8")
+            except (ValueError, UnicodeDecodeError):
+                decoded = ""
+            user, _, password = decoded.partition(":")
+        elif "user" in param or "password" in param:
+            user = param.get("user", "default")
+            password = param.get("password", "")
+        if user is None:
+            raise QueryError(CODE_AUTHENTICATION_FAILED, AUTH_FAILED_MESSAGE.format(user="default"), 401)
+        user_ok = hmac.compare_digest(user.encode("utf-8"), self.config.user.encode("utf-8"))
+        password_ok = hmac.compare_digest(password.encode("utf-8"), expected_password.encode("utf-8"))
+        if not (user_ok and password_ok):
+            raise QueryError(CODE_AUTHENTICATION_FAILED, AUTH_FAILED_MESSAGE.format(user=one_line(user, 64)), 403)
+
+    def _refuse_compression(self, param: dict) -> None:
+        encoding = (self.headers.get("Content-Encoding") or "identity").strip().lower()
+        wants = []
+        if param.get("compress", "0") not in ("", "0"):
+            wants.append("compress=1 (compressed response)")
+        if param.get("decompress", "0") not in ("", "0"):
+            wants.append("decompress=1 (compressed request body)")
+        if encoding != "identity":
+            wants.append(f"Content-Encoding: {encoding}")
+        if wants:
+            raise QueryError.ours(
+                CODE_BAD_ARGUMENTS,
+                "BAD_ARGUMENTS",
+                "chdb-http does not implement compressed transfer, the request asked for "
+                + ", ".join(wants)
+                + ". Configure the client with compression off",
+                400,
+            )
+
+
+def _summary(result: EngineResult) -> str:
+    return json.dumps(
+        {
+            "read_rows": str(result.rows_read),
+            "read_bytes": str(result.bytes_read),
+            "written_rows": str(result.rows_written),
+            "written_bytes": str(result.bytes_written),
+            "total_rows_to_read": "0",
+            "result_rows": "0",
+            "result_bytes": str(len(result.body)),
+            "elapsed_ns": str(result.elapsed_ns),
+        },
+        separators=(",", ":"),
+    )
+
+
+def _code_name(code: int) -> str:
+    return {
+        CODE_BAD_ARGUMENTS: "BAD_ARGUMENTS",
+        CODE_QUERY_IS_TOO_LARGE: "QUERY_IS_TOO_LARGE",
+        CODE_CANNOT_READ_ALL_DATA: "CANNOT_READ_ALL_DATA",
+    }.get(code, "UNKNOWN_EXCEPTION")
+
+
+class Plan:
+    """A query to run: either `sql`, or an INSERT whose data sits in `data_path`."""
+
+    def __init__(self):
+        self.keyword = ""
+        self.multi_statement = False
+        self.output_format = None
+        self.sql = ""
+        self.preview = ""
+        self.data_path: Optional[str] = None
+        self._head = ""
+        self._settings_at: Optional[int] = None
+        self._format = ""
+
+    @classmethod
+    def for_text(cls, text: str, tmp_dir: str) -> "Plan":
+        return cls.for_bytes(text.encode("utf-8"), tmp_dir)
+
+    @classmethod
+    def for_insert(cls, text: str, analysis: Analysis, tmp_dir: str) -> "Plan":
+        plan = cls()
+        plan.keyword = analysis.keyword
+        plan.preview = text[: analysis.data_start]
+        plan._head = text[: analysis.head_end]
+        plan._settings_at = analysis.settings_at
+        plan._format = analysis.insert_format
+        fd, plan.data_path = tempfile.mkstemp(prefix="insert-", suffix=".data", dir=tmp_dir)
+        os.close(fd)
+        return plan
+
+    @classmethod
+    def for_bytes(cls, raw: bytes, tmp_dir: str) -> "Plan":
+        # latin-1 maps bytes 1:1 to characters: offsets stay byte offsets, and
+        # binary INSERT data after the FORMAT clause survives the lexer.
+        analysis = analyze(raw.decode("latin-1"))
+        if analysis.insert_format and not analysis.multi_statement:
+            head = _decode_query(raw[: analysis.data_start])
+            head_analysis = analyze(head)
+            plan = cls.for_insert(head, head_analysis, tmp_dir)
+            try:
+                with open(plan.data_path, "wb") as data_file:
+                    data_file.write(raw[analysis.data_start:])
+            except BaseException:
+                plan.cleanup()
+                raise
+            return plan
+        plan = cls()
+        plan.keyword = analysis.keyword
+        plan.multi_statement = analysis.multi_statement
+        plan.output_format = analysis.output_format
+        plan.sql = _decode_query(raw)
+        plan.preview = plan.sql
+        return plan
+
+    def insert_sql(self) -> str:
+        infile = f" FROM INFILE {quote_string(self.data_path)} "
+        if self._settings_at is not None:
+            head = self._head[: self._settings_at] + infile + self._head[self._settings_at:]
+        else:
+            head = self._head.rstrip() + infile
+        return f"{head.rstrip()} FORMAT {self._format}"
+
+    def cleanup(self) -> None:
+        if self.data_path is not None:
+            try:
+                os.unlink(self.data_path)
+            except FileNotFoundError:
+                pass
+            self.data_path = None
+
+
+def _decode_query(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise QueryError.ours(
+            CODE_BAD_ARGUMENTS, "BAD_ARGUMENTS", f"Query is not valid UTF-8 at byte {error.start}"
+        ) from None
+
+
+# ---------------------------------------------------------------------------
+# Process lifecycle.
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128
+
+
+class Server6(Server):
+    address_family = socket.AF_INET6
+
+
+def parse_listen(value: str):
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not port_text.isdigit() or not host:
+        raise ValueError(f"--listen must be HOST:PORT, got {value!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port_text)
+
+
+def fail(message: str) -> "NoReturn":  # noqa: F821 - annotation only
+    sys.stderr.write(f"chdb-http: {message}\n")
+    sys.stderr.flush()
+    sys.exit(1)
+
+
+def prepare_data_dir(path: str) -> str:
+    path = os.path.abspath(path)
+    if "?" in path:
+        fail(f"data directory {path!r} must not contain '?' (chDB reads it as a connection string)")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as error:
+        fail(f"data directory {path!r} is unusable: {error.strerror or error}")
+    if not os.path.isdir(path):
+        fail(f"data directory {path!r} is not a directory")
+    if not os.access(path, os.R_OK | os.W_OK | os.X_OK):
+        fail(f"data directory {path!r} is not readable and writable by this user")
+    return path
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="ClickHouse HTTP interface backed by chDB")
+    parser.add_argument("--listen", default="127.0.0.1:8123", help="HOST:PORT to listen on (port 0 picks a free one)")
+    parser.add_argument("--data", required=True, help="chDB data directory (created if missing)")
+    parser.add_argument("--user", default="default", help="user name clients must present when a password is set")
+    parser.add_argument(
+        "--password", default=None, help=f"password clients must present (prefer the {PASSWORD_ENV} environment variable)"
+    )
+    args = parser.parse_args(argv)
+
+    password = args.password if args.password is not None else os.environ.get(PASSWORD_ENV)
+    if password == "":
+        password = None
+    try:
+        host, port = parse_listen(args.listen)
+    except ValueError as error:
+        fail(str(error))
+    data_dir = prepare_data_dir(args.data)
+
+    try:
+        from chdb.session import Session
+    except Exception as error:  # noqa: BLE001 - ImportError or a broken shared object
+        fail(f"cannot import chdb ({type(error).__name__}: {one_line(str(error), 200)}); install chdb-core into this Python")
+
+    def log(message: str) -> None:
+        sys.stderr.write("chdb-http: " + redact(message) + "\n")
+        sys.stderr.flush()
+
+    try:
+        engine = Engine(Session, data_dir, log)
+    except QueryError as error:
+        fail(f"cannot open chDB session on {data_dir!r}: {one_line(error.message, 300)}")
+    except Exception as error:  # noqa: BLE001
+        fail(f"cannot open chDB session on {data_dir!r}: {one_line(str(error), 300)}")
+
+    tmp_dir = tempfile.mkdtemp(prefix="chdb-http-")
+    Handler.engine = engine
+    Handler.config = Config(
+        user=args.user,
+        password=password,
+        tmp_dir=tmp_dir,
+        display_name=socket.gethostname() or "chdb-http",
+    )
+    server_class = Server6 if ":" in host else Server
+    try:
+        server = server_class((host, port), Handler)
+    except OSError as error:
+        engine.close()
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        fail(f"cannot listen on {args.listen}: {error.strerror or error}")
+
+    def request_shutdown(signum, _frame):
+        log(f"Received {signal.Signals(signum).name}, shutting down")
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, request_shutdown)
+    signal.signal(signal.SIGINT, request_shutdown)
+
+    bound_port = server.server_address[1]
+    shown_host = f"[{host}]" if ":" in host else host
+    sys.stdout.write(f"chdb-http listening on http://{shown_host}:{bound_port}\n")
+    sys.stdout.flush()
+    log(f"Serving chDB data directory {data_dir} (auth {'on' if password else 'off'})")
+    try:
+        server.serve_forever(poll_interval=0.2)
+    finally:
+        server.server_close()
+        engine.close()  # waits for a running query, then releases the data directory
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        log("Stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
