@@ -1,0 +1,682 @@
+//! The spans of one job: `job_execution`, child of the payload's remote span,
+//! and the children that later phases hang under it (stage spans in Phase 2,
+//! CI Function spans in Phase 3) through [`JobTelemetry::child`].
+//!
+//! Every entry point is guarded: a panic inside telemetry code is caught,
+//! logged, and switches telemetry off for that job; the job itself never
+//! sees it. A disabled [`JobTelemetry`] (and its [`ChildSpan`]s) accepts
+//! every call and does nothing, so runner code never branches on it.
+//!
+//! **Architecture Invariant:** nothing here blocks. Ending a span queues it;
+//! the export happens on the runtime's tasks (see [`crate::export`]).
+
+use std::borrow::Cow;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::time::{Duration, SystemTime};
+
+use opentelemetry::trace::{SpanKind, Status, TraceContextExt, Tracer, TracerProvider};
+use opentelemetry::{Context, InstrumentationScope, KeyValue};
+use opentelemetry_sdk::trace::{Sampler, SdkTracer, SdkTracerProvider};
+use opentelemetry_sdk::Resource;
+
+use crate::export::{ExportPipeline, FlushReport, SpanSink};
+use crate::keys;
+use crate::negotiate::TraceContext;
+
+/// Tracer (instrumentation scope) name.
+pub const SCOPE_NAME: &str = "gitlab-ci-runner";
+/// Instrumentation scope version: this crate's version.
+pub const SCOPE_VERSION: &str = env!("CARGO_PKG_VERSION");
+/// Name of the span that covers a whole job.
+pub const JOB_SPAN_NAME: &str = "job_execution";
+
+/// Runs `f`, turning a panic into `None` and a log line.
+pub fn guarded<T>(job_id: i64, what: &str, f: impl FnOnce() -> T) -> Option<T> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(value) => Some(value),
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            tracing::error!(
+                "job={job_id} Telemetry panicked in `{what}`, telemetry disabled for this job: {message}"
+            );
+            None
+        }
+    }
+}
+
+/// The runner that runs the job.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunnerIdentity {
+    /// The runner's ID in GitLab, when known (registration or verify).
+    pub id: Option<i64>,
+    pub name: String,
+    /// `shell`, `docker`, ...
+    pub executor: String,
+}
+
+/// What the job span says about the job, taken from the payload.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct JobSpanInfo {
+    pub job_id: i64,
+    pub job_name: String,
+    pub stage: String,
+    pub pipeline_id: Option<i64>,
+    pub pipeline_source: Option<String>,
+    pub project_id: Option<i64>,
+    /// `group/project`.
+    pub project_path: Option<String>,
+    pub git_ref: Option<String>,
+    pub sha: Option<String>,
+    /// As in the payload; credentials are stripped before it reaches a span.
+    pub repo_url: Option<String>,
+    /// The job's page, e.g. `https://gitlab.example.com/group/project/-/jobs/42`.
+    pub job_url: Option<String>,
+}
+
+/// How a job ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobOutcome {
+    Success,
+    /// `failure_reason` as sent to GitLab (`script_failure`,
+    /// `runner_system_failure`, ...).
+    Failed {
+        failure_reason: String,
+        exit_code: Option<i32>,
+    },
+    /// The job ran past its timeout (`job_execution_timeout` to GitLab).
+    TimedOut,
+    Canceled,
+}
+
+impl JobOutcome {
+    /// `ci.job.status`: `success|failed|canceled|timedout`.
+    pub fn ci_status(&self) -> &'static str {
+        match self {
+            JobOutcome::Success => "success",
+            JobOutcome::Failed { .. } => "failed",
+            JobOutcome::TimedOut => "timedout",
+            JobOutcome::Canceled => "canceled",
+        }
+    }
+
+    /// `cicd.pipeline.task.run.result`: `success|failure|error|timeout|cancellation`.
+    /// A script's own failure is `failure`; anything else that failed the
+    /// job (the runner, the system) is `error`.
+    pub fn semconv_result(&self) -> &'static str {
+        match self {
+            JobOutcome::Success => "success",
+            JobOutcome::Failed { failure_reason, .. } if failure_reason == "script_failure" => {
+                "failure"
+            }
+            JobOutcome::Failed { .. } => "error",
+            JobOutcome::TimedOut => "timeout",
+            JobOutcome::Canceled => "cancellation",
+        }
+    }
+
+    /// The failure reason GitLab knows, if the job did not succeed.
+    pub fn failure_reason(&self) -> Option<&str> {
+        match self {
+            JobOutcome::Success => None,
+            JobOutcome::Failed { failure_reason, .. } => Some(failure_reason),
+            JobOutcome::TimedOut => Some("job_execution_timeout"),
+            JobOutcome::Canceled => Some("job_canceled"),
+        }
+    }
+}
+
+/// How a child span (a stage, a function) ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SpanOutcome {
+    Ok,
+    /// Not judged (e.g. skipped work).
+    Unset,
+    /// Failed, with a message for the span status.
+    Error(String),
+}
+
+impl SpanOutcome {
+    fn status(&self) -> Status {
+        match self {
+            SpanOutcome::Ok => Status::Ok,
+            SpanOutcome::Unset => Status::Unset,
+            SpanOutcome::Error(message) => Status::error(message.clone()),
+        }
+    }
+}
+
+/// Strips credentials from a repository URL (`https://user:token@host/p.git`
+/// becomes `https://host/p.git`); for scp-like `user@host:path`, drops the
+/// user.
+pub fn strip_credentials(url: &str) -> String {
+    if let Ok(mut parsed) = url::Url::parse(url) {
+        if parsed.has_host() {
+            let _ = parsed.set_username("");
+            let _ = parsed.set_password(None);
+            return parsed.to_string();
+        }
+    }
+    match url.rsplit_once('@') {
+        Some((_, rest)) => rest.to_string(),
+        None => url.to_string(),
+    }
+}
+
+/// The telemetry of one job.
+pub struct JobTelemetry {
+    job_id: i64,
+    active: Option<ActiveJob>,
+}
+
+struct ActiveJob {
+    provider: SdkTracerProvider,
+    tracer: SdkTracer,
+    /// Holds the `job_execution` span.
+    context: Context,
+    pipeline: ExportPipeline,
+}
+
+impl std::fmt::Debug for JobTelemetry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JobTelemetry")
+            .field("job_id", &self.job_id)
+            .field("enabled", &self.active.is_some())
+            .finish()
+    }
+}
+
+/// Everything needed to start a job's telemetry once negotiation said yes.
+pub struct JobTelemetryStart<'a> {
+    pub trace_context: TraceContext,
+    pub job: &'a JobSpanInfo,
+    pub runner: &'a RunnerIdentity,
+    pub service_name: &'a str,
+    /// When the job really started (it may be earlier than now).
+    pub start_time: SystemTime,
+    pub sinks: Vec<Box<dyn SpanSink>>,
+}
+
+impl JobTelemetry {
+    /// Telemetry switched off for this job: every call is a no-op.
+    pub fn disabled(job_id: i64) -> Self {
+        JobTelemetry {
+            job_id,
+            active: None,
+        }
+    }
+
+    /// Starts `job_execution` as a child of the payload's span and its export
+    /// tasks on the current tokio runtime. Falls back to disabled (with a
+    /// log line) if there is no runtime or the start panics.
+    pub fn start(start: JobTelemetryStart<'_>) -> Self {
+        let job_id = start.job.job_id;
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!("job={job_id} Telemetry disabled: no tokio runtime to export from");
+            return JobTelemetry::disabled(job_id);
+        };
+        let active = guarded(job_id, "start", move || start_active(start, &runtime));
+        JobTelemetry { job_id, active }
+    }
+
+    pub fn job_id(&self) -> i64 {
+        self.job_id
+    }
+
+    pub fn is_enabled(&self) -> bool {
+        self.active.is_some()
+    }
+
+    /// The `job_execution` span's IDs, for logs and tests.
+    pub fn span_context(&self) -> Option<opentelemetry::trace::SpanContext> {
+        let active = self.active.as_ref()?;
+        Some(active.context.span().span_context().clone())
+    }
+
+    /// Adds an attribute to `job_execution`.
+    pub fn set_attribute(&mut self, attribute: KeyValue) {
+        self.with_active("set_attribute", |a| {
+            a.context.span().set_attribute(attribute)
+        });
+    }
+
+    /// Starts a child of `job_execution` now (a stage, a function).
+    pub fn child(
+        &mut self,
+        name: impl Into<Cow<'static, str>>,
+        attributes: Vec<KeyValue>,
+    ) -> ChildSpan {
+        self.child_at(name, attributes, SystemTime::now())
+    }
+
+    /// Starts a child of `job_execution` at `start_time`.
+    pub fn child_at(
+        &mut self,
+        name: impl Into<Cow<'static, str>>,
+        attributes: Vec<KeyValue>,
+        start_time: SystemTime,
+    ) -> ChildSpan {
+        let job_id = self.job_id;
+        let name = name.into();
+        let child = self.with_active("child", |a| ChildInner {
+            context: start_child(&a.tracer, &a.context, name, attributes, start_time),
+            tracer: a.tracer.clone(),
+        });
+        ChildSpan {
+            job_id,
+            inner: child,
+        }
+    }
+
+    /// Sets the final status and attributes, ends `job_execution` at
+    /// `end_time`, and closes the export queues. The returned flush is to be
+    /// awaited in the background, after the status was sent to GitLab.
+    pub fn finish(mut self, outcome: &JobOutcome, end_time: SystemTime) -> Option<PendingFlush> {
+        let job_id = self.job_id;
+        let active = self.active.take()?;
+        let ActiveJob {
+            provider,
+            context,
+            pipeline,
+            ..
+        } = active;
+        let ended = guarded(job_id, "finish", || {
+            let span = context.span();
+            span.set_attributes(outcome_attributes(outcome));
+            let status = match outcome {
+                JobOutcome::Success => Status::Ok,
+                JobOutcome::Canceled => Status::Unset,
+                other => {
+                    let reason = other.failure_reason().unwrap_or("failed");
+                    Status::error(match other {
+                        JobOutcome::Failed {
+                            exit_code: Some(code),
+                            ..
+                        } => format!("{reason}: exit code {code}"),
+                        _ => reason.to_string(),
+                    })
+                }
+            };
+            span.set_status(status);
+            span.end_with_timestamp(end_time);
+            drop(context);
+            let _ = provider.shutdown();
+        });
+        if ended.is_none() {
+            // The queues may still be open: abandon what is pending quickly.
+            return Some(PendingFlush {
+                job_id,
+                pipeline,
+                deadline_cap: Some(Duration::ZERO),
+            });
+        }
+        Some(PendingFlush {
+            job_id,
+            pipeline,
+            deadline_cap: None,
+        })
+    }
+
+    fn with_active<T>(&mut self, what: &str, f: impl FnOnce(&ActiveJob) -> T) -> Option<T> {
+        let active = self.active.as_ref()?;
+        let result = guarded(self.job_id, what, || f(active));
+        if result.is_none() {
+            self.active = None;
+        }
+        result
+    }
+}
+
+fn start_active(start: JobTelemetryStart<'_>, runtime: &tokio::runtime::Handle) -> ActiveJob {
+    let JobTelemetryStart {
+        trace_context,
+        job,
+        runner,
+        service_name,
+        start_time,
+        sinks,
+    } = start;
+    let resource = job_resource(service_name, job, runner);
+    let (processor, pipeline) = ExportPipeline::start(sinks, &resource, runtime);
+    let provider = SdkTracerProvider::builder()
+        .with_resource(resource)
+        // Rails sampled the pipeline; the runner keeps everything it is
+        // given, whatever OTEL_TRACES_SAMPLER says.
+        .with_sampler(Sampler::AlwaysOn)
+        .with_span_processor(processor)
+        .build();
+    let scope = InstrumentationScope::builder(SCOPE_NAME)
+        .with_version(SCOPE_VERSION)
+        .build();
+    let tracer = provider.tracer_with_scope(scope);
+    let parent = Context::new().with_remote_span_context(trace_context.span_context());
+    let span = tracer
+        .span_builder(JOB_SPAN_NAME)
+        .with_kind(SpanKind::Internal)
+        .with_start_time(start_time)
+        .with_attributes(job_attributes(job, runner))
+        .start_with_context(&tracer, &parent);
+    let context = Context::new().with_span(span);
+    ActiveJob {
+        provider,
+        tracer,
+        context,
+        pipeline,
+    }
+}
+
+fn start_child(
+    tracer: &SdkTracer,
+    parent: &Context,
+    name: Cow<'static, str>,
+    attributes: Vec<KeyValue>,
+    start_time: SystemTime,
+) -> Context {
+    let span = tracer
+        .span_builder(name)
+        .with_kind(SpanKind::Internal)
+        .with_start_time(start_time)
+        .with_attributes(attributes)
+        .start_with_context(tracer, parent);
+    Context::new().with_span(span)
+}
+
+/// The resource of a job's spans. Besides `service.name`, it carries the
+/// job's IDs: the backend's materialized view reads `ci.*` from resource
+/// attributes, and a per-job provider makes that exact.
+fn job_resource(service_name: &str, job: &JobSpanInfo, runner: &RunnerIdentity) -> Resource {
+    let mut attributes = vec![KeyValue::new(keys::SERVICE_VERSION, SCOPE_VERSION)];
+    attributes.push(KeyValue::new(keys::CI_JOB_ID, job.job_id));
+    if let Some(id) = job.pipeline_id {
+        attributes.push(KeyValue::new(keys::CI_PIPELINE_ID, id));
+    }
+    if let Some(id) = job.project_id {
+        attributes.push(KeyValue::new(keys::CI_PROJECT_ID, id));
+    }
+    if let Some(source) = &job.pipeline_source {
+        attributes.push(KeyValue::new(keys::CI_PIPELINE_SOURCE, source.clone()));
+    }
+    if let Some(id) = runner.id {
+        attributes.push(KeyValue::new(keys::CI_RUNNER_ID, id));
+    }
+    Resource::builder_empty()
+        .with_service_name(service_name.to_string())
+        .with_attributes(attributes)
+        .build()
+}
+
+/// Attributes set when `job_execution` starts.
+pub fn job_attributes(job: &JobSpanInfo, runner: &RunnerIdentity) -> Vec<KeyValue> {
+    let mut a = vec![
+        KeyValue::new(keys::CI_JOB_ID, job.job_id),
+        KeyValue::new(keys::CI_JOB_NAME, job.job_name.clone()),
+        KeyValue::new(keys::CI_JOB_STAGE, job.stage.clone()),
+        KeyValue::new(keys::CI_RUNNER_EXECUTOR, runner.executor.clone()),
+        KeyValue::new(keys::CICD_PIPELINE_TASK_RUN_ID, job.job_id.to_string()),
+        KeyValue::new(keys::CICD_PIPELINE_TASK_NAME, job.job_name.clone()),
+        KeyValue::new(keys::CICD_WORKER_NAME, runner.name.clone()),
+    ];
+    if let Some(id) = job.pipeline_id {
+        a.push(KeyValue::new(keys::CI_PIPELINE_ID, id));
+        a.push(KeyValue::new(keys::CICD_PIPELINE_RUN_ID, id.to_string()));
+    }
+    if let Some(id) = job.project_id {
+        a.push(KeyValue::new(keys::CI_PROJECT_ID, id));
+    }
+    if let Some(source) = &job.pipeline_source {
+        a.push(KeyValue::new(keys::CI_PIPELINE_SOURCE, source.clone()));
+    }
+    if let Some(id) = runner.id {
+        a.push(KeyValue::new(keys::CI_RUNNER_ID, id));
+        a.push(KeyValue::new(keys::CICD_WORKER_ID, id.to_string()));
+    }
+    if let Some(path) = &job.project_path {
+        a.push(KeyValue::new(keys::CICD_PIPELINE_NAME, path.clone()));
+    }
+    if let Some(r) = &job.git_ref {
+        a.push(KeyValue::new(keys::VCS_REF_HEAD_NAME, r.clone()));
+    }
+    if let Some(sha) = &job.sha {
+        a.push(KeyValue::new(keys::VCS_REF_HEAD_REVISION, sha.clone()));
+    }
+    if let Some(url) = &job.repo_url {
+        a.push(KeyValue::new(
+            keys::VCS_REPOSITORY_URL_FULL,
+            strip_credentials(url),
+        ));
+    }
+    if let Some(url) = &job.job_url {
+        a.push(KeyValue::new(
+            keys::CICD_PIPELINE_TASK_RUN_URL_FULL,
+            url.clone(),
+        ));
+    }
+    a
+}
+
+/// Attributes set when `job_execution` ends.
+pub fn outcome_attributes(outcome: &JobOutcome) -> Vec<KeyValue> {
+    let mut a = vec![
+        KeyValue::new(keys::CI_JOB_STATUS, outcome.ci_status()),
+        KeyValue::new(
+            keys::CICD_PIPELINE_TASK_RUN_RESULT,
+            outcome.semconv_result(),
+        ),
+    ];
+    match outcome {
+        JobOutcome::Success | JobOutcome::Canceled => {}
+        JobOutcome::Failed {
+            failure_reason,
+            exit_code,
+        } => {
+            a.push(KeyValue::new(
+                keys::CI_JOB_FAILURE_REASON,
+                failure_reason.clone(),
+            ));
+            a.push(KeyValue::new(keys::ERROR_TYPE, failure_reason.clone()));
+            if let Some(code) = exit_code {
+                a.push(KeyValue::new(keys::CI_JOB_EXIT_CODE, i64::from(*code)));
+            }
+        }
+        JobOutcome::TimedOut => {
+            a.push(KeyValue::new(
+                keys::CI_JOB_FAILURE_REASON,
+                "job_execution_timeout",
+            ));
+            a.push(KeyValue::new(keys::ERROR_TYPE, "job_execution_timeout"));
+        }
+    }
+    a
+}
+
+/// A child span of `job_execution` (or of another child). Ends when
+/// [`ChildSpan::end`] is called, or when dropped.
+pub struct ChildSpan {
+    job_id: i64,
+    inner: Option<ChildInner>,
+}
+
+struct ChildInner {
+    tracer: SdkTracer,
+    /// Holds this span.
+    context: Context,
+}
+
+impl std::fmt::Debug for ChildSpan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChildSpan")
+            .field("job_id", &self.job_id)
+            .field("recording", &self.inner.is_some())
+            .finish()
+    }
+}
+
+impl ChildSpan {
+    pub fn disabled(job_id: i64) -> Self {
+        ChildSpan {
+            job_id,
+            inner: None,
+        }
+    }
+
+    pub fn is_recording(&self) -> bool {
+        self.inner.is_some()
+    }
+
+    pub fn set_attribute(&mut self, attribute: KeyValue) {
+        self.with_inner("set_attribute", |c| {
+            c.context.span().set_attribute(attribute)
+        });
+    }
+
+    /// A grandchild (e.g. a step inside a CI Function), started now.
+    pub fn child(
+        &mut self,
+        name: impl Into<Cow<'static, str>>,
+        attributes: Vec<KeyValue>,
+    ) -> ChildSpan {
+        let job_id = self.job_id;
+        let name = name.into();
+        let inner = self.with_inner("child", |c| ChildInner {
+            context: start_child(&c.tracer, &c.context, name, attributes, SystemTime::now()),
+            tracer: c.tracer.clone(),
+        });
+        ChildSpan { job_id, inner }
+    }
+
+    /// The span's IDs, for logs and tests.
+    pub fn span_context(&self) -> Option<opentelemetry::trace::SpanContext> {
+        let inner = self.inner.as_ref()?;
+        Some(inner.context.span().span_context().clone())
+    }
+
+    /// Ends the span now.
+    pub fn end(self, outcome: SpanOutcome) {
+        self.end_at(outcome, SystemTime::now());
+    }
+
+    /// Ends the span at `end_time`.
+    pub fn end_at(mut self, outcome: SpanOutcome, end_time: SystemTime) {
+        self.with_inner("end", |c| {
+            let span = c.context.span();
+            span.set_status(outcome.status());
+            span.end_with_timestamp(end_time);
+        });
+    }
+
+    fn with_inner<T>(&mut self, what: &str, f: impl FnOnce(&ChildInner) -> T) -> Option<T> {
+        let inner = self.inner.as_ref()?;
+        let result = guarded(self.job_id, what, || f(inner));
+        if result.is_none() {
+            self.inner = None;
+        }
+        result
+    }
+}
+
+/// The background part of a job's telemetry: wait for the export, bounded.
+#[derive(Debug)]
+pub struct PendingFlush {
+    job_id: i64,
+    pipeline: ExportPipeline,
+    /// Set when finishing panicked: flush with this deadline at most.
+    deadline_cap: Option<Duration>,
+}
+
+impl PendingFlush {
+    pub fn job_id(&self) -> i64 {
+        self.job_id
+    }
+
+    /// Waits for the export, at most `deadline`, and accounts for every
+    /// span.
+    pub async fn flush(self, deadline: Duration) -> FlushReport {
+        let deadline = match self.deadline_cap {
+            Some(cap) => deadline.min(cap),
+            None => deadline,
+        };
+        self.pipeline.flush(deadline).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strip_credentials_cases() {
+        let check = |input: &str, expected: &str| assert_eq!(strip_credentials(input), expected);
+        check(
+            "https://gitlab-ci-token:glcbt-secret@gitlab.example.com/g/p.git",
+            "https://gitlab.example.com/g/p.git",
+        );
+        check("https://user@host/p.git", "https://host/p.git");
+        check("https://host/p.git", "https://host/p.git");
+        check("git@gitlab.com:g/p.git", "gitlab.com:g/p.git");
+        check("/srv/repos/p.git", "/srv/repos/p.git");
+    }
+
+    #[test]
+    fn outcome_mappings() {
+        let failed = |reason: &str| JobOutcome::Failed {
+            failure_reason: reason.into(),
+            exit_code: Some(3),
+        };
+        let cases = [
+            (JobOutcome::Success, "success", "success", None),
+            (
+                failed("script_failure"),
+                "failed",
+                "failure",
+                Some("script_failure"),
+            ),
+            (
+                failed("runner_system_failure"),
+                "failed",
+                "error",
+                Some("runner_system_failure"),
+            ),
+            (
+                JobOutcome::TimedOut,
+                "timedout",
+                "timeout",
+                Some("job_execution_timeout"),
+            ),
+            (
+                JobOutcome::Canceled,
+                "canceled",
+                "cancellation",
+                Some("job_canceled"),
+            ),
+        ];
+        for (outcome, status, result, reason) in cases {
+            assert_eq!(outcome.ci_status(), status);
+            assert_eq!(outcome.semconv_result(), result);
+            assert_eq!(outcome.failure_reason(), reason);
+        }
+    }
+
+    #[test]
+    fn guarded_catches_panics() {
+        assert_eq!(guarded(1, "test", || 7), Some(7));
+        let caught: Option<()> = guarded(1, "test", || panic!("boom"));
+        assert_eq!(caught, None);
+    }
+
+    #[test]
+    fn disabled_telemetry_accepts_every_call() {
+        let mut telemetry = JobTelemetry::disabled(9);
+        assert!(!telemetry.is_enabled());
+        telemetry.set_attribute(KeyValue::new("a", 1));
+        let mut child = telemetry.child("get_sources", vec![]);
+        assert!(!child.is_recording());
+        child.set_attribute(KeyValue::new("b", 2));
+        child.end(SpanOutcome::Ok);
+        assert!(telemetry
+            .finish(&JobOutcome::Success, SystemTime::now())
+            .is_none());
+    }
+}

@@ -1,0 +1,27 @@
+//! CI job telemetry for runners.
+//!
+//! Negotiates telemetry from a GitLab job payload ([`mod@negotiate`]), resolves
+//! the runner manager's export configuration ([`config`]), emits the
+//! `job_execution` span and its children ([`job`]) and exports them over
+//! OTLP without ever holding up the job ([`export`]); [`telemetry`] ties
+//! these together per runner. The reference runner (`ci-runner`) is a binary
+//! of this crate; its parts live in [`runner`].
+//!
+//! **Architecture Invariant:** `runner-telemetry` knows nothing about
+//! ClickHouse; it speaks OTLP and the GitLab job API, nothing else.
+
+pub mod config;
+pub mod export;
+pub mod job;
+pub mod keys;
+pub mod negotiate;
+pub mod runner;
+pub mod telemetry;
+
+pub use config::{ExportSettings, TelemetryOverrides, TelemetrySettings};
+pub use export::{ExportTarget, ExporterFactory, FlushReport, SpanSink};
+pub use job::{
+    ChildSpan, JobOutcome, JobSpanInfo, JobTelemetry, PendingFlush, RunnerIdentity, SpanOutcome,
+};
+pub use negotiate::{negotiate, DisabledReason, Negotiation, TelemetryPlan, TraceContext};
+pub use telemetry::RunnerTelemetry;

@@ -1,0 +1,334 @@
+//! A client for the GitLab job API as GitLab Runner uses it
+//! (`network/gitlab.go`): register/verify the runner, request jobs, update
+//! their state and append to their log.
+//!
+//! Tokens go in bodies or headers, never in a log line or an error message.
+
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde::Serialize;
+use serde_json::{json, Value};
+
+/// Timeout of one API request.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What went wrong talking to GitLab, in one line.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApiError {
+    #[error("403 Forbidden")]
+    Forbidden,
+    #[error("HTTP {0}")]
+    Status(u16),
+    #[error("network error: {0}")]
+    Network(String),
+    #[error("invalid response: {0}")]
+    InvalidResponse(String),
+}
+
+impl ApiError {
+    /// Worth retrying: network errors and 5xx.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ApiError::Network(_) => true,
+            ApiError::Status(code) => *code >= 500 || *code == 429,
+            _ => false,
+        }
+    }
+}
+
+fn network(e: reqwest::Error) -> ApiError {
+    // reqwest errors may carry the URL; ours never carry tokens (they go in
+    // bodies and headers), and `without_url` drops it anyway.
+    ApiError::Network(e.without_url().to_string())
+}
+
+/// Answer to `POST /api/v4/jobs/request`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum JobRequest {
+    /// 201: a job (raw JSON, parsed later so a bad payload can be reported).
+    Job(Value),
+    /// 204: nothing to do; `X-GitLab-Last-Update` to send next time.
+    NoJob { last_update: Option<String> },
+}
+
+/// Answer to `PUT /api/v4/jobs/:id`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpdateResult {
+    /// 200.
+    Accepted,
+    /// 202: accepted but not complete (GitLab still processing the trace).
+    Pending,
+    /// 403/404/412...: the job is gone or no longer ours; do not retry.
+    Rejected(u16),
+}
+
+/// Answer to `PATCH /api/v4/jobs/:id/trace`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PatchResult {
+    pub status: u16,
+    /// The end of the `Range: 0-N` header: the size GitLab has.
+    pub remote_size: Option<usize>,
+    /// The `Job-Status` header (`running`, `canceling`, `canceled`, ...).
+    pub job_status: Option<String>,
+}
+
+/// Body of `PUT /api/v4/jobs/:id`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct UpdateJob {
+    #[serde(skip)]
+    pub job_id: i64,
+    pub state: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failure_reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    pub output: JobOutput,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct JobOutput {
+    /// `crc32:<8 hex>` of the log as sent.
+    pub checksum: String,
+    pub bytesize: usize,
+}
+
+/// The runner's self-description sent with registration and job requests.
+pub fn runner_info(name: &str, executor: &str, shell: &str, telemetry: bool) -> Value {
+    let arch = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "x86" => "386",
+        other => other,
+    };
+    json!({
+        "name": name,
+        "version": env!("CARGO_PKG_VERSION"),
+        "revision": option_env!("CI_RUNNER_REVISION").unwrap_or("unknown"),
+        "platform": std::env::consts::OS,
+        "architecture": arch,
+        "executor": executor,
+        "shell": shell,
+        "features": {
+            "variables": true,
+            "image": false,
+            "services": false,
+            "artifacts": false,
+            "cache": false,
+            "shared": true,
+            "upload_multiple_artifacts": false,
+            "upload_raw_artifacts": false,
+            "session": false,
+            "terminal": false,
+            "refspecs": true,
+            "masking": true,
+            "proxy": false,
+            "raw_variables": true,
+            "artifacts_exclude": false,
+            "multi_build_steps": true,
+            "trace_reset": true,
+            "trace_checksum": true,
+            "trace_size": true,
+            "vault_secrets": false,
+            "cancelable": true,
+            "return_exit_code": true,
+            "service_variables": false,
+            "job_telemetry": telemetry,
+            "tracing": telemetry,
+        },
+        "config": {},
+    })
+}
+
+/// A GitLab instance's job API.
+#[derive(Debug, Clone)]
+pub struct GitLabClient {
+    /// `<url>/api/v4/`
+    api: url::Url,
+    http: reqwest::Client,
+}
+
+impl GitLabClient {
+    /// `url` is GitLab's root (`https://gitlab.example.com`).
+    pub fn new(url: &str) -> Result<Self, String> {
+        let mut base =
+            url::Url::parse(url.trim()).map_err(|e| format!("invalid URL `{url}`: {e}"))?;
+        if !matches!(base.scheme(), "http" | "https") {
+            return Err(format!("invalid URL `{url}`: expected http:// or https://"));
+        }
+        let path = format!("{}/api/v4/", base.path().trim_end_matches('/'));
+        base.set_path(&path);
+        let http = reqwest::Client::builder()
+            .timeout(REQUEST_TIMEOUT)
+            .connect_timeout(Duration::from_secs(10))
+            .user_agent(format!("ci-runner {}", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+        Ok(GitLabClient { api: base, http })
+    }
+
+    fn url(&self, path: &str) -> url::Url {
+        self.api
+            .join(path)
+            .expect("API paths are valid relative URLs")
+    }
+
+    /// `POST /api/v4/runners`: registers a runner; returns `(id, token)`.
+    pub async fn register(
+        &self,
+        registration_token: &str,
+        description: &str,
+        info: Value,
+    ) -> Result<(Option<i64>, String), ApiError> {
+        let body = json!({
+            "token": registration_token,
+            "description": description,
+            "info": info,
+            "run_untagged": true,
+            "locked": false,
+        });
+        let response = self
+            .http
+            .post(self.url("runners"))
+            .json(&body)
+            .send()
+            .await
+            .map_err(network)?;
+        match response.status() {
+            StatusCode::CREATED | StatusCode::OK => {}
+            StatusCode::FORBIDDEN => return Err(ApiError::Forbidden),
+            other => return Err(ApiError::Status(other.as_u16())),
+        }
+        let value: Value = response
+            .json()
+            .await
+            .map_err(|e| ApiError::InvalidResponse(e.without_url().to_string()))?;
+        let token = value
+            .get("token")
+            .and_then(Value::as_str)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| ApiError::InvalidResponse("no `token` in the answer".into()))?;
+        Ok((value.get("id").and_then(Value::as_i64), token.to_string()))
+    }
+
+    /// `POST /api/v4/runners/verify`: checks the runner token; returns the
+    /// runner's ID when GitLab tells it.
+    pub async fn verify(&self, token: &str, system_id: &str) -> Result<Option<i64>, ApiError> {
+        let response = self
+            .http
+            .post(self.url("runners/verify"))
+            .json(&json!({"token": token, "system_id": system_id}))
+            .send()
+            .await
+            .map_err(network)?;
+        match response.status() {
+            StatusCode::OK | StatusCode::CREATED => {}
+            StatusCode::FORBIDDEN => return Err(ApiError::Forbidden),
+            other => return Err(ApiError::Status(other.as_u16())),
+        }
+        let value: Value = response.json().await.unwrap_or(Value::Null);
+        Ok(value.get("id").and_then(Value::as_i64))
+    }
+
+    /// `POST /api/v4/jobs/request`.
+    pub async fn request_job(
+        &self,
+        token: &str,
+        system_id: &str,
+        last_update: Option<&str>,
+        info: &Value,
+    ) -> Result<JobRequest, ApiError> {
+        let mut body = json!({"token": token, "system_id": system_id, "info": info});
+        if let Some(last_update) = last_update {
+            body["last_update"] = Value::String(last_update.to_string());
+        }
+        let response = self
+            .http
+            .post(self.url("jobs/request"))
+            .json(&body)
+            .send()
+            .await
+            .map_err(network)?;
+        match response.status() {
+            StatusCode::CREATED => {
+                let bytes = response.bytes().await.map_err(network)?;
+                match serde_json::from_slice(&bytes) {
+                    Ok(value) => Ok(JobRequest::Job(value)),
+                    Err(e) => Err(ApiError::InvalidResponse(format!(
+                        "the job payload is not JSON: {e}"
+                    ))),
+                }
+            }
+            StatusCode::NO_CONTENT => Ok(JobRequest::NoJob {
+                last_update: response
+                    .headers()
+                    .get("X-GitLab-Last-Update")
+                    .and_then(|v| v.to_str().ok())
+                    .map(String::from),
+            }),
+            StatusCode::FORBIDDEN => Err(ApiError::Forbidden),
+            other => Err(ApiError::Status(other.as_u16())),
+        }
+    }
+
+    /// `PUT /api/v4/jobs/:id` (one attempt).
+    pub async fn update_job(
+        &self,
+        job_token: &str,
+        update: &UpdateJob,
+    ) -> Result<UpdateResult, ApiError> {
+        let mut body = serde_json::to_value(update).expect("UpdateJob serializes");
+        body["token"] = Value::String(job_token.to_string());
+        let response = self
+            .http
+            .put(self.url(&format!("jobs/{}", update.job_id)))
+            .header("JOB-TOKEN", job_token)
+            .json(&body)
+            .send()
+            .await
+            .map_err(network)?;
+        let status = response.status().as_u16();
+        match status {
+            200 => Ok(UpdateResult::Accepted),
+            202 => Ok(UpdateResult::Pending),
+            s if s >= 500 || s == 429 => Err(ApiError::Status(s)),
+            s => Ok(UpdateResult::Rejected(s)),
+        }
+    }
+
+    /// `PATCH /api/v4/jobs/:id/trace` with `content` at `start`.
+    pub async fn patch_trace(
+        &self,
+        job_id: i64,
+        job_token: &str,
+        start: usize,
+        content: Vec<u8>,
+    ) -> Result<PatchResult, ApiError> {
+        let end = start + content.len().saturating_sub(1);
+        let response = self
+            .http
+            .patch(self.url(&format!("jobs/{job_id}/trace")))
+            .header("JOB-TOKEN", job_token)
+            .header("Content-Type", "text/plain")
+            .header("Content-Range", format!("{start}-{end}"))
+            .body(content)
+            .send()
+            .await
+            .map_err(network)?;
+        let header = |name: &str| {
+            response
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(String::from)
+        };
+        let remote_size = header("Range")
+            .and_then(|r| r.rsplit_once('-').map(|(_, end)| end.trim().to_string()))
+            .and_then(|end| end.parse().ok());
+        Ok(PatchResult {
+            status: response.status().as_u16(),
+            remote_size,
+            job_status: header("Job-Status"),
+        })
+    }
+}

@@ -1,0 +1,325 @@
+//! The runner manager: verify each runner's token, poll for jobs, run up to
+//! `concurrent` of them at once, flush their telemetry in the background,
+//! and stop cleanly on SIGTERM/SIGINT.
+//!
+//! Shutdown: the first signal stops taking jobs and lets the running ones
+//! finish; a second one aborts them (reported as `runner_system_failure`).
+//! Either way every job's telemetry flush gets its deadline, then the process
+//! exits 0.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinHandle;
+
+use super::api::{self, ApiError, GitLabClient, JobRequest};
+use super::config::{RunConfig, RunnerConfig};
+use super::job::{run_job, JobContext};
+use crate::job::RunnerIdentity;
+use crate::telemetry::RunnerTelemetry;
+
+/// Longest wait between job requests after errors.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// How long to keep retrying the token check when GitLab is unreachable.
+pub const VERIFY_PATIENCE: Duration = Duration::from_secs(30);
+
+/// A short random ID for this runner process (`system_id`).
+fn system_id() -> String {
+    let bytes: [u8; 6] = rand::random();
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!("s_{hex}")
+}
+
+struct Shared {
+    semaphore: Arc<Semaphore>,
+    taken: AtomicU64,
+    max_jobs: Option<u64>,
+    check_interval: Duration,
+    shutdown: watch::Receiver<bool>,
+    abort: watch::Receiver<bool>,
+    jobs: Mutex<Vec<JoinHandle<()>>>,
+    system_id: String,
+}
+
+impl Shared {
+    /// Reserves a job slot (for `--max-jobs`); false when all are taken.
+    fn reserve(&self) -> bool {
+        match self.max_jobs {
+            None => {
+                self.taken.fetch_add(1, Ordering::SeqCst);
+                true
+            }
+            Some(max) => self
+                .taken
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                    (n < max).then_some(n + 1)
+                })
+                .is_ok(),
+        }
+    }
+
+    fn release(&self) {
+        self.taken.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    fn all_taken(&self) -> bool {
+        self.max_jobs
+            .is_some_and(|max| self.taken.load(Ordering::SeqCst) >= max)
+    }
+}
+
+/// Runs until `--max-jobs` jobs were processed or a signal arrives. Returns
+/// the process exit code.
+pub async fn run(config: RunConfig) -> i32 {
+    let system_id = system_id();
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let (abort_tx, abort_rx) = watch::channel(false);
+    if let Err(e) = spawn_signal_handler(shutdown_tx.clone(), abort_tx) {
+        tracing::error!("Cannot install signal handlers: {e}");
+        return 1;
+    }
+
+    let mut contexts = Vec::new();
+    for runner in &config.runners {
+        match prepare_runner(runner, &system_id, shutdown_rx.clone()).await {
+            Ok(ctx) => contexts.push(ctx),
+            Err(e) => {
+                tracing::error!("{e}");
+                return 1;
+            }
+        }
+    }
+
+    let shared = Arc::new(Shared {
+        semaphore: Arc::new(Semaphore::new(config.concurrent)),
+        taken: AtomicU64::new(0),
+        max_jobs: config.max_jobs,
+        check_interval: config.check_interval,
+        shutdown: shutdown_rx.clone(),
+        abort: abort_rx,
+        jobs: Mutex::new(Vec::new()),
+        system_id,
+    });
+    tracing::info!(
+        "Runner started concurrent={} check_interval={}ms runners={}{}",
+        config.concurrent,
+        config.check_interval.as_millis(),
+        contexts.len(),
+        config
+            .max_jobs
+            .map(|m| format!(" max_jobs={m}"))
+            .unwrap_or_default()
+    );
+
+    let pollers: Vec<_> = contexts
+        .into_iter()
+        .zip(config.runners.iter().cloned())
+        .map(|(ctx, runner)| tokio::spawn(poll(Arc::new(ctx), runner, shared.clone())))
+        .collect();
+    for poller in pollers {
+        let _ = poller.await;
+    }
+    // No more jobs will be taken: wait for the running ones and their flushes.
+    loop {
+        let handles: Vec<_> =
+            std::mem::take(&mut *shared.jobs.lock().unwrap_or_else(|e| e.into_inner()));
+        if handles.is_empty() {
+            break;
+        }
+        for handle in handles {
+            let _ = handle.await;
+        }
+    }
+    tracing::info!(
+        "Runner stopped jobs={}",
+        shared.taken.load(Ordering::SeqCst)
+    );
+    drop(shutdown_tx);
+    0
+}
+
+fn spawn_signal_handler(
+    shutdown: watch::Sender<bool>,
+    abort: watch::Sender<bool>,
+) -> std::io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::spawn(async move {
+        let mut count = 0;
+        loop {
+            let name = tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+            };
+            count += 1;
+            if count == 1 {
+                tracing::info!("Received {name}: no new jobs, finishing running jobs (signal again to abort them)");
+                let _ = shutdown.send(true);
+            } else {
+                tracing::warn!("Received {name} again: aborting running jobs");
+                let _ = abort.send(true);
+            }
+        }
+    });
+    Ok(())
+}
+
+async fn prepare_runner(
+    runner: &RunnerConfig,
+    system_id: &str,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<JobContext, String> {
+    let client =
+        GitLabClient::new(&runner.url).map_err(|e| format!("Runner `{}`: {e}", runner.name))?;
+    let started = std::time::Instant::now();
+    let mut delay = Duration::from_millis(500);
+    let verified_id = loop {
+        match client.verify(&runner.token, system_id).await {
+            Ok(id) => break id,
+            Err(ApiError::Forbidden) => {
+                return Err(format!(
+                    "Runner `{}`: the runner token was refused by {} (POST /api/v4/runners/verify answered 403 Forbidden)",
+                    runner.name, runner.url
+                ))
+            }
+            Err(e) if e.is_transient() && started.elapsed() < VERIFY_PATIENCE => {
+                tracing::warn!("Runner `{}`: verifying the token failed, retrying: {e}", runner.name);
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.wait_for(|s| *s) => return Err("Stopped before the runner token was verified".into()),
+                }
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => {
+                return Err(format!(
+                    "Runner `{}`: cannot verify the runner token at {}: {e}",
+                    runner.name, runner.url
+                ))
+            }
+        }
+    };
+    let identity = RunnerIdentity {
+        id: verified_id.or(runner.id),
+        name: runner.name.clone(),
+        executor: runner.executor.clone(),
+    };
+    for warning in &runner.telemetry.warnings {
+        tracing::warn!(
+            "Runner `{}` telemetry configuration: {warning}",
+            runner.name
+        );
+    }
+    tracing::info!(
+        "Runner verified name={} url={} id={} executor={} builds_dir={} telemetry={} static_endpoint={} flush_timeout={}ms",
+        runner.name,
+        runner.url,
+        identity.id.map(|i| i.to_string()).unwrap_or_else(|| "-".into()),
+        runner.executor,
+        runner.builds_dir.display(),
+        if runner.telemetry.enabled { "on" } else { "off" },
+        runner.telemetry.endpoint,
+        runner.telemetry.flush_timeout.as_millis()
+    );
+    Ok(JobContext {
+        client,
+        runner_name: runner.name.clone(),
+        gitlab_url: runner.url.clone(),
+        builds_dir: runner.builds_dir.clone(),
+        telemetry: RunnerTelemetry::new(runner.telemetry.clone(), identity),
+    })
+}
+
+async fn poll(ctx: Arc<JobContext>, runner: RunnerConfig, shared: Arc<Shared>) {
+    let info = api::runner_info(
+        &runner.name,
+        &runner.executor,
+        &runner.shell,
+        runner.telemetry.enabled,
+    );
+    let mut shutdown = shared.shutdown.clone();
+    let mut last_update: Option<String> = None;
+    let mut backoff = shared.check_interval;
+    loop {
+        if *shutdown.borrow() || shared.all_taken() {
+            return;
+        }
+        let permit = tokio::select! {
+            permit = shared.semaphore.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => return,
+            },
+            _ = shutdown.wait_for(|s| *s) => return,
+        };
+        if !shared.reserve() {
+            return;
+        }
+        let wait = match ctx
+            .client
+            .request_job(
+                &runner.token,
+                &shared.system_id,
+                last_update.as_deref(),
+                &info,
+            )
+            .await
+        {
+            Ok(JobRequest::Job(raw)) => {
+                let received = SystemTime::now();
+                backoff = shared.check_interval;
+                let ctx = ctx.clone();
+                let abort = shared.abort.clone();
+                let handle = tokio::spawn(async move {
+                    let done = run_job(&ctx, raw, received, abort).await;
+                    drop(permit);
+                    if let Some(flush) = done.flush {
+                        ctx.telemetry.flush_job(flush).await;
+                    }
+                });
+                shared
+                    .jobs
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(handle);
+                continue;
+            }
+            Ok(JobRequest::NoJob {
+                last_update: update,
+            }) => {
+                if update.is_some() {
+                    last_update = update;
+                }
+                backoff = shared.check_interval;
+                shared.check_interval
+            }
+            Err(ApiError::Forbidden) => {
+                tracing::error!(
+                    "Runner `{}`: job request answered 403 Forbidden: is the runner token still valid?",
+                    runner.name
+                );
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                backoff
+            }
+            Err(ApiError::InvalidResponse(e)) => {
+                tracing::error!(
+                    "Runner `{}`: received a job that cannot be read or reported: {e}",
+                    runner.name
+                );
+                shared.check_interval
+            }
+            Err(e) => {
+                tracing::warn!("Runner `{}`: job request failed: {e}", runner.name);
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                backoff
+            }
+        };
+        shared.release();
+        drop(permit);
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+    }
+}

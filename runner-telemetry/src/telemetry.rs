@@ -1,0 +1,199 @@
+//! Telemetry of one runner: negotiation, exporter choice and the job span,
+//! with one log line per decision.
+//!
+//! Log lines (stderr, one per event):
+//!
+//! ```text
+//! job=42 telemetry disabled: features.job_telemetry is false
+//! job=42 telemetry enabled contract=v1 trace_id=4bf9… parent=00f0… span_id=… endpoint=http/protobuf+http://localhost:4318/v1/traces
+//! job=42 telemetry flushed spans=1 exported=1 dropped=0 elapsed=3ms
+//! job=42 telemetry flush incomplete spans=1 exported=0 dropped=1 elapsed=5001ms deadline_exceeded=true endpoint=… (exported=0 dropped=1 error="…")
+//! ```
+
+use std::time::{Duration, SystemTime};
+
+use serde_json::Value;
+
+use crate::config::ExportSettings;
+use crate::export::{ExportTarget, ExporterFactory, FlushReport, SpanSink};
+use crate::job::{
+    guarded, JobSpanInfo, JobTelemetry, JobTelemetryStart, PendingFlush, RunnerIdentity,
+};
+use crate::negotiate::{
+    negotiate, ContractVersion, DisabledReason, EndpointAuth, Negotiation, TelemetryPlan,
+};
+
+/// The telemetry side of one runner (one `[[runners]]` entry).
+#[derive(Debug)]
+pub struct RunnerTelemetry {
+    settings: ExportSettings,
+    runner: RunnerIdentity,
+    factory: ExporterFactory,
+}
+
+impl RunnerTelemetry {
+    pub fn new(settings: ExportSettings, runner: RunnerIdentity) -> Self {
+        let factory = ExporterFactory::new(settings.export_timeout);
+        RunnerTelemetry {
+            settings,
+            runner,
+            factory,
+        }
+    }
+
+    pub fn settings(&self) -> &ExportSettings {
+        &self.settings
+    }
+
+    pub fn runner(&self) -> &RunnerIdentity {
+        &self.runner
+    }
+
+    pub fn flush_timeout(&self) -> Duration {
+        self.settings.flush_timeout
+    }
+
+    /// Where an enabled job's spans go: the payload's endpoints (contract
+    /// v2), or else the static endpoint (contract v1).
+    pub fn targets(&self, plan: &TelemetryPlan) -> Vec<ExportTarget> {
+        if plan.endpoints.is_empty() {
+            let endpoint = &self.settings.endpoint;
+            return vec![ExportTarget {
+                transport: endpoint.transport,
+                url: endpoint.url.clone(),
+                tls: false,
+                headers: endpoint.headers.clone(),
+                auth: EndpointAuth::None,
+            }];
+        }
+        plan.endpoints
+            .iter()
+            .map(|e| ExportTarget {
+                transport: e.transport,
+                url: e.url.clone(),
+                tls: e.tls,
+                // Static headers belong to the static collector.
+                headers: Vec::new(),
+                auth: e.auth.clone(),
+            })
+            .collect()
+    }
+
+    /// Negotiates telemetry for a job and, when enabled, starts its
+    /// `job_execution` span at `start_time`. Logs one line with the decision.
+    /// Never fails and never panics: every problem ends in a disabled
+    /// [`JobTelemetry`].
+    pub fn start_job(
+        &self,
+        payload: &Value,
+        job: &JobSpanInfo,
+        start_time: SystemTime,
+    ) -> JobTelemetry {
+        let job_id = job.job_id;
+        match guarded(job_id, "start_job", || {
+            self.start_job_inner(payload, job, start_time)
+        }) {
+            Some(Ok(telemetry)) => telemetry,
+            Some(Err(reason)) => {
+                tracing::info!("job={job_id} telemetry disabled: {reason}");
+                JobTelemetry::disabled(job_id)
+            }
+            None => JobTelemetry::disabled(job_id),
+        }
+    }
+
+    fn start_job_inner(
+        &self,
+        payload: &Value,
+        job: &JobSpanInfo,
+        start_time: SystemTime,
+    ) -> Result<JobTelemetry, DisabledReason> {
+        let job_id = job.job_id;
+        if !self.settings.enabled {
+            return Err(DisabledReason::Runner(
+                "telemetry is disabled in the runner configuration".into(),
+            ));
+        }
+        let plan = match negotiate(payload) {
+            Negotiation::Disabled(reason) => return Err(reason),
+            Negotiation::Enabled(plan) => plan,
+        };
+        let mut sinks: Vec<Box<dyn SpanSink>> = Vec::new();
+        let mut notes = Vec::new();
+        for target in self.targets(&plan) {
+            match self.factory.build(&target) {
+                Ok(sink) => {
+                    if let EndpointAuth::HttpBearerGcpOidc { .. } = target.auth {
+                        notes.push(format!(
+                            "auth=none({target} asks for http_bearer_gcp_oidc, not implemented yet)"
+                        ));
+                    }
+                    sinks.push(sink);
+                }
+                Err(error) => notes.push(format!("skipped=[{error}]")),
+            }
+        }
+        if sinks.is_empty() {
+            return Err(DisabledReason::Runner(format!(
+                "no exporter could be built: {}",
+                notes.join(" ")
+            )));
+        }
+        let endpoints: Vec<String> = sinks
+            .iter()
+            .map(|s| format!("endpoint={}", s.label()))
+            .collect();
+        let telemetry = JobTelemetry::start(JobTelemetryStart {
+            trace_context: plan.trace_context,
+            job,
+            runner: &self.runner,
+            service_name: &self.settings.service_name,
+            start_time,
+            sinks,
+        });
+        let Some(span) = telemetry.span_context() else {
+            return Err(DisabledReason::Runner(
+                "the job span could not be started".into(),
+            ));
+        };
+        let contract = match plan.contract {
+            ContractVersion::V1 => "v1",
+            ContractVersion::V2 => "v2",
+        };
+        let mut line = format!(
+            "job={job_id} telemetry enabled contract={contract} trace_id={} parent={} span_id={} {}",
+            plan.trace_context.trace_id(),
+            plan.trace_context.parent_span_id(),
+            span.span_id(),
+            endpoints.join(" ")
+        );
+        for skipped in &plan.skipped {
+            line.push_str(&format!(" skipped=[{skipped}]"));
+        }
+        for note in notes {
+            line.push(' ');
+            line.push_str(&note);
+        }
+        tracing::info!("{line}");
+        Ok(telemetry)
+    }
+
+    /// Flushes a finished job's spans within the configured deadline and logs
+    /// the account (one line).
+    pub async fn flush_job(&self, pending: PendingFlush) -> FlushReport {
+        flush_and_log(pending, self.settings.flush_timeout).await
+    }
+}
+
+/// Flushes within `deadline` and logs one line: INFO when everything was
+/// exported, WARN when spans were dropped (the job itself is unaffected).
+pub async fn flush_and_log(pending: PendingFlush, deadline: Duration) -> FlushReport {
+    let job_id = pending.job_id();
+    let report = pending.flush(deadline).await;
+    if report.dropped() == 0 && !report.panicked {
+        tracing::info!("job={job_id} telemetry flushed {report}");
+    } else {
+        tracing::warn!("job={job_id} telemetry flush incomplete {report}");
+    }
+    report
+}

@@ -1,0 +1,963 @@
+//! The real `ci-runner` binary against a tiny in-test job API (and in-test
+//! OTLP collectors). Every wait polls with a deadline.
+
+mod common;
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::{Path as UrlPath, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{patch, post, put};
+use axum::Json;
+use common::{closed_port, grpc_collector, http_collector, stalled_server};
+use serde_json::{json, Value};
+
+const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const PARENT: &str = "00f067aa0ba902b7";
+const RUNNER_TOKEN: &str = "glrt-runner-token-SECRET";
+const DEADLINE: Duration = Duration::from_secs(30);
+
+/// What the job API received.
+#[derive(Default)]
+struct ApiState {
+    verify_status: u16,
+    jobs: VecDeque<Value>,
+    job_tokens: HashMap<i64, String>,
+    /// When each job was handed out.
+    handed_out: HashMap<i64, Instant>,
+    requests: Vec<Value>,
+    verifies: Vec<Value>,
+    /// (job id, body, JOB-TOKEN header, arrival)
+    updates: Vec<(i64, Value, Option<String>, Instant)>,
+    traces: HashMap<i64, Vec<u8>>,
+    /// (job id, Content-Range, status answered)
+    patches: Vec<(i64, String, u16)>,
+    /// Jobs whose first PATCH is stored but answered 500 (to force a resync).
+    fail_first_patch: Vec<i64>,
+}
+
+#[derive(Clone)]
+struct Api(Arc<Mutex<ApiState>>);
+
+impl Api {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ApiState> {
+        self.0.lock().unwrap()
+    }
+
+    fn update(&self, job: i64) -> Option<(Value, Option<String>, Instant)> {
+        self.lock()
+            .updates
+            .iter()
+            .find(|u| u.0 == job)
+            .map(|u| (u.1.clone(), u.2.clone(), u.3))
+    }
+
+    fn trace(&self, job: i64) -> String {
+        String::from_utf8_lossy(
+            self.lock()
+                .traces
+                .get(&job)
+                .map(Vec::as_slice)
+                .unwrap_or_default(),
+        )
+        .into_owned()
+    }
+
+    fn handed_out(&self, job: i64) -> Option<Instant> {
+        self.lock().handed_out.get(&job).copied()
+    }
+}
+
+async fn verify(State(api): State<Api>, Json(body): Json<Value>) -> Response {
+    let mut state = api.lock();
+    state.verifies.push(body);
+    match state.verify_status {
+        403 => StatusCode::FORBIDDEN.into_response(),
+        _ => (
+            StatusCode::OK,
+            Json(json!({"id": 99, "token": RUNNER_TOKEN})),
+        )
+            .into_response(),
+    }
+}
+
+async fn request_job(State(api): State<Api>, Json(body): Json<Value>) -> Response {
+    let mut state = api.lock();
+    state.requests.push(body);
+    match state.jobs.pop_front() {
+        Some(job) => {
+            if let Some(id) = job.get("id").and_then(Value::as_i64) {
+                state.handed_out.insert(id, Instant::now());
+                if let Some(token) = job.get("token").and_then(Value::as_str) {
+                    state.job_tokens.insert(id, token.to_string());
+                }
+            }
+            (StatusCode::CREATED, Json(job)).into_response()
+        }
+        None => (StatusCode::NO_CONTENT, [("X-GitLab-Last-Update", "lu-1")]).into_response(),
+    }
+}
+
+async fn update_job(
+    State(api): State<Api>,
+    UrlPath(id): UrlPath<i64>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
+    let token = headers
+        .get("JOB-TOKEN")
+        .and_then(|v| v.to_str().ok())
+        .map(String::from);
+    api.lock().updates.push((id, body, token, Instant::now()));
+    StatusCode::OK.into_response()
+}
+
+async fn patch_trace(
+    State(api): State<Api>,
+    UrlPath(id): UrlPath<i64>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let mut state = api.lock();
+    let token = headers
+        .get("JOB-TOKEN")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    if state.job_tokens.get(&id) != Some(&token) {
+        return StatusCode::FORBIDDEN.into_response();
+    }
+    let Some(range) = headers
+        .get("Content-Range")
+        .and_then(|v| v.to_str().ok())
+        .map(String::from)
+    else {
+        return StatusCode::BAD_REQUEST.into_response();
+    };
+    let start: usize = range
+        .split('-')
+        .next()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(usize::MAX);
+    let trace = state.traces.entry(id).or_default();
+    let size = trace.len();
+    if start != size {
+        state.patches.push((id, range, 416));
+        return (
+            StatusCode::RANGE_NOT_SATISFIABLE,
+            [("Range", format!("0-{size}"))],
+        )
+            .into_response();
+    }
+    trace.extend_from_slice(&body);
+    let size = trace.len();
+    if let Some(i) = state.fail_first_patch.iter().position(|j| *j == id) {
+        state.fail_first_patch.remove(i);
+        state.patches.push((id, range, 500));
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    }
+    state.patches.push((id, range, 202));
+    (
+        StatusCode::ACCEPTED,
+        [
+            ("Range", format!("0-{size}")),
+            ("Job-Status", "running".to_string()),
+        ],
+    )
+        .into_response()
+}
+
+async fn start_api(jobs: Vec<Value>, configure: impl FnOnce(&mut ApiState)) -> (Api, SocketAddr) {
+    let mut state = ApiState {
+        verify_status: 200,
+        jobs: jobs.into(),
+        ..Default::default()
+    };
+    configure(&mut state);
+    let api = Api(Arc::new(Mutex::new(state)));
+    let app = axum::Router::new()
+        .route("/api/v4/runners/verify", post(verify))
+        .route("/api/v4/jobs/request", post(request_job))
+        .route("/api/v4/jobs/{id}", put(update_job))
+        .route("/api/v4/jobs/{id}/trace", patch(patch_trace))
+        .with_state(api.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (api, addr)
+}
+
+/// A running `ci-runner` process and its stderr lines (with arrival time).
+struct Runner {
+    child: Child,
+    lines: Arc<Mutex<Vec<(Instant, String)>>>,
+    _builds: tempfile::TempDir,
+}
+
+impl Runner {
+    fn start(api: SocketAddr, max_jobs: usize, extra: &[&str]) -> Runner {
+        Self::start_with_env(api, max_jobs, extra, &[])
+    }
+
+    fn start_with_env(
+        api: SocketAddr,
+        max_jobs: usize,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Runner {
+        let builds = tempfile::tempdir().unwrap();
+        let mut command = Command::new(env!("CARGO_BIN_EXE_ci-runner"));
+        command
+            .arg("run")
+            .args(["--url", &format!("http://{api}")])
+            .args(["--token", RUNNER_TOKEN])
+            .args(["--builds-dir", &builds.path().to_string_lossy()])
+            .args(["--max-jobs", &max_jobs.to_string()])
+            .args(["--check-interval", "100"])
+            .args(extra)
+            .env("HOME", builds.path())
+            .env_remove("CI_RUNNER_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (key, _) in std::env::vars() {
+            if key.starts_with("OTEL_") || key == "GITLAB_TRACING" {
+                command.env_remove(key);
+            }
+        }
+        command.envs(env.iter().copied());
+        let mut child = command.spawn().expect("ci-runner starts");
+        let stderr = child.stderr.take().unwrap();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push((Instant::now(), line));
+            }
+        });
+        Runner {
+            child,
+            lines,
+            _builds: builds,
+        }
+    }
+
+    fn log(&self) -> String {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, l)| l.as_str())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// When the first stderr line containing `needle` arrived.
+    fn line_time(&self, needle: &str) -> Option<Instant> {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(_, l)| l.contains(needle))
+            .map(|(t, _)| *t)
+    }
+
+    async fn wait_exit(&mut self) -> i32 {
+        let until = Instant::now() + DEADLINE;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                // Let the stderr thread drain.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                return status.code().unwrap_or(-1);
+            }
+            if Instant::now() > until {
+                let _ = self.child.kill();
+                panic!("ci-runner did not exit in time; log:\n{}", self.log());
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(self.child.id() as i32, signal);
+        }
+    }
+}
+
+impl Drop for Runner {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `condition` until true or the deadline.
+async fn until(what: &str, condition: impl Fn() -> bool) {
+    let deadline = Instant::now() + DEADLINE;
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn job(id: i64, script: &[&str], after: &[&str]) -> Value {
+    json!({
+        "id": id,
+        "token": format!("job-token-{id}-SECRET"),
+        "allow_git_fetch": true,
+        "job_info": {"name": format!("job-{id}"), "stage": "test", "pipeline_id": 500 + id,
+                      "project_id": 3, "project_name": "demo", "project_full_path": "group/demo",
+                      "time_in_queue_seconds": 1},
+        "git_info": {"repo_url": "", "ref": "main", "sha": "", "ref_type": "branch", "depth": 0},
+        "runner_info": {"timeout": 60},
+        "variables": [
+            {"key": "CI_JOB_ID", "value": id.to_string(), "public": true, "masked": false},
+            {"key": "CI_JOB_NAME", "value": format!("job-{id}"), "public": true, "masked": false},
+            {"key": "CI_JOB_TOKEN", "value": format!("job-token-{id}-SECRET"), "public": false, "masked": true},
+            {"key": "CI_PIPELINE_SOURCE", "value": "push", "public": true, "masked": false}
+        ],
+        "steps": [
+            {"name": "script", "script": script, "timeout": 60, "when": "on_success", "allow_failure": false},
+            {"name": "after_script", "script": after, "timeout": 60, "when": "always", "allow_failure": false}
+        ],
+        "image": null, "services": [], "artifacts": [], "cache": [], "dependencies": [],
+        "features": {"trace_sections": true},
+        "unknown_future_field": {"nested": [1, 2, 3]}
+    })
+}
+
+fn with(mut job: Value, key: &str, value: Value) -> Value {
+    job[key] = value;
+    job
+}
+
+fn add_variable(mut job: Value, variable: Value) -> Value {
+    job["variables"].as_array_mut().unwrap().push(variable);
+    job
+}
+
+fn crc32(data: &[u8]) -> u32 {
+    runner_telemetry::runner::trace::crc32(data)
+}
+
+/// The final update of a job, checked against the recorded log.
+fn assert_update(
+    api: &Api,
+    id: i64,
+    state: &str,
+    reason: Option<&str>,
+    exit_code: Option<i64>,
+) -> Value {
+    let (body, header_token, _) = api
+        .update(id)
+        .unwrap_or_else(|| panic!("no status update for job {id}"));
+    assert_eq!(body["state"], state, "{body}");
+    assert_eq!(body["failure_reason"].as_str(), reason, "{body}");
+    assert_eq!(body["exit_code"].as_i64(), exit_code, "{body}");
+    let token = format!("job-token-{id}-SECRET");
+    assert_eq!(body["token"], token.as_str());
+    assert_eq!(header_token.as_deref(), Some(token.as_str()));
+    let trace = api.lock().traces.get(&id).cloned().unwrap_or_default();
+    assert_eq!(
+        body["output"]["bytesize"].as_u64(),
+        Some(trace.len() as u64),
+        "{body}"
+    );
+    assert_eq!(
+        body["output"]["checksum"],
+        format!("crc32:{:08x}", crc32(&trace))
+    );
+    body
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passing_job_succeeds_and_after_script_failure_does_not_matter() {
+    let job1 = add_variable(
+        job(
+            1,
+            &[
+                "echo hello from $CI_JOB_NAME",
+                "cat \"$MY_FILE\"",
+                "echo \"expanded=$EXPANDED raw=$RAW\"",
+            ],
+            &["echo after ran", "exit 7"],
+        ),
+        json!({"key": "MY_FILE", "value": "file-content-here", "file": true}),
+    );
+    let job1 = add_variable(job1, json!({"key": "EXPANDED", "value": "id-$CI_JOB_ID"}));
+    let job1 = add_variable(
+        job1,
+        json!({"key": "RAW", "value": "id-$CI_JOB_ID", "raw": true}),
+    );
+    let (api, addr) = start_api(vec![job1], |_| {}).await;
+    let mut runner = Runner::start(addr, 1, &["--telemetry-disabled"]);
+    assert_eq!(runner.wait_exit().await, 0, "{}", runner.log());
+
+    assert_update(&api, 1, "success", None, None);
+    let trace = api.trace(1);
+    for expected in [
+        "Running with ci-runner",
+        "$ echo hello from $CI_JOB_NAME",
+        "hello from job-1",
+        "file-content-here",
+        "expanded=id-1 raw=id-$CI_JOB_ID",
+        "section_start:",
+        "step_script",
+        "after ran",
+        "WARNING: after_script failed, but job will continue unaffected: exit code 7",
+        "Job succeeded",
+    ] {
+        assert!(
+            trace.contains(expected),
+            "missing {expected:?} in trace:\n{trace}"
+        );
+    }
+    let state = api.lock();
+    let request = &state.requests[0];
+    assert_eq!(request["token"], RUNNER_TOKEN);
+    assert_eq!(request["info"]["executor"], "shell");
+    assert_eq!(request["info"]["shell"], "bash");
+    assert_eq!(request["info"]["features"]["trace_checksum"], true);
+    assert_eq!(request["info"]["features"]["cancelable"], true);
+    assert_eq!(state.verifies.len(), 1);
+    assert!(state.patches.iter().all(|(_, _, status)| *status == 202));
+    drop(state);
+    let log = runner.log();
+    assert!(log.contains("job=1 Job succeeded duration="), "{log}");
+    assert!(
+        log.contains("job=1 telemetry disabled: telemetry is disabled in the runner configuration"),
+        "{log}"
+    );
+    assert!(
+        !log.contains(RUNNER_TOKEN) && !log.contains("SECRET"),
+        "{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_job_is_a_script_failure_and_after_script_still_runs() {
+    let (api, addr) = start_api(
+        vec![job(
+            2,
+            &["echo before", "exit 3", "echo never"],
+            &["echo after_script ran with $CI_JOB_STATUS"],
+        )],
+        |_| {},
+    )
+    .await;
+    let mut runner = Runner::start(addr, 1, &["--telemetry-disabled"]);
+    assert_eq!(runner.wait_exit().await, 0, "{}", runner.log());
+
+    assert_update(&api, 2, "failed", Some("script_failure"), Some(3));
+    let trace = api.trace(2);
+    assert!(trace.contains("before"), "{trace}");
+    assert!(!trace.contains("\nnever"), "{trace}");
+    let after = trace
+        .find("after_script ran with failed")
+        .expect("after_script output");
+    let error = trace
+        .find("ERROR: Job failed: exit code 3")
+        .expect("final line");
+    assert!(after < error, "{trace}");
+    assert!(
+        runner
+            .log()
+            .contains("job=2 Job failed reason=script_failure exit_code=3"),
+        "{}",
+        runner.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn masked_variables_and_the_job_token_never_leave_the_process() {
+    let secret = "s3cr3t-VALUE-xyz";
+    let job3 = add_variable(
+        job(
+            3,
+            &[
+                "echo \"secret is $MY_SECRET\"",
+                // Split across two writes (and two PATCHes): printed in halves.
+                "printf 's3cr3t-VA'; sleep 1.3; printf 'LUE-xyz done\\n'",
+                "echo token=$CI_JOB_TOKEN",
+            ],
+            &["echo after $MY_SECRET"],
+        ),
+        json!({"key": "MY_SECRET", "value": secret, "masked": true, "public": false}),
+    );
+    let (api, addr) = start_api(vec![job3], |_| {}).await;
+    let mut runner = Runner::start(addr, 1, &["--telemetry-disabled"]);
+    assert_eq!(runner.wait_exit().await, 0, "{}", runner.log());
+
+    assert_update(&api, 3, "success", None, None);
+    let trace = api.trace(3);
+    assert!(trace.contains("secret is [MASKED]"), "{trace}");
+    assert!(trace.contains("[MASKED] done"), "{trace}");
+    assert!(trace.contains("token=[MASKED]"), "{trace}");
+    assert!(trace.contains("after [MASKED]"), "{trace}");
+    assert!(
+        !trace.contains(secret) && !trace.contains("job-token-3-SECRET"),
+        "{trace}"
+    );
+    // The halves were sent in different PATCHes, yet never in clear.
+    assert!(api.lock().patches.len() >= 2);
+    assert!(!runner.log().contains(secret), "{}", runner.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_timeout_kills_the_script() {
+    let job4 = with(
+        job(4, &["echo start", "sleep 60 & sleep 60"], &["echo after"]),
+        "runner_info",
+        json!({"timeout": 2}),
+    );
+    let (api, addr) = start_api(vec![job4], |_| {}).await;
+    let mut runner = Runner::start(addr, 1, &["--telemetry-disabled"]);
+    assert_eq!(runner.wait_exit().await, 0, "{}", runner.log());
+
+    assert_update(&api, 4, "failed", Some("job_execution_timeout"), None);
+    let (_, _, arrived) = api.update(4).unwrap();
+    let took = arrived - api.handed_out(4).unwrap();
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(10),
+        "{took:?}"
+    );
+    let trace = api.trace(4);
+    assert!(
+        trace.contains("execution took longer than 2s seconds"),
+        "{trace}"
+    );
+    assert!(
+        !trace.contains("after\n"),
+        "after_script does not run after a timeout: {trace}"
+    );
+    assert!(
+        runner
+            .log()
+            .contains("job=4 Job failed reason=job_execution_timeout"),
+        "{}",
+        runner.log()
+    );
+}
+
+/// Runs one telemetry-enabled job against a collector that cannot take it,
+/// and checks that the status arrives long before the flush deadline ends.
+async fn status_is_not_delayed_by(collector_url: String, expect_deadline: bool) {
+    let job5 = with(
+        job(5, &["echo hi"], &[]),
+        "features",
+        json!({"job_telemetry": true}),
+    );
+    let job5 = with(
+        job5,
+        "trace_context",
+        json!({"trace_id": TRACE_ID, "parent_span_id": PARENT}),
+    );
+    let (api, addr) = start_api(vec![job5], |_| {}).await;
+    let mut runner = Runner::start(
+        addr,
+        1,
+        &["--otlp-endpoint", &collector_url, "--flush-timeout", "5"],
+    );
+
+    until("the status update", || api.update(5).is_some()).await;
+    let (_, _, status_at) = api.update(5).unwrap();
+    let status_after = status_at - api.handed_out(5).unwrap();
+    assert!(
+        status_after < Duration::from_secs(3),
+        "status took {status_after:?}"
+    );
+    assert_eq!(runner.wait_exit().await, 0, "{}", runner.log());
+    assert_update(&api, 5, "success", None, None);
+
+    let log = runner.log();
+    assert!(
+        log.contains(&format!(
+            "job=5 telemetry enabled contract=v1 trace_id={TRACE_ID} parent={PARENT}"
+        )),
+        "{log}"
+    );
+    assert!(
+        log.contains("job=5 telemetry flush incomplete spans=1 exported=0 dropped=1"),
+        "{log}"
+    );
+    let flushed_at = runner
+        .line_time("job=5 telemetry flush incomplete")
+        .unwrap();
+    assert!(
+        status_at < flushed_at,
+        "the status must be sent before the flush ends"
+    );
+    if expect_deadline {
+        assert!(log.contains("deadline_exceeded=true"), "{log}");
+        assert!(
+            flushed_at - status_at > Duration::from_secs(3),
+            "the flush waited for its deadline"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closed_collector_port_does_not_change_the_job() {
+    status_is_not_delayed_by(format!("http://{}/v1/traces", closed_port()), false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_collector_does_not_delay_the_status() {
+    status_is_not_delayed_by(format!("http://{}/v1/traces", stalled_server().await), true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_reach_the_collector_from_the_binary() {
+    let http = http_collector().await;
+    let grpc = grpc_collector().await;
+    let v1 = with(
+        with(
+            job(6, &["echo v1"], &[]),
+            "features",
+            json!({"job_telemetry": true}),
+        ),
+        "trace_context",
+        json!({"trace_id": TRACE_ID, "parent_span_id": PARENT}),
+    );
+    let off = with(
+        job(7, &["echo off"], &[]),
+        "features",
+        json!({"job_telemetry": false}),
+    );
+    let v2_trace = "0af7651916cd43dd8448eb211c80319c";
+    let v2 = with(
+        job(8, &["exit 1"], &[]),
+        "features",
+        json!({"tracing": {"trace_id": v2_trace, "span_parent_id": "b7ad6b7169203331",
+               "otel_endpoints": [{"url": format!("grpc://{}", grpc.addr.unwrap())}]}}),
+    );
+    let (api, addr) = start_api(vec![v1, off, v2], |_| {}).await;
+    // Headers from the environment go to the static endpoint only.
+    let mut runner = Runner::start_with_env(
+        addr,
+        3,
+        &[
+            "--otlp-endpoint",
+            &http.http_endpoint(),
+            "--concurrent",
+            "1",
+        ],
+        &[("OTEL_EXPORTER_OTLP_HEADERS", "x-static-auth=static-secret")],
+    );
+    assert_eq!(runner.wait_exit().await, 0, "{}", runner.log());
+    assert_update(&api, 6, "success", None, None);
+    assert_update(&api, 7, "success", None, None);
+    assert_update(&api, 8, "failed", Some("script_failure"), Some(1));
+
+    let spans = http.wait_for(DEADLINE, |s| !s.is_empty()).await;
+    assert_eq!(
+        spans.len(),
+        1,
+        "only job 6 goes to the static endpoint: {spans:#?}"
+    );
+    let span = &spans[0];
+    assert_eq!(
+        (
+            span.name.as_str(),
+            span.trace_id.as_str(),
+            span.parent_span_id.as_str()
+        ),
+        ("job_execution", TRACE_ID, PARENT)
+    );
+    assert_eq!(span.attr("ci.job.id"), Some("int:6"));
+    assert_eq!(span.attr("ci.runner.id"), Some("int:99"));
+    assert_eq!(span.attr("ci.pipeline.id"), Some("int:506"));
+    assert_eq!(span.attr("ci.pipeline.source"), Some("str:push"));
+    assert_eq!(span.attr("ci.job.status"), Some("str:success"));
+    assert_eq!(span.resource["service.name"], "str:gitlab-ci-runner");
+    // The span covers the job: it started when the job was received and
+    // ended after the script ran.
+    assert!(span.end_ns > span.start_ns);
+
+    let spans = grpc.wait_for(DEADLINE, |s| !s.is_empty()).await;
+    assert_eq!(spans.len(), 1, "{spans:#?}");
+    assert_eq!(spans[0].trace_id, v2_trace);
+    assert_eq!(spans[0].attr("ci.job.id"), Some("int:8"));
+    assert_eq!(spans[0].attr("ci.job.status"), Some("str:failed"));
+    assert_eq!(spans[0].status_code, 2);
+
+    assert_eq!(
+        http.headers()[0].get("x-static-auth").map(String::as_str),
+        Some("static-secret")
+    );
+    assert!(
+        grpc.headers()
+            .iter()
+            .all(|h| !h.contains_key("x-static-auth")),
+        "{:?}",
+        grpc.headers()
+    );
+
+    let log = runner.log();
+    assert!(log.contains("job=6 telemetry enabled contract=v1"), "{log}");
+    assert!(
+        log.contains("job=6 telemetry flushed spans=1 exported=1 dropped=0"),
+        "{log}"
+    );
+    assert!(
+        log.contains("job=7 telemetry disabled: features.job_telemetry is false"),
+        "{log}"
+    );
+    assert!(log.contains("job=8 telemetry enabled contract=v2"), "{log}");
+    assert_eq!(
+        api.lock().requests[0]["info"]["features"]["job_telemetry"],
+        true
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sources_are_cloned_at_the_sha_and_a_failed_clone_fails_the_job() {
+    let repo = tempfile::tempdir().unwrap();
+    let git = |args: &[&str]| {
+        let out = Command::new("git")
+            .args(args)
+            .current_dir(repo.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    git(&["init", "-q", "-b", "main"]);
+    std::fs::write(repo.path().join("README"), "first version\n").unwrap();
+    git(&["add", "README"]);
+    git(&[
+        "-c",
+        "user.email=t@example.com",
+        "-c",
+        "user.name=t",
+        "commit",
+        "-q",
+        "-m",
+        "one",
+    ]);
+    let sha = git(&["rev-parse", "HEAD"]);
+    std::fs::write(repo.path().join("README"), "second version\n").unwrap();
+    git(&[
+        "-c",
+        "user.email=t@example.com",
+        "-c",
+        "user.name=t",
+        "commit",
+        "-q",
+        "-am",
+        "two",
+    ]);
+
+    let url = repo.path().to_string_lossy().into_owned();
+    let cloned = with(
+        job(9, &["cat README"], &[]),
+        "git_info",
+        json!({"repo_url": url, "ref": "main", "sha": sha, "ref_type": "branch", "depth": 0}),
+    );
+    let missing = with(
+        job(10, &["echo never"], &[]),
+        "git_info",
+        json!({"repo_url": "/nonexistent/repo.git", "ref": "main", "sha": sha}),
+    );
+    let (api, addr) = start_api(vec![cloned, missing], |_| {}).await;
+    let mut runner = Runner::start(addr, 2, &["--telemetry-disabled"]);
+    assert_eq!(runner.wait_exit().await, 0, "{}", runner.log());
+
+    assert_update(&api, 9, "success", None, None);
+    let trace = api.trace(9);
+    assert!(
+        trace.contains("first version"),
+        "checked out at the payload's sha: {trace}"
+    );
+    assert!(
+        trace.contains(&format!("Checking out {}", &sha[..8])),
+        "{trace}"
+    );
+    let body = assert_update(&api, 10, "failed", Some("script_failure"), Some(128));
+    assert_eq!(body["exit_code"], 128);
+    assert!(!api.trace(10).contains("$ echo never"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_runner_token_exits_1_with_one_clear_line() {
+    let (_api, addr) = start_api(vec![], |s| s.verify_status = 403).await;
+    let mut runner = Runner::start(addr, 1, &[]);
+    assert_eq!(runner.wait_exit().await, 1);
+    let log = runner.log();
+    let errors: Vec<&str> = log.lines().filter(|l| l.contains("ERROR")).collect();
+    assert_eq!(errors.len(), 1, "{log}");
+    assert!(errors[0].contains("403 Forbidden"), "{log}");
+    assert!(!log.contains(RUNNER_TOKEN));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unparseable_payload_is_reported_as_a_system_failure() {
+    let bad = json!({"id": 11, "token": "job-token-11-SECRET", "steps": "echo not an array"});
+    let (api, addr) = start_api(vec![bad], |_| {}).await;
+    let mut runner = Runner::start(addr, 1, &["--telemetry-disabled"]);
+    assert_eq!(runner.wait_exit().await, 0, "{}", runner.log());
+    assert_update(&api, 11, "failed", Some("runner_system_failure"), None);
+    assert!(
+        api.trace(11).contains("invalid job payload"),
+        "{}",
+        api.trace(11)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_offset_is_resynced_after_a_lost_answer() {
+    let (api, addr) = start_api(
+        vec![job(12, &["echo one", "sleep 1.5", "echo two"], &[])],
+        |s| s.fail_first_patch.push(12),
+    )
+    .await;
+    let mut runner = Runner::start(addr, 1, &["--telemetry-disabled"]);
+    assert_eq!(runner.wait_exit().await, 0, "{}", runner.log());
+    assert_update(&api, 12, "success", None, None);
+    let patches: Vec<u16> = api.lock().patches.iter().map(|p| p.2).collect();
+    assert_eq!(&patches[..2], &[500, 416], "{patches:?}");
+    let trace = api.trace(12);
+    assert_eq!(
+        trace.matches("Running with ci-runner").count(),
+        1,
+        "{trace}"
+    );
+    assert!(
+        trace.contains("two\n") && trace.contains("Job succeeded"),
+        "{trace}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_run_concurrently() {
+    let jobs = vec![job(13, &["sleep 1.5"], &[]), job(14, &["sleep 1.5"], &[])];
+    let (api, addr) = start_api(jobs, |_| {}).await;
+    let mut runner = Runner::start(addr, 2, &["--telemetry-disabled", "--concurrent", "2"]);
+    assert_eq!(runner.wait_exit().await, 0, "{}", runner.log());
+    let first_done = api.update(13).unwrap().2.min(api.update(14).unwrap().2);
+    assert!(api.handed_out(14).unwrap() < first_done && api.handed_out(13).unwrap() < first_done);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_the_running_job_and_takes_no_more() {
+    let jobs = vec![
+        job(15, &["sleep 1.5", "echo finished"], &[]),
+        job(16, &["echo second"], &[]),
+    ];
+    let (api, addr) = start_api(jobs, |_| {}).await;
+    let mut runner = Runner::start(addr, 2, &["--telemetry-disabled", "--concurrent", "1"]);
+    until("the job to start", || api.trace(15).contains("$ sleep 1.5")).await;
+    runner.signal(libc::SIGTERM);
+    assert_eq!(runner.wait_exit().await, 0, "{}", runner.log());
+    assert_update(&api, 15, "success", None, None);
+    assert!(api.trace(15).contains("finished"));
+    assert!(
+        api.handed_out(16).is_none(),
+        "no job is taken after SIGTERM"
+    );
+    assert!(
+        runner.log().contains("Received SIGTERM"),
+        "{}",
+        runner.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_signal_aborts_running_jobs() {
+    let (api, addr) = start_api(vec![job(17, &["sleep 60"], &["echo after"])], |_| {}).await;
+    let mut runner = Runner::start(addr, 1, &["--telemetry-disabled"]);
+    until("the job to start", || api.trace(17).contains("$ sleep 60")).await;
+    let started = Instant::now();
+    runner.signal(libc::SIGTERM);
+    until("the first signal to be seen", || {
+        runner.log().contains("Received SIGTERM")
+    })
+    .await;
+    runner.signal(libc::SIGINT);
+    assert_eq!(runner.wait_exit().await, 0, "{}", runner.log());
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_update(&api, 17, "failed", Some("runner_system_failure"), None);
+    assert!(api.trace(17).contains("aborted"), "{}", api.trace(17));
+}
+
+#[test]
+fn register_writes_a_gitlab_runner_shaped_config() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (addr, seen) = runtime.block_on(async {
+        let seen = Arc::new(Mutex::new(Vec::<Value>::new()));
+        let record = seen.clone();
+        let app = axum::Router::new().route(
+            "/api/v4/runners",
+            post(move |Json(body): Json<Value>| {
+                let record = record.clone();
+                async move {
+                    record.lock().unwrap().push(body.clone());
+                    if body["token"] == "reg-token" {
+                        (
+                            StatusCode::CREATED,
+                            Json(json!({"id": 31, "token": "glrt-new-token"})),
+                        )
+                            .into_response()
+                    } else {
+                        StatusCode::FORBIDDEN.into_response()
+                    }
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (addr, seen)
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    let register = |token: &str| {
+        Command::new(env!("CARGO_BIN_EXE_ci-runner"))
+            .args([
+                "register",
+                "--url",
+                &format!("http://{addr}"),
+                "--registration-token",
+                token,
+            ])
+            .args(["--config", &config.to_string_lossy(), "--name", "box-1"])
+            .output()
+            .unwrap()
+    };
+    let out = register("reg-token");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&config).unwrap();
+    let parsed = runner_telemetry::runner::config::parse(&text).unwrap();
+    let runner = &parsed.runners[0];
+    assert_eq!(runner.name.as_deref(), Some("box-1"));
+    assert_eq!(runner.id, Some(31));
+    assert_eq!(runner.token.as_deref(), Some("glrt-new-token"));
+    assert_eq!(runner.executor.as_deref(), Some("shell"));
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("glrt-new-token"));
+    assert_eq!(seen.lock().unwrap()[0]["info"]["executor"], "shell");
+
+    let refused = register("wrong");
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("403 Forbidden"));
+    assert!(Path::new(&config).exists());
+}
