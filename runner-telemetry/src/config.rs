@@ -73,6 +73,9 @@ pub const OTEL_EXPORTER_OTLP_TIMEOUT: &str = "OTEL_EXPORTER_OTLP_TIMEOUT";
 pub const OTEL_EXPORTER_OTLP_TRACES_TIMEOUT: &str = "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT";
 /// A LabKit-style connection string, see the module documentation.
 pub const GITLAB_TRACING: &str = "GITLAB_TRACING";
+/// Seconds the runner may spend flushing a job's telemetry after its status
+/// update (below the flag and the config file; the conformance suite's knob).
+pub const CI_TELEMETRY_FLUSH_TIMEOUT: &str = "CI_TELEMETRY_FLUSH_TIMEOUT";
 
 /// Default `service.name` of runner spans (what the backend's MV expects).
 pub const DEFAULT_SERVICE_NAME: &str = "gitlab-ci-runner";
@@ -484,7 +487,17 @@ pub fn resolve(
         (None, Some(t)) => t
             .to_duration()
             .map_err(|e| ConfigError(format!("flush_timeout: {e}")))?,
-        (None, None) => DEFAULT_FLUSH_TIMEOUT,
+        (None, None) => env_var(env, CI_TELEMETRY_FLUSH_TIMEOUT)
+            .and_then(|v| match v.trim().parse::<f64>() {
+                Ok(secs) if secs.is_finite() && secs >= 0.0 => Some(Duration::from_secs_f64(secs)),
+                _ => {
+                    warnings.push(format!(
+                        "ignored {CI_TELEMETRY_FLUSH_TIMEOUT}: `{v}` is not a number of seconds"
+                    ));
+                    None
+                }
+            })
+            .unwrap_or(DEFAULT_FLUSH_TIMEOUT),
     };
 
     let service_name = file
@@ -769,6 +782,18 @@ mod tests {
             &format!("{ep} headers=[] timeout=3s flush=5s service=gitlab-ci-runner"),
         );
         check("", none(), &[(OTEL_EXPORTER_OTLP_TIMEOUT, "soon")], &format!("{ep} headers=[] timeout=10s flush=5s service=gitlab-ci-runner warning=(ignored OTEL_EXPORTER_OTLP_TIMEOUT: `soon` is not milliseconds)"));
+        check(
+            "",
+            none(),
+            &[(CI_TELEMETRY_FLUSH_TIMEOUT, "600")],
+            &format!("{ep} headers=[] timeout=10s flush=600s service=gitlab-ci-runner"),
+        );
+        check(
+            "flush_timeout = 2",
+            none(),
+            &[(CI_TELEMETRY_FLUSH_TIMEOUT, "600")],
+            &format!("{ep} headers=[] timeout=10s flush=2s service=gitlab-ci-runner"),
+        );
         check(
             "flush_timeout = '1500ms'\nservice_name = 'my-runner'",
             none(),
