@@ -1,0 +1,32 @@
+//! `fake-rails`: a GitLab-compatible runner API that negotiates CI job
+//! telemetry like Rails and emits the Rails side of every job's trace.
+//!
+//! Run it in-process with [`serve`] (tests, the conformance suite) or as the
+//! `fake-rails` binary. The Rails ID formulas are in [`ids`]; feature flag
+//! gates in [`flags`]; the `.gitlab-ci.yml` subset in [`ci_config`].
+//!
+//! ```no_run
+//! # async fn demo() -> anyhow::Result<()> {
+//! let server = fake_rails::serve(fake_rails::Config::default()).await?;
+//! println!("GitLab at {} (registration token {})", server.url(), server.registration_token());
+//! # Ok(()) }
+//! ```
+
+mod api;
+pub mod ci_config;
+pub mod cli;
+pub mod config;
+pub mod export;
+pub mod flags;
+mod git;
+pub mod identity;
+pub mod ids;
+mod payload;
+mod server;
+mod state;
+mod tokens;
+
+pub use cli::{Cli, GeneratedTokens};
+pub use config::{Config, Contract, SigningKeySource};
+pub use export::ExportStatsSnapshot;
+pub use server::{app, format_time, serve, AppState, RunningServer, Settings, GITLAB_VERSION};
