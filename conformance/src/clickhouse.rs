@@ -135,10 +135,17 @@ mod tests {
 
     #[test]
     fn splits_on_trailing_semicolons_and_skips_comments() {
-        check("-- a comment\nCREATE DATABASE x;\n\n", &["CREATE DATABASE x"]);
+        check(
+            "-- a comment\nCREATE DATABASE x;\n\n",
+            &["CREATE DATABASE x"],
+        );
         check(
             "CREATE TABLE t (\n  a String -- inline\n);\nSELECT ';' ;\nSELECT 2",
-            &["CREATE TABLE t (\n  a String -- inline\n)", "SELECT ';'", "SELECT 2"],
+            &[
+                "CREATE TABLE t (\n  a String -- inline\n)",
+                "SELECT ';'",
+                "SELECT 2",
+            ],
         );
         check("\n-- only comments\n", &[]);
     }

@@ -189,7 +189,12 @@ impl FakeRails {
     }
 
     /// Waits until every job of the pipeline has a final status.
-    pub fn wait_for_pipeline(&self, project: u64, pipeline: u64, timeout: Duration) -> Result<Vec<Value>> {
+    pub fn wait_for_pipeline(
+        &self,
+        project: u64,
+        pipeline: u64,
+        timeout: Duration,
+    ) -> Result<Vec<Value>> {
         wait_for(&format!("pipeline {pipeline} to finish"), timeout, || {
             let jobs = self.pipeline_jobs(project, pipeline)?;
             let done = !jobs.is_empty()
@@ -204,12 +209,57 @@ impl FakeRails {
     }
 
     pub fn job_trace(&self, project: u64, job: u64) -> Result<String> {
-        let (_, body) = self.call("GET", &format!("/api/v4/projects/{project}/jobs/{job}/trace"), None)?;
+        let (_, body) = self.call(
+            "GET",
+            &format!("/api/v4/projects/{project}/jobs/{job}/trace"),
+            None,
+        )?;
         Ok(match body {
             Value::String(s) => s,
             other => other.to_string(),
         })
     }
+}
+
+/// Creates a real git repository at `dir` (branch `main`, one commit with a
+/// README and the given files) for a project to point at, so jobs really
+/// clone it. Returns `dir`.
+pub fn init_repository(dir: &Path, files: &[(&str, &str)]) -> Result<std::path::PathBuf> {
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(
+        dir.join("README.md"),
+        "A repository made by the conformance harness.\n",
+    )?;
+    for (name, content) in files {
+        let path = dir.join(name);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::write(path, content)?;
+    }
+    let git = |args: &[&str]| -> Result<()> {
+        let out = Command::new("git")
+            .current_dir(dir)
+            .args(args)
+            .env("GIT_AUTHOR_NAME", "Conformance")
+            .env("GIT_AUTHOR_EMAIL", "conformance@example.com")
+            .env("GIT_COMMITTER_NAME", "Conformance")
+            .env("GIT_COMMITTER_EMAIL", "conformance@example.com")
+            .output()
+            .context("running git (is it installed?)")?;
+        if !out.status.success() {
+            bail!(
+                "git {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
+    };
+    git(&["init", "-q", "-b", "main"])?;
+    git(&["add", "-A"])?;
+    git(&["commit", "-q", "-m", "Initial commit"])?;
+    Ok(dir.to_path_buf())
 }
 
 fn agent() -> ureq::Agent {

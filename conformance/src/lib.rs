@@ -11,6 +11,7 @@ pub mod clickhouse;
 pub mod gitlab;
 pub mod paths;
 pub mod process;
+pub mod proxy;
 pub mod runner;
 pub mod stack;
 pub mod trace;

@@ -6,10 +6,7 @@ use std::path::PathBuf;
 pub fn repo_root() -> PathBuf {
     // `conformance/` is a direct child of the workspace root.
     let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    manifest
-        .parent()
-        .map(PathBuf::from)
-        .unwrap_or(manifest)
+    manifest.parent().map(PathBuf::from).unwrap_or(manifest)
 }
 
 /// `compose/`: the stack definitions shared by the embedded and Docker stacks.
@@ -33,7 +30,13 @@ pub fn venv_dir() -> PathBuf {
 pub fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
-        .map(|p| if p.is_relative() { repo_root().join(p) } else { p })
+        .map(|p| {
+            if p.is_relative() {
+                repo_root().join(p)
+            } else {
+                p
+            }
+        })
         .unwrap_or_else(|| repo_root().join("target"))
 }
 

@@ -153,15 +153,19 @@ impl ManagedProcess {
     /// the rest of that line.
     pub fn wait_for_line(&mut self, prefix: &str, timeout: Duration) -> Result<String> {
         let log = self.log.clone();
-        wait_for(&format!("{} to print `{prefix}`", self.name), timeout, || {
-            let mut text = String::new();
-            File::open(&log)?.read_to_string(&mut text)?;
-            if let Some(rest) = text.lines().find_map(|l| l.strip_prefix(prefix)) {
-                return Ok(Some(rest.trim().to_string()));
-            }
-            self.check_alive()?;
-            Ok(None)
-        })
+        wait_for(
+            &format!("{} to print `{prefix}`", self.name),
+            timeout,
+            || {
+                let mut text = String::new();
+                File::open(&log)?.read_to_string(&mut text)?;
+                if let Some(rest) = text.lines().find_map(|l| l.strip_prefix(prefix)) {
+                    return Ok(Some(rest.trim().to_string()));
+                }
+                self.check_alive()?;
+                Ok(None)
+            },
+        )
     }
 
     /// Lets the process outlive this handle (used by `stack up`).
@@ -213,7 +217,10 @@ pub fn alive(pid: u32) -> bool {
     match fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(stat) => {
             // The state follows the parenthesised command name.
-            let state = stat.rsplit(')').next().and_then(|s| s.split_whitespace().next());
+            let state = stat
+                .rsplit(')')
+                .next()
+                .and_then(|s| s.split_whitespace().next());
             !matches!(state, Some("Z") | Some("X") | None)
         }
         Err(_) => false,

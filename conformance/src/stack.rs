@@ -164,7 +164,9 @@ impl Stack {
         let statements = clickhouse
             .apply_schema(&paths::sql_dir())
             .context("applying the schema from compose/sql")?;
-        progress(&format!("Applied {statements} schema statements from compose/sql"));
+        progress(&format!(
+            "Applied {statements} schema statements from compose/sql"
+        ));
 
         let mut stack = Stack {
             endpoints: Endpoints {
@@ -251,7 +253,10 @@ impl Stack {
     pub fn detach(mut self) -> Result<Endpoints> {
         let pids = self.options.dir.join("pids");
         fs::create_dir_all(&pids)?;
-        for process in [self.chdb.take(), self.collector.take()].into_iter().flatten() {
+        for process in [self.chdb.take(), self.collector.take()]
+            .into_iter()
+            .flatten()
+        {
             let name = process.name.clone();
             let pid = process.release();
             fs::write(pids.join(format!("{name}.pid")), format!("{pid}\n"))?;
@@ -279,16 +284,24 @@ impl Drop for Stack {
     }
 }
 
-fn start_chdb(options: &StackOptions, venv: &Venv, password: &str) -> Result<(ManagedProcess, String)> {
+fn start_chdb(
+    options: &StackOptions,
+    venv: &Venv,
+    password: &str,
+) -> Result<(ManagedProcess, String)> {
     let log = options.dir.join("logs").join(format!("{CHDB}.log"));
     let data = options.dir.join("clickhouse");
     let mut cmd = Command::new(venv.python());
-    cmd.arg(paths::compose_dir().join("chdb-server").join("chdb_http.py"))
-        .args(["--listen", "127.0.0.1:0", "--data"])
-        .arg(&data)
-        .args(["--user", CLICKHOUSE_USER])
-        .env("CHDB_HTTP_PASSWORD", password)
-        .env("PYTHONUNBUFFERED", "1");
+    cmd.arg(
+        paths::compose_dir()
+            .join("chdb-server")
+            .join("chdb_http.py"),
+    )
+    .args(["--listen", "127.0.0.1:0", "--data"])
+    .arg(&data)
+    .args(["--user", CLICKHOUSE_USER])
+    .env("CHDB_HTTP_PASSWORD", password)
+    .env("PYTHONUNBUFFERED", "1");
     let mut chdb = ManagedProcess::spawn(CHDB, cmd, &log, options.lifetime)?;
     let url = chdb
         .wait_for_line("chdb-http listening on ", options.start_timeout)
@@ -323,7 +336,10 @@ fn start_collector(
         .args(["--clickhouse-exporter-endpoint", &endpoints.clickhouse_url])
         .args(["--clickhouse-exporter-database", "otel"])
         .args(["--clickhouse-exporter-user", &endpoints.clickhouse_user])
-        .env("ROTEL_CLICKHOUSE_EXPORTER_PASSWORD", &endpoints.clickhouse_password)
+        .env(
+            "ROTEL_CLICKHOUSE_EXPORTER_PASSWORD",
+            &endpoints.clickhouse_password,
+        )
         // chDB's endpoint does not implement ClickHouse's compressed blocks.
         .args(["--clickhouse-exporter-compression", "none"])
         .args(["--clickhouse-exporter-async-insert", "false"])

@@ -43,10 +43,7 @@ const COLUMNS: &str = "TraceId, SpanId, ParentSpanId, SpanName, ServiceName, Sco
 
 /// All spans of a trace, oldest first.
 pub fn spans_of_trace(clickhouse: &ClickHouse, trace_id: &str) -> Result<Vec<StoredSpan>> {
-    select(
-        clickhouse,
-        &format!("TraceId = '{}'", escape(trace_id)),
-    )
+    select(clickhouse, &format!("TraceId = '{}'", escape(trace_id)))
 }
 
 /// Spans matching a WHERE clause over `otel.otel_traces`, oldest first.
@@ -71,7 +68,10 @@ fn parse_row(row: &Value) -> Result<StoredSpan> {
             .map(|o| {
                 o.iter()
                     .map(|(k, v)| {
-                        let v = v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string());
+                        let v = v
+                            .as_str()
+                            .map(str::to_string)
+                            .unwrap_or_else(|| v.to_string());
                         (k.clone(), v)
                     })
                     .collect()
@@ -116,7 +116,10 @@ impl Tree {
             if span.parent_span_id.is_empty() || !ids.contains(span.parent_span_id.as_str()) {
                 roots.push(i);
             } else {
-                children.entry(span.parent_span_id.clone()).or_default().push(i);
+                children
+                    .entry(span.parent_span_id.clone())
+                    .or_default()
+                    .push(i);
             }
         }
         Tree {

@@ -85,7 +85,10 @@ pub fn ensure_at(
 
     check_python3(python3)?;
     if !venv.python().is_file() {
-        progress(&format!("Creating the Python environment in {}", dir.display()));
+        progress(&format!(
+            "Creating the Python environment in {}",
+            dir.display()
+        ));
         run_quiet(
             Command::new(python3).arg("-m").arg("venv").arg(&dir),
             "python3 -m venv",
@@ -95,7 +98,14 @@ pub fn ensure_at(
     progress("Installing chdb-core and rotel from PyPI (first run only, ~200 MB)");
     run_quiet(
         Command::new(venv.python())
-            .args(["-m", "pip", "install", "--disable-pip-version-check", "-q", "-r"])
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--disable-pip-version-check",
+                "-q",
+                "-r",
+            ])
             .arg(requirements),
         "pip install -r compose/requirements.txt",
         "check that PyPI is reachable (a proxy may need PIP_INDEX_URL) and try again",
@@ -156,7 +166,11 @@ impl FileLock {
         // SAFETY: flock on a file descriptor we own; blocks until granted.
         let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
         if rc != 0 {
-            bail!("locking {}: {}", path.display(), std::io::Error::last_os_error());
+            bail!(
+                "locking {}: {}",
+                path.display(),
+                std::io::Error::last_os_error()
+            );
         }
         Ok(FileLock { _file: file })
     }
@@ -183,7 +197,10 @@ mod tests {
         let message = format!("{error:#}");
         assert!(!message.contains('\n'), "one line: {message}");
         assert!(message.contains("python3 was not found"), "{message}");
-        assert!(message.contains("install Python"), "says what to do: {message}");
+        assert!(
+            message.contains("install Python"),
+            "says what to do: {message}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -193,9 +210,18 @@ mod tests {
         let requirements = dir.join("requirements.txt");
         std::fs::create_dir_all(&dir).unwrap();
         // A package that cannot exist: pip fails the way a download does.
-        std::fs::write(&requirements, "this-package-does-not-exist-ci-telemetry==0.0.0\n").unwrap();
-        let error = ensure_at(&dir.join("venv"), Path::new("python3"), &requirements, &mut |_| {})
-            .unwrap_err();
+        std::fs::write(
+            &requirements,
+            "this-package-does-not-exist-ci-telemetry==0.0.0\n",
+        )
+        .unwrap();
+        let error = ensure_at(
+            &dir.join("venv"),
+            Path::new("python3"),
+            &requirements,
+            &mut |_| {},
+        )
+        .unwrap_err();
         let message = format!("{error:#}");
         assert!(!message.contains('\n'), "one line: {message}");
         assert!(message.contains("pip install"), "{message}");

@@ -44,6 +44,13 @@ impl World {
         })
     }
 
+    /// Creates a project backed by a real local git repository (so the
+    /// runner's clone works); returns `(id, full path)`.
+    pub fn create_project(&self, name: &str) -> Result<(u64, String)> {
+        let repo = crate::gitlab::init_repository(&self.stack.dir().join("repos").join(name), &[])?;
+        self.rails.create_project(name, Some(&repo))
+    }
+
     /// Runner options that send telemetry to this world's collector over
     /// OTLP/HTTP, as a runner manager's static configuration would.
     pub fn to_collector(&self) -> RunnerOptions {
@@ -56,10 +63,17 @@ impl World {
 
     /// Registers a runner and starts the runner under test.
     pub fn start_runner(&mut self, options: RunnerOptions) -> Result<()> {
+        let url = self.rails.url.clone();
+        self.start_runner_via(&url, options)
+    }
+
+    /// Like [`World::start_runner`], with the runner talking to `url` (a
+    /// [`crate::proxy::PayloadProxy`] in front of fake-rails).
+    pub fn start_runner_via(&mut self, url: &str, options: RunnerOptions) -> Result<()> {
         let token = self.rails.register_runner("conformance")?;
         self.runner = Some(Runner::start(
             self.stack.dir(),
-            &self.rails.url,
+            url,
             &token,
             &options,
             Lifetime::Owned,
@@ -70,13 +84,19 @@ impl World {
     /// Waits for the runner's `job_execution` span of `job`.
     pub fn job_execution(&self, job: u64) -> Result<StoredSpan> {
         let clickhouse = self.stack.clickhouse();
-        wait_for(&format!("the job_execution span of job {job}"), SPAN_DEADLINE, || {
-            let spans = trace::select(
-                &clickhouse,
-                &format!("SpanName = 'job_execution' AND SpanAttributes['ci.job.id'] = '{job}'"),
-            )?;
-            Ok(spans.into_iter().next())
-        })
+        wait_for(
+            &format!("the job_execution span of job {job}"),
+            SPAN_DEADLINE,
+            || {
+                let spans = trace::select(
+                    &clickhouse,
+                    &format!(
+                        "SpanName = 'job_execution' AND SpanAttributes['ci.job.id'] = '{job}'"
+                    ),
+                )?;
+                Ok(spans.into_iter().next())
+            },
+        )
     }
 
     /// Every span whose `ci.job.id` is `job`, runner's and Rails' alike.
@@ -84,6 +104,17 @@ impl World {
         trace::select(
             &self.stack.clickhouse(),
             &format!("SpanAttributes['ci.job.id'] = '{job}' OR ResourceAttributes['ci.job.id'] = '{job}'"),
+        )
+    }
+
+    /// The runner's spans (service `gitlab-ci-runner`) of `job`.
+    pub fn runner_spans_of_job(&self, job: u64) -> Result<Vec<StoredSpan>> {
+        trace::select(
+            &self.stack.clickhouse(),
+            &format!(
+                "ServiceName = 'gitlab-ci-runner' AND (SpanAttributes['ci.job.id'] = '{job}' \
+                 OR ResourceAttributes['ci.job.id'] = '{job}')"
+            ),
         )
     }
 
@@ -96,9 +127,15 @@ impl Drop for World {
     fn drop(&mut self) {
         if std::thread::panicking() {
             if let Some(runner) = &self.runner {
-                eprintln!("--- runner log ---\n{}", crate::process::log_tail(runner.log_path(), 60));
+                eprintln!(
+                    "--- runner log ---\n{}",
+                    crate::process::log_tail(runner.log_path(), 60)
+                );
             }
-            eprintln!("--- fake-rails log ---\n{}", crate::process::log_tail(self.rails.log_path(), 30));
+            eprintln!(
+                "--- fake-rails log ---\n{}",
+                crate::process::log_tail(self.rails.log_path(), 30)
+            );
         }
         // The runner stops before the services it talks to.
         self.runner = None;

@@ -40,13 +40,15 @@ fn schema_statements() -> Vec<String> {
 fn the_docker_stack_mounts_the_shared_schema_and_dashboards() {
     let compose = yaml(&paths::compose_dir().join("docker-compose.yml"));
     assert!(
-        volumes(&compose, "clickhouse").contains(&"./sql:/docker-entrypoint-initdb.d:ro".to_string()),
+        volumes(&compose, "clickhouse")
+            .contains(&"./sql:/docker-entrypoint-initdb.d:ro".to_string()),
         "ClickHouse runs compose/sql at first start"
     );
     let grafana = volumes(&compose, "grafana");
     assert!(grafana.contains(&"../dashboards:/var/lib/grafana/dashboards:ro".to_string()));
     assert!(grafana.contains(&"./grafana/provisioning:/etc/grafana/provisioning:ro".to_string()));
-    let provider = yaml(&paths::compose_dir().join("grafana/provisioning/dashboards/dashboards.yaml"));
+    let provider =
+        yaml(&paths::compose_dir().join("grafana/provisioning/dashboards/dashboards.yaml"));
     assert_eq!(
         provider["providers"][0]["options"]["path"].as_str(),
         Some("/var/lib/grafana/dashboards")
@@ -66,7 +68,11 @@ fn the_docker_stack_mounts_the_shared_schema_and_dashboards() {
 fn the_collector_writes_tables_the_schema_creates() {
     let config = yaml(&paths::compose_dir().join("otel-collector.yaml"));
     let exporter = &config["exporters"]["clickhouse"];
-    assert_eq!(exporter["create_schema"].as_bool(), Some(false), "the schema is ours");
+    assert_eq!(
+        exporter["create_schema"].as_bool(),
+        Some(false),
+        "the schema is ours"
+    );
     let database = exporter["database"].as_str().unwrap();
     let statements = schema_statements();
     for key in ["traces_table_name", "logs_table_name"] {
@@ -100,8 +106,12 @@ fn every_schema_statement_is_idempotent_and_qualified() {
 
 #[test]
 fn dashboards_use_the_provisioned_datasource() {
-    let datasources = yaml(&paths::compose_dir().join("grafana/provisioning/datasources/clickhouse.yaml"));
-    let uid = datasources["datasources"][0]["uid"].as_str().unwrap().to_string();
+    let datasources =
+        yaml(&paths::compose_dir().join("grafana/provisioning/datasources/clickhouse.yaml"));
+    let uid = datasources["datasources"][0]["uid"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let dir = paths::repo_root().join("dashboards");
     let mut checked = 0;
     for entry in std::fs::read_dir(dir).unwrap() {
@@ -112,7 +122,12 @@ fn dashboards_use_the_provisioned_datasource() {
         let dashboard: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
         for panel in dashboard["panels"].as_array().unwrap() {
-            assert_eq!(panel["datasource"]["uid"].as_str(), Some(uid.as_str()), "{}", panel["title"]);
+            assert_eq!(
+                panel["datasource"]["uid"].as_str(),
+                Some(uid.as_str()),
+                "{}",
+                panel["title"]
+            );
             checked += 1;
         }
     }

@@ -48,11 +48,14 @@ fn expand(sql: &str, trace_id: &str) -> String {
 #[test]
 fn every_panel_query_runs_and_the_job_panels_have_data() {
     let mut world = World::new(FakeRailsOptions::default()).unwrap();
-    let (project, path) = world.rails.create_project("dashboards", None).unwrap();
+    let (project, path) = world.create_project("dashboards").unwrap();
     world.rails.set_telemetry_flag(true, Some(&path)).unwrap();
     world.start_runner(world.to_collector()).unwrap();
     let pipeline = world.rails.create_pipeline(project, PIPELINE).unwrap();
-    let jobs = world.rails.wait_for_pipeline(project, pipeline, PIPELINE_DEADLINE).unwrap();
+    let jobs = world
+        .rails
+        .wait_for_pipeline(project, pipeline, PIPELINE_DEADLINE)
+        .unwrap();
     for job in &jobs {
         world.job_execution(job["id"].as_u64().unwrap()).unwrap();
     }
@@ -66,21 +69,38 @@ fn every_panel_query_runs_and_the_job_panels_have_data() {
         if path.extension().is_none_or(|e| e != "json") {
             continue;
         }
-        let dashboard: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let dashboard: Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
         for panel in dashboard["panels"].as_array().unwrap() {
             let title = panel["title"].as_str().unwrap_or("?");
             for target in panel["targets"].as_array().unwrap() {
                 let sql = expand(target["rawSql"].as_str().unwrap(), &trace_id);
-                let rows = clickhouse
-                    .rows(&sql)
-                    .unwrap_or_else(|e| panic!("panel `{title}` of {}: {e:#}\n{sql}", path.display()));
+                let rows = clickhouse.rows(&sql).unwrap_or_else(|e| {
+                    panic!("panel `{title}` of {}: {e:#}\n{sql}", path.display())
+                });
                 ran += 1;
-                if ["Jobs by status", "Slowest jobs", "Trace", "Queue time (job_pending, s)"].contains(&title) {
-                    assert!(!rows.is_empty(), "panel `{title}` shows nothing after a pipeline:\n{sql}");
+                if [
+                    "Jobs by status",
+                    "Slowest jobs",
+                    "Trace",
+                    "Queue time (job_pending, s)",
+                ]
+                .contains(&title)
+                {
+                    assert!(
+                        !rows.is_empty(),
+                        "panel `{title}` shows nothing after a pipeline:\n{sql}"
+                    );
                 }
                 if title == "Slowest jobs" {
-                    let statuses: Vec<&str> = rows.iter().filter_map(|r| r["job_status"].as_str()).collect();
-                    assert!(statuses.contains(&"success") && statuses.contains(&"failed"), "{rows:#?}");
+                    let statuses: Vec<&str> = rows
+                        .iter()
+                        .filter_map(|r| r["job_status"].as_str())
+                        .collect();
+                    assert!(
+                        statuses.contains(&"success") && statuses.contains(&"failed"),
+                        "{rows:#?}"
+                    );
                 }
             }
         }

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use conformance::gitlab::{Contract, FakeRailsOptions};
 use conformance::process::wait_for;
+use conformance::proxy::PayloadProxy;
 use conformance::runner::RunnerOptions;
 use conformance::trace::{self, Tree};
 use conformance::world::{World, PIPELINE_DEADLINE};
@@ -54,7 +55,7 @@ fn check_job_execution(contract: Contract) {
         ..FakeRailsOptions::default()
     })
     .unwrap();
-    let (project, path) = world.rails.create_project("phase-one", None).unwrap();
+    let (project, path) = world.create_project("phase-one").unwrap();
     world.rails.set_telemetry_flag(true, Some(&path)).unwrap();
     let runner_options = match contract {
         // v1: the endpoint is static runner configuration.
@@ -88,7 +89,11 @@ fn check_job_execution(contract: Contract) {
         ("cicd.pipeline.task.run.result", "success".to_string()),
     ];
     for (key, want) in expect {
-        assert_eq!(span.attribute(key), Some(want.as_str()), "attribute {key} of {span:#?}");
+        assert_eq!(
+            span.attribute(key),
+            Some(want.as_str()),
+            "attribute {key} of {span:#?}"
+        );
     }
     for key in ["ci.pipeline.source", "ci.runner.id", "cicd.worker.id"] {
         assert!(
@@ -104,14 +109,24 @@ fn check_job_execution(contract: Contract) {
     let tree = wait_for("the Rails spans", Duration::from_secs(20), || {
         let tree = Tree::new(trace::spans_of_trace(&clickhouse, &span.trace_id)?);
         let names: HashSet<&str> = tree.spans.iter().map(|s| s.name.as_str()).collect();
-        let complete = ["job_lifecycle", "job_pending", "job_running", "job_execution"]
-            .iter()
-            .all(|n| names.contains(n));
+        let complete = [
+            "job_lifecycle",
+            "job_pending",
+            "job_running",
+            "job_execution",
+        ]
+        .iter()
+        .all(|n| names.contains(n));
         Ok(complete.then_some(tree))
     })
     .unwrap();
     assert_eq!(tree.roots.len(), 1, "one root:\n{}", tree.render());
-    assert_eq!(tree.spans[tree.roots[0]].name, "job_lifecycle", "\n{}", tree.render());
+    assert_eq!(
+        tree.spans[tree.roots[0]].name,
+        "job_lifecycle",
+        "\n{}",
+        tree.render()
+    );
     let running = tree.find("job_running").unwrap();
     assert_eq!(span.parent_span_id, running.span_id, "\n{}", tree.render());
     assert_eq!(running.service, "gitlab-ci-rails");
@@ -136,7 +151,11 @@ fn check_job_execution(contract: Contract) {
         Ok((!rows.is_empty()).then_some(rows))
     })
     .unwrap();
-    let text = |v: &Value| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string());
+    let text = |v: &Value| {
+        v.as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| v.to_string())
+    };
     assert_eq!(text(&rows[0]["build_id"]), job_id.to_string());
     assert_eq!(text(&rows[0]["pipeline_id"]), pipeline.to_string());
     assert_eq!(text(&rows[0]["project_id"]), project.to_string());
@@ -155,7 +174,7 @@ fn job_execution_span_lands_with_the_payload_trace_context_contract_v2() {
 #[test]
 fn a_failed_job_has_status_failed_and_an_error_span() {
     let mut world = World::new(FakeRailsOptions::default()).unwrap();
-    let (project, path) = world.rails.create_project("failing", None).unwrap();
+    let (project, path) = world.create_project("failing").unwrap();
     world.rails.set_telemetry_flag(true, Some(&path)).unwrap();
     world.start_runner(world.to_collector()).unwrap();
     let pipeline = world.rails.create_pipeline(project, PASS_AND_FAIL).unwrap();
@@ -169,9 +188,15 @@ fn a_failed_job_has_status_failed_and_an_error_span() {
 
     let span = world.job_execution(id(failed)).unwrap();
     assert_eq!(span.attribute("ci.job.status"), Some("failed"));
-    assert_eq!(span.attribute("cicd.pipeline.task.run.result"), Some("failure"));
+    assert_eq!(
+        span.attribute("cicd.pipeline.task.run.result"),
+        Some("failure")
+    );
     assert_eq!(span.status_code, "Error", "{span:#?}");
-    assert!(!span.status_message.is_empty(), "an Error status says why: {span:#?}");
+    assert!(
+        !span.status_message.is_empty(),
+        "an Error status says why: {span:#?}"
+    );
 
     let passed = world.job_execution(id(job_named(&jobs, "passes"))).unwrap();
     assert_eq!(passed.attribute("ci.job.status"), Some("success"));
@@ -183,7 +208,7 @@ fn a_failed_job_has_status_failed_and_an_error_span() {
 /// a status update that waited for telemetry would fail the test.
 fn check_jobs_unaffected(endpoint: String) {
     let mut world = World::new(FakeRailsOptions::default()).unwrap();
-    let (project, path) = world.rails.create_project("unaffected", None).unwrap();
+    let (project, path) = world.create_project("unaffected").unwrap();
     world.rails.set_telemetry_flag(true, Some(&path)).unwrap();
     world
         .start_runner(RunnerOptions {
@@ -200,15 +225,28 @@ fn check_jobs_unaffected(endpoint: String) {
         .unwrap();
     assert_eq!(job_named(&jobs, "passes")["status"], "success");
     assert_eq!(job_named(&jobs, "fails")["status"], "failed");
-    assert_eq!(job_named(&jobs, "fails")["failure_reason"], "script_failure");
-    let log = world.rails.job_trace(project, id(job_named(&jobs, "passes"))).unwrap();
-    assert!(log.contains("this one passes"), "the job log arrived: {log}");
+    assert_eq!(
+        job_named(&jobs, "fails")["failure_reason"],
+        "script_failure"
+    );
+    let log = world
+        .rails
+        .job_trace(project, id(job_named(&jobs, "passes")))
+        .unwrap();
+    assert!(
+        log.contains("this one passes"),
+        "the job log arrived: {log}"
+    );
 }
 
 #[test]
 fn jobs_are_unaffected_when_the_collector_is_unreachable() {
     // A port nobody listens on.
-    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     check_jobs_unaffected(format!("http://127.0.0.1:{port}"));
 }
 
@@ -229,10 +267,16 @@ fn jobs_are_unaffected_when_the_collector_stalls() {
 #[test]
 fn jobs_without_the_flag_produce_no_telemetry() {
     let mut world = World::new(FakeRailsOptions::default()).unwrap();
-    let (on, on_path) = world.rails.create_project("flag-on", None).unwrap();
-    let (off, off_path) = world.rails.create_project("flag-off", None).unwrap();
-    world.rails.set_telemetry_flag(true, Some(&on_path)).unwrap();
-    world.rails.set_telemetry_flag(false, Some(&off_path)).unwrap();
+    let (on, on_path) = world.create_project("flag-on").unwrap();
+    let (off, off_path) = world.create_project("flag-off").unwrap();
+    world
+        .rails
+        .set_telemetry_flag(true, Some(&on_path))
+        .unwrap();
+    world
+        .rails
+        .set_telemetry_flag(false, Some(&off_path))
+        .unwrap();
     world.start_runner(world.to_collector()).unwrap();
 
     let off_pipeline = world.rails.create_pipeline(off, ONE_JOB).unwrap();
@@ -250,7 +294,9 @@ fn jobs_without_the_flag_produce_no_telemetry() {
 
     // The flagged job's span has arrived, and it ran after the other one was
     // handed out: had the unflagged job produced a span, it would be here.
-    world.job_execution(id(job_named(&on_jobs, "test"))).unwrap();
+    world
+        .job_execution(id(job_named(&on_jobs, "test")))
+        .unwrap();
     let strays = world.spans_of_job(off_job).unwrap();
     assert!(strays.is_empty(), "spans of an unflagged job: {strays:#?}");
     assert!(
@@ -258,4 +304,80 @@ fn jobs_without_the_flag_produce_no_telemetry() {
         "the runner says why telemetry is off:\n{}",
         world.runner_log()
     );
+}
+
+/// Payload faults, by job name, applied between fake-rails and the runner.
+fn break_payload(job: &mut Value) {
+    let name = job["job_info"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    match name.as_str() {
+        "no-features" => {
+            job.as_object_mut().unwrap().remove("features");
+        }
+        "not-hex" => job["trace_context"]["trace_id"] = "zz".repeat(16).into(),
+        "all-zero" => job["trace_context"]["trace_id"] = "0".repeat(32).into(),
+        "short-parent" => job["trace_context"]["parent_span_id"] = "00f067aa".into(),
+        "number-id" => job["trace_context"]["trace_id"] = 12345.into(),
+        "no-context" => {
+            job.as_object_mut().unwrap().remove("trace_context");
+        }
+        "flag-is-a-string" => job["features"]["job_telemetry"] = "true".into(),
+        _ => {}
+    }
+}
+
+const BROKEN_PAYLOADS: [&str; 7] = [
+    "no-features",
+    "not-hex",
+    "all-zero",
+    "short-parent",
+    "number-id",
+    "no-context",
+    "flag-is-a-string",
+];
+
+#[test]
+fn jobs_with_a_missing_or_malformed_trace_context_run_normally_without_telemetry() {
+    let mut world = World::new(FakeRailsOptions::default()).unwrap();
+    let (project, path) = world.create_project("broken-payloads").unwrap();
+    world.rails.set_telemetry_flag(true, Some(&path)).unwrap();
+    let proxy = PayloadProxy::start(&world.rails.url, break_payload).unwrap();
+    world
+        .start_runner_via(&proxy.url, world.to_collector())
+        .unwrap();
+
+    let mut yaml = String::new();
+    for name in BROKEN_PAYLOADS.iter().chain(["intact"].iter()) {
+        yaml.push_str(&format!("{name}:\n  script:\n    - echo job {name} ran\n"));
+    }
+    let pipeline = world.rails.create_pipeline(project, &yaml).unwrap();
+    let jobs = world
+        .rails
+        .wait_for_pipeline(project, pipeline, PIPELINE_DEADLINE)
+        .unwrap();
+    for job in &jobs {
+        assert_eq!(
+            job["status"], "success",
+            "a broken payload never fails a job: {job}"
+        );
+    }
+
+    // The intact job's span is in: from here on, absence means something.
+    world.job_execution(id(job_named(&jobs, "intact"))).unwrap();
+    let log = world.runner_log();
+    for name in BROKEN_PAYLOADS {
+        let job = id(job_named(&jobs, name));
+        let spans = world.runner_spans_of_job(job).unwrap();
+        assert!(
+            spans.is_empty(),
+            "job `{name}` produced runner spans: {spans:#?}"
+        );
+        let line = log
+            .lines()
+            .find(|l| l.contains(&format!("job={job} telemetry disabled")))
+            .unwrap_or_else(|| panic!("no one-line reason for job `{name}` in:\n{log}"));
+        assert!(line.len() < 300, "one short line: {line}");
+    }
 }

@@ -27,7 +27,12 @@ fn random_span_id() -> SpanId {
 
 /// A finished span of 250 ms that ended just now (the exporter's TTL drops
 /// old timestamps, so tests use current ones).
-fn span(trace_id: TraceId, parent: SpanId, name: &'static str, attributes: Vec<KeyValue>) -> SpanData {
+fn span(
+    trace_id: TraceId,
+    parent: SpanId,
+    name: &'static str,
+    attributes: Vec<KeyValue>,
+) -> SpanData {
     let end = SystemTime::now();
     SpanData {
         span_context: SpanContext::new(
@@ -100,14 +105,18 @@ fn export(stack: &Stack, transport: Transport, resource: &Resource, spans: Vec<S
 }
 
 fn rows_of_trace(clickhouse: &ClickHouse, trace_id: TraceId, expected: usize) -> Vec<Value> {
-    wait_for("the spans to land in otel.otel_traces", LANDING_DEADLINE, || {
-        let rows = clickhouse.rows(&format!(
-            "SELECT TraceId, SpanId, ParentSpanId, SpanName, ServiceName, ScopeName, \
+    wait_for(
+        "the spans to land in otel.otel_traces",
+        LANDING_DEADLINE,
+        || {
+            let rows = clickhouse.rows(&format!(
+                "SELECT TraceId, SpanId, ParentSpanId, SpanName, ServiceName, ScopeName, \
              SpanAttributes, ResourceAttributes, Duration, StatusCode \
              FROM otel.otel_traces WHERE TraceId = '{trace_id}' ORDER BY SpanName"
-        ))?;
-        Ok((rows.len() >= expected).then_some(rows))
-    })
+            ))?;
+            Ok((rows.len() >= expected).then_some(rows))
+        },
+    )
     .unwrap()
 }
 
@@ -126,7 +135,12 @@ fn check_span_lands(transport: Transport) {
         ],
     );
     let span_id = sent.span_context.span_id();
-    export(&stack, transport, &resource("gitlab-ci-runner", vec![]), vec![sent]);
+    export(
+        &stack,
+        transport,
+        &resource("gitlab-ci-runner", vec![]),
+        vec![sent],
+    );
 
     let rows = rows_of_trace(&clickhouse, trace_id, 1);
     assert_eq!(rows.len(), 1, "{rows:#?}");
@@ -139,7 +153,11 @@ fn check_span_lands(transport: Transport) {
     assert_eq!(row["ScopeName"], "conformance");
     assert_eq!(row["SpanAttributes"]["ci.job.id"], "4242");
     assert_eq!(row["SpanAttributes"]["ci.job.status"], "success");
-    assert_eq!(text(&row["Duration"]), "250000000", "Duration is in nanoseconds");
+    assert_eq!(
+        text(&row["Duration"]),
+        "250000000",
+        "Duration is in nanoseconds"
+    );
 
     // The trace-id lookup table is fed by its materialized view.
     let lookups = wait_for("otel_traces_trace_id_ts", LANDING_DEADLINE, || {
@@ -210,9 +228,15 @@ fn ci_job_telemetry_traces_holds_the_ci_services_spans_only() {
     let summary: Vec<String> = rows
         .iter()
         .map(|r| {
-            ["build_id", "pipeline_id", "project_id", "span_name", "service_name"]
-                .map(|c| text(&r[c]))
-                .join(" ")
+            [
+                "build_id",
+                "pipeline_id",
+                "project_id",
+                "span_name",
+                "service_name",
+            ]
+            .map(|c| text(&r[c]))
+            .join(" ")
         })
         .collect();
     assert_eq!(
@@ -235,15 +259,22 @@ fn text(value: &Value) -> String {
 #[test]
 fn dropping_a_stack_stops_its_processes() {
     let stack = Stack::start(StackOptions::isolated()).unwrap();
-    let ports: Vec<u16> = [&stack.endpoints().clickhouse_url, &stack.endpoints().otlp_http, &stack.endpoints().otlp_grpc]
-        .iter()
-        .map(|u| u.rsplit(':').next().unwrap().parse().unwrap())
-        .collect();
+    let ports: Vec<u16> = [
+        &stack.endpoints().clickhouse_url,
+        &stack.endpoints().otlp_http,
+        &stack.endpoints().otlp_grpc,
+    ]
+    .iter()
+    .map(|u| u.rsplit(':').next().unwrap().parse().unwrap())
+    .collect();
     assert!(ports.iter().all(|p| process::port_open(*p)));
     let dir = stack.dir().to_path_buf();
     drop(stack);
     for port in ports {
-        assert!(!process::port_open(port), "port {port} still answers after drop");
+        assert!(
+            !process::port_open(port),
+            "port {port} still answers after drop"
+        );
     }
     assert!(!dir.exists(), "the isolated stack's directory is removed");
 }
