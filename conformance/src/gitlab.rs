@@ -179,6 +179,17 @@ impl FakeRails {
         pipeline["id"].as_u64().context("pipeline without id")
     }
 
+    /// Creates a pipeline from the project repository's own `.gitlab-ci.yml`
+    /// at `ref`; returns its id.
+    pub fn create_pipeline_from_repository(&self, project: u64, git_ref: &str) -> Result<u64> {
+        let pipeline = self.api(
+            "POST",
+            &format!("/api/v4/projects/{project}/pipeline"),
+            Some(json!({"ref": git_ref})),
+        )?;
+        pipeline["id"].as_u64().context("pipeline without id")
+    }
+
     pub fn pipeline_jobs(&self, project: u64, pipeline: u64) -> Result<Vec<Value>> {
         let jobs = self.api(
             "GET",

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Result};
-use conformance::gitlab::{Contract, FakeRails, FakeRailsOptions};
+use conformance::gitlab::{init_repository, Contract, FakeRails, FakeRailsOptions};
 use conformance::process::Lifetime;
 use conformance::runner::{Runner, RunnerOptions};
 use conformance::trace::{self, format_duration, StoredSpan, Tree};
@@ -48,7 +48,9 @@ pub fn run(args: &[String]) -> Result<()> {
             contract,
             otlp_endpoint: Some(endpoints.otlp_http.clone()),
             otel_endpoints: vec![format!("{}/v1/traces", endpoints.otlp_http)],
-            extra_args: Vec::new(),
+            // Trace ids come from pipeline ids: start each demo at a new id
+            // so runs against the persistent stack do not share traces.
+            extra_args: vec!["--first-id".into(), first_id().to_string()],
         },
         Lifetime::Owned,
     )?;
@@ -58,13 +60,21 @@ pub fn run(args: &[String]) -> Result<()> {
         contract,
         rails.log_path().display()
     );
-    let (project, project_path) = rails.create_project("ci-telemetry-demo", None)?;
+    let ci_config =
+        std::fs::read_to_string(paths::compose_dir().join("demo").join(".gitlab-ci.yml"))?;
+    let repository = init_repository(
+        &demo_dir.join("repository"),
+        &[(".gitlab-ci.yml", &ci_config)],
+    )?;
+    let (project, project_path) = rails.create_project("ci-telemetry-demo", Some(&repository))?;
     rails.set_telemetry_flag(true, Some(&project_path))?;
-    println!("  Project {project_path} (id {project}), feature flag ci_job_telemetry on");
-    let ci_config_path = paths::compose_dir().join("demo").join(".gitlab-ci.yml");
-    let ci_config = std::fs::read_to_string(&ci_config_path)?;
-    let pipeline = rails.create_pipeline(project, &ci_config)?;
-    let jobs = rails.pipeline_jobs(project, pipeline)?;
+    println!(
+        "  Project {project_path} (id {project}) on the git repository {}, feature flag ci_job_telemetry on",
+        repository.display()
+    );
+    let pipeline = rails.create_pipeline_from_repository(project, "main")?;
+    let mut jobs = rails.pipeline_jobs(project, pipeline)?;
+    jobs.sort_by_key(|j| j["id"].as_u64());
     println!(
         "  Pipeline {pipeline} from compose/demo/.gitlab-ci.yml: {}",
         jobs.iter()
@@ -90,7 +100,8 @@ pub fn run(args: &[String]) -> Result<()> {
         runner.log_path().display()
     );
 
-    let watch = watch_pipeline(&rails, &clickhouse, project, pipeline)?;
+    let mut watch = watch_pipeline(&rails, &clickhouse, project, pipeline)?;
+    watch.jobs.sort_by_key(|j| j["id"].as_u64());
     drop(runner);
 
     println!("==> Traces read back from ClickHouse");
@@ -120,10 +131,22 @@ pub fn run(args: &[String]) -> Result<()> {
 
     print_where_to_look(&endpoints, &stack_dir, &trace_id);
     if !failures.is_empty() {
-        bail!("the demo's expectations failed:\n  {}", failures.join("\n  "));
+        bail!(
+            "the demo's expectations failed:\n  {}",
+            failures.join("\n  ")
+        );
     }
     println!("All expectations met.");
     Ok(())
+}
+
+/// A pipeline id no earlier demo used: seconds since 2026-01-01.
+fn first_id() -> u64 {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default();
+    now.saturating_sub(1_767_225_600).max(1)
 }
 
 struct Watched {
@@ -134,7 +157,12 @@ struct Watched {
 
 /// Prints job status changes until the pipeline is done and every finished
 /// job's `job_execution` span is in ClickHouse (or a deadline passes).
-fn watch_pipeline(rails: &FakeRails, clickhouse: &ClickHouse, project: u64, pipeline: u64) -> Result<Watched> {
+fn watch_pipeline(
+    rails: &FakeRails,
+    clickhouse: &ClickHouse,
+    project: u64,
+    pipeline: u64,
+) -> Result<Watched> {
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut seen_status: HashMap<u64, String> = HashMap::new();
     let mut latencies = BTreeMap::new();
@@ -145,7 +173,10 @@ fn watch_pipeline(rails: &FakeRails, clickhouse: &ClickHouse, project: u64, pipe
             let id = job["id"].as_u64().unwrap_or_default();
             let status = job["status"].as_str().unwrap_or("?").to_string();
             if seen_status.get(&id) != Some(&status) {
-                println!("  job {id:<4} {:<12} {status}", job["name"].as_str().unwrap_or("?"));
+                println!(
+                    "  job {id:<4} {:<12} {status}",
+                    job["name"].as_str().unwrap_or("?")
+                );
                 seen_status.insert(id, status.clone());
             }
             if matches!(status.as_str(), "success" | "failed") && !latencies.contains_key(&id) {
@@ -155,7 +186,10 @@ fn watch_pipeline(rails: &FakeRails, clickhouse: &ClickHouse, project: u64, pipe
             }
         }
         let all_done = jobs.iter().all(|j| {
-            matches!(j["status"].as_str(), Some("success" | "failed" | "canceled" | "skipped"))
+            matches!(
+                j["status"].as_str(),
+                Some("success" | "failed" | "canceled" | "skipped")
+            )
         });
         if all_done && finished_at.is_none() {
             finished_at = Some(Instant::now());
@@ -221,11 +255,16 @@ fn check_job(tree: &Tree, job: &Value, trace_id: &str) -> Vec<String> {
         return failures;
     };
     if execution.trace_id != trace_id {
-        failures.push(format!("job `{name}`: trace id {} instead of {trace_id}", execution.trace_id));
+        failures.push(format!(
+            "job `{name}`: trace id {} instead of {trace_id}",
+            execution.trace_id
+        ));
     }
     match of_job("job_running") {
         Some(running) if running.span_id == execution.parent_span_id => {}
-        Some(_) => failures.push(format!("job `{name}`: job_execution is not a child of job_running")),
+        Some(_) => failures.push(format!(
+            "job `{name}`: job_execution is not a child of job_running"
+        )),
         None => failures.push(format!("job `{name}`: no job_running span from Rails")),
     }
     if of_job("job_lifecycle").is_none() {
@@ -237,9 +276,13 @@ fn check_job(tree: &Tree, job: &Value, trace_id: &str) -> Vec<String> {
             execution.attribute("ci.job.status")
         ));
     }
-    let is_error = execution.status_code.contains("Error") || execution.status_code.contains("ERROR");
+    let is_error =
+        execution.status_code.contains("Error") || execution.status_code.contains("ERROR");
     if (status == "failed") != is_error {
-        failures.push(format!("job `{name}`: span status {} for a {status} job", execution.status_code));
+        failures.push(format!(
+            "job `{name}`: span status {} for a {status} job",
+            execution.status_code
+        ));
     }
     failures
 }
@@ -248,12 +291,19 @@ fn indent(text: &str) -> String {
     text.lines().map(|l| format!("  {l}\n")).collect()
 }
 
-fn print_where_to_look(endpoints: &conformance::Endpoints, stack_dir: &std::path::Path, trace_id: &str) {
+fn print_where_to_look(
+    endpoints: &conformance::Endpoints,
+    stack_dir: &std::path::Path,
+    trace_id: &str,
+) {
     println!();
     println!("==> Where the data is");
     println!("  The stack keeps running: ClickHouse at {}, collector at {} (OTLP/HTTP) and {} (OTLP/gRPC).",
         endpoints.clickhouse_url, endpoints.otlp_http, endpoints.otlp_grpc);
-    println!("  Credentials: {}", stack_dir.join("endpoints.env").display());
+    println!(
+        "  Credentials: {}",
+        stack_dir.join("endpoints.env").display()
+    );
     println!("  Look at this trace:");
     println!("    . {} && curl -s -u \"$CLICKHOUSE_USER:$CLICKHOUSE_PASSWORD\" \"$CLICKHOUSE_URL\" --data-binary \\", stack_dir.join("endpoints.env").display());
     println!("      \"SELECT SpanName, ServiceName, Duration/1e6 AS ms, StatusCode FROM otel.otel_traces WHERE TraceId = '{trace_id}' ORDER BY Timestamp FORMAT PrettyCompact\"");

@@ -48,9 +48,8 @@ pub fn up(dir: &std::path::Path) -> Result<Endpoints> {
     let started = Instant::now();
     let states = stack::components(dir);
     if states.iter().all(|c| c.running) {
-        let endpoints = Endpoints::from_env_file(&std::fs::read_to_string(
-            dir.join("endpoints.env"),
-        )?)?;
+        let endpoints =
+            Endpoints::from_env_file(&std::fs::read_to_string(dir.join("endpoints.env"))?)?;
         println!("The stack in {} is already running.", dir.display());
         print_endpoints(dir, &endpoints);
         return Ok(endpoints);
@@ -73,7 +72,10 @@ pub fn up(dir: &std::path::Path) -> Result<Endpoints> {
 }
 
 fn print_endpoints(dir: &std::path::Path, endpoints: &Endpoints) {
-    println!("  ClickHouse (HTTP): {}  user {}", endpoints.clickhouse_url, endpoints.clickhouse_user);
+    println!(
+        "  ClickHouse (HTTP): {}  user {}",
+        endpoints.clickhouse_url, endpoints.clickhouse_user
+    );
     println!("  OTLP/HTTP:         {}", endpoints.otlp_http);
     println!("  OTLP/gRPC:         {}", endpoints.otlp_grpc);
     println!(

@@ -9,10 +9,20 @@ use conformance::paths;
 /// (unit, integration and conformance). Stops at the first failure.
 pub fn run_all(args: &[String]) -> Result<()> {
     let root = paths::repo_root();
-    step("cargo fmt --check", cargo().args(["fmt", "--all", "--", "--check"]))?;
+    step(
+        "cargo fmt --check",
+        cargo().args(["fmt", "--all", "--", "--check"]),
+    )?;
     step(
         "cargo clippy",
-        cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]),
+        cargo().args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]),
     )?;
     let venv = conformance::venv::ensure(&mut |line| println!("  {line}"))?;
     build_binaries()?;
@@ -30,7 +40,10 @@ pub fn run_all(args: &[String]) -> Result<()> {
 pub fn run_e2e(args: &[String]) -> Result<()> {
     conformance::venv::ensure(&mut |line| println!("  {line}"))?;
     build_binaries()?;
-    step("conformance suite", &mut rust_tests(&["-p", "conformance"], args))
+    step(
+        "conformance suite",
+        &mut rust_tests(&["-p", "conformance"], args),
+    )
 }
 
 /// `cargo nextest run` when nextest is installed (each test in its own
