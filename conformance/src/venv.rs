@@ -65,7 +65,7 @@ pub fn ensure_at(
     progress: &mut dyn FnMut(&str),
 ) -> Result<Venv> {
     let dir = dir.to_path_buf();
-    let pins = fs::read_to_string(&requirements)
+    let pins = fs::read_to_string(requirements)
         .with_context(|| format!("reading {}", requirements.display()))?;
     let want = format!("{:016x}\n", fnv1a(pins.as_bytes()));
     let marker = dir.join(".ci-telemetry-installed");
