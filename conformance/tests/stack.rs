@@ -70,38 +70,29 @@ enum Transport {
     Grpc,
 }
 
-/// Exports `spans` with the stock OTLP exporter, as a runner would. The HTTP
-/// exporter uses reqwest's blocking client (no async runtime around it); the
-/// gRPC one runs on tokio.
+/// Exports `spans` with the stock OTLP exporter, as a runner would (the async
+/// reqwest client for HTTP, the same the runner uses; tonic for gRPC).
 fn export(stack: &Stack, transport: Transport, resource: &Resource, spans: Vec<SpanData>) {
-    match transport {
-        Transport::Http => {
-            let mut exporter = opentelemetry_otlp::SpanExporter::builder()
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let mut exporter = match transport {
+            Transport::Http => opentelemetry_otlp::SpanExporter::builder()
                 .with_http()
                 .with_protocol(Protocol::HttpBinary)
                 .with_endpoint(format!("{}/v1/traces", stack.endpoints().otlp_http))
-                .build()
-                .expect("building the OTLP/HTTP exporter");
-            exporter.set_resource(resource);
-            futures::executor::block_on(exporter.export(spans))
-                .expect("the collector accepted the spans");
+                .build(),
+            Transport::Grpc => opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .with_endpoint(stack.endpoints().otlp_grpc.clone())
+                .build(),
         }
-        Transport::Grpc => {
-            let runtime = tokio::runtime::Runtime::new().unwrap();
-            runtime.block_on(async {
-                let mut exporter = opentelemetry_otlp::SpanExporter::builder()
-                    .with_tonic()
-                    .with_endpoint(stack.endpoints().otlp_grpc.clone())
-                    .build()
-                    .expect("building the OTLP/gRPC exporter");
-                exporter.set_resource(resource);
-                exporter
-                    .export(spans)
-                    .await
-                    .expect("the collector accepted the spans");
-            });
-        }
-    }
+        .expect("building the OTLP exporter");
+        exporter.set_resource(resource);
+        exporter
+            .export(spans)
+            .await
+            .expect("the collector accepted the spans");
+    });
 }
 
 fn rows_of_trace(clickhouse: &ClickHouse, trace_id: TraceId, expected: usize) -> Vec<Value> {
