@@ -3,7 +3,7 @@
 //! if the owning process dies without running destructors.
 
 use std::fs::{self, File};
-use std::io::Read;
+use std::io::{Read, Seek, SeekFrom};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -84,6 +84,9 @@ pub enum Lifetime {
 pub struct ManagedProcess {
     pub name: String,
     pub log: PathBuf,
+    /// Where this run's output starts in `log` (logs are appended to across
+    /// restarts, e.g. `stack down` then `up`).
+    log_start: u64,
     child: Option<Child>,
     lifetime: Lifetime,
 }
@@ -104,6 +107,7 @@ impl ManagedProcess {
             .append(true)
             .open(log)
             .with_context(|| format!("opening {}", log.display()))?;
+        let log_start = out.metadata()?.len();
         cmd.stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out);
@@ -124,6 +128,7 @@ impl ManagedProcess {
         Ok(ManagedProcess {
             name: name.to_string(),
             log: log.to_path_buf(),
+            log_start,
             child: Some(child),
             lifetime,
         })
@@ -153,12 +158,15 @@ impl ManagedProcess {
     /// the rest of that line.
     pub fn wait_for_line(&mut self, prefix: &str, timeout: Duration) -> Result<String> {
         let log = self.log.clone();
+        let start = self.log_start;
         wait_for(
             &format!("{} to print `{prefix}`", self.name),
             timeout,
             || {
                 let mut text = String::new();
-                File::open(&log)?.read_to_string(&mut text)?;
+                let mut file = File::open(&log)?;
+                file.seek(SeekFrom::Start(start))?;
+                file.read_to_string(&mut text)?;
                 if let Some(rest) = text.lines().find_map(|l| l.strip_prefix(prefix)) {
                     return Ok(Some(rest.trim().to_string()));
                 }

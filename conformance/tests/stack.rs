@@ -269,3 +269,58 @@ fn dropping_a_stack_stops_its_processes() {
     }
     assert!(!dir.exists(), "the isolated stack's directory is removed");
 }
+
+/// Stops a detached stack when the test ends, pass or fail.
+struct DownOnDrop(std::path::PathBuf);
+
+impl Drop for DownOnDrop {
+    fn drop(&mut self) {
+        let _ = conformance::stack::down(&self.0);
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn a_detached_stack_keeps_its_data_across_down_and_up() {
+    let dir = StackOptions::isolated().dir;
+    let _guard = DownOnDrop(dir.clone());
+    let endpoints = Stack::start(StackOptions::detached(&dir))
+        .unwrap()
+        .detach()
+        .unwrap();
+    let states = conformance::stack::components(&dir);
+    assert!(states.iter().all(|c| c.running), "{states:?}");
+
+    let trace_id = random_trace_id();
+    let stack_view = endpoints.clickhouse();
+    stack_view
+        .execute(&format!(
+            "INSERT INTO otel.otel_traces (Timestamp, TraceId, SpanId, SpanName, ServiceName) \
+             VALUES (now64(9), '{trace_id}', '{}', 'kept', 'conformance')",
+            random_span_id()
+        ))
+        .unwrap();
+
+    let report = conformance::stack::down(&dir).unwrap();
+    assert_eq!(report.len(), 2, "{report:?}");
+    assert!(conformance::stack::components(&dir)
+        .iter()
+        .all(|c| !c.running));
+    // A second down tolerates the missing (or stale) PID files.
+    conformance::stack::down(&dir).unwrap();
+
+    let endpoints = Stack::start(StackOptions::detached(&dir))
+        .unwrap()
+        .detach()
+        .unwrap();
+    let kept = endpoints
+        .clickhouse()
+        .count(&format!(
+            "SELECT count() FROM otel.otel_traces WHERE TraceId = '{trace_id}'"
+        ))
+        .unwrap();
+    assert_eq!(
+        kept, 1,
+        "the row written before `down` is still there after `up`"
+    );
+}
