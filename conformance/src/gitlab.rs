@@ -219,6 +219,15 @@ impl FakeRails {
         })
     }
 
+    /// One job, Jobs API shape (`status`, `artifacts`, `artifacts_file`, ...).
+    pub fn job(&self, project: u64, job: u64) -> Result<Value> {
+        self.api(
+            "GET",
+            &format!("/api/v4/projects/{project}/jobs/{job}"),
+            None,
+        )
+    }
+
     pub fn job_trace(&self, project: u64, job: u64) -> Result<String> {
         let (_, body) = self.call(
             "GET",

@@ -109,6 +109,11 @@ impl Runner {
         std::fs::read_to_string(&self.process.log).unwrap_or_default()
     }
 
+    /// The runner process's ID (to read its memory use, say).
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
     pub fn check_alive(&mut self) -> Result<()> {
         self.process.check_alive()
     }

@@ -118,6 +118,21 @@ impl World {
         )
     }
 
+    /// The runner process's ID, once started.
+    pub fn runner_pid(&self) -> Option<u32> {
+        self.runner.as_ref().map(Runner::pid)
+    }
+
+    /// The runner's resident memory (`VmRSS` of `/proc/<pid>/status`), in
+    /// bytes.
+    pub fn runner_rss(&self) -> Option<u64> {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.runner_pid()?)).ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib * 1024)
+    }
+
     pub fn runner_log(&self) -> String {
         self.runner.as_ref().map(Runner::log).unwrap_or_default()
     }

@@ -9,7 +9,10 @@
 //! 1. explicit configuration: the command line (`--otlp-endpoint`,
 //!    `--otlp-protocol`, `--flush-timeout`), then the `[runners.telemetry]`
 //!    section of `config.toml` (`endpoint`, `protocol`, `headers`, `timeout`,
-//!    `flush_timeout`, `service_name`);
+//!    `flush_timeout`, `service_name`, and the export client's `buffer_max_spans`,
+//!    `buffer_max_bytes`, `max_age`, `retry_initial_backoff`,
+//!    `retry_max_backoff`, `shutdown_timeout`, `ca_file`, `bearer_token_file`,
+//!    `gcp_metadata_url`);
 //! 2. the connection string ([`TelemetrySettings::connection_string`] in the
 //!    file, or else the [`GITLAB_TRACING`] environment variable);
 //! 3. the signal-specific variables `OTEL_EXPORTER_OTLP_TRACES_*`;
@@ -25,6 +28,12 @@
 //! whole from the first source that has any (sources are not merged).
 //! Invalid environment values are ignored with a warning, as the
 //! specification asks; invalid explicit values are errors.
+//!
+//! The export client's settings have no OTLP variable; their environment
+//! variables ([`CI_TELEMETRY_MAX_AGE`] and the others below,
+//! [`OTEL_EXPORTER_OTLP_CERTIFICATE`] for the CA file, [`GCE_METADATA_HOST`]
+//! for the metadata server, as Google's client libraries read it) come after
+//! the config file and before the defaults.
 //!
 //! Contract v2 payloads carry their own endpoints; those are used **instead
 //! of** the static endpoint for that job (the static headers are not sent to
@@ -43,12 +52,13 @@
 //!
 //! The default port is 4317 for gRPC and 4318 for HTTP. For HTTP an empty path
 //! becomes `/v1/traces`; any other path is kept. gRPC takes no path. Unknown
-//! parameters are ignored with a warning. `otlps://` (TLS) is refused until
-//! TLS support lands. Example:
+//! parameters are ignored with a warning. `otlps://` is the same with TLS
+//! (`https://` endpoints). Example:
 //! `otlp://collector:4318?protocol=http&service_name=my-runner&header_x-tenant=ci`.
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -77,12 +87,49 @@ pub const GITLAB_TRACING: &str = "GITLAB_TRACING";
 /// update (below the flag and the config file; the conformance suite's knob).
 pub const CI_TELEMETRY_FLUSH_TIMEOUT: &str = "CI_TELEMETRY_FLUSH_TIMEOUT";
 
+/// Traces CA certificate file (PEM) to verify the collector's TLS certificate.
+pub const OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE: &str = "OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE";
+/// Generic CA certificate file (PEM).
+pub const OTEL_EXPORTER_OTLP_CERTIFICATE: &str = "OTEL_EXPORTER_OTLP_CERTIFICATE";
+/// Most spans held in the export buffer (all endpoints of a runner).
+pub const CI_TELEMETRY_BUFFER_MAX_SPANS: &str = "CI_TELEMETRY_BUFFER_MAX_SPANS";
+/// Most bytes of encoded spans held in the export buffer (`33554432`, `32MiB`).
+pub const CI_TELEMETRY_BUFFER_MAX_BYTES: &str = "CI_TELEMETRY_BUFFER_MAX_BYTES";
+/// Age after which a span not yet exported is dropped (`300`, `5m`, `500ms`).
+pub const CI_TELEMETRY_MAX_AGE: &str = "CI_TELEMETRY_MAX_AGE";
+/// First retry delay (doubles up to the maximum).
+pub const CI_TELEMETRY_RETRY_INITIAL_BACKOFF: &str = "CI_TELEMETRY_RETRY_INITIAL_BACKOFF";
+/// Longest retry delay.
+pub const CI_TELEMETRY_RETRY_MAX_BACKOFF: &str = "CI_TELEMETRY_RETRY_MAX_BACKOFF";
+/// Bound on the final export attempt when the runner stops.
+pub const CI_TELEMETRY_SHUTDOWN_TIMEOUT: &str = "CI_TELEMETRY_SHUTDOWN_TIMEOUT";
+/// A file holding a bearer token for the static endpoint, re-read when it changes.
+pub const CI_TELEMETRY_BEARER_TOKEN_FILE: &str = "CI_TELEMETRY_BEARER_TOKEN_FILE";
+/// `HOST[:PORT]` of a GCP-metadata-compatible server (Google's convention).
+pub const GCE_METADATA_HOST: &str = "GCE_METADATA_HOST";
+
 /// Default `service.name` of runner spans (what the backend's MV expects).
 pub const DEFAULT_SERVICE_NAME: &str = "gitlab-ci-runner";
 /// Default bound on the background flush after a job.
 pub const DEFAULT_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default timeout of one export request (OTLP specification).
 pub const DEFAULT_EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default bound of the export buffer in spans.
+pub const DEFAULT_BUFFER_MAX_SPANS: usize = 10_000;
+/// Default bound of the export buffer in bytes of encoded spans.
+pub const DEFAULT_BUFFER_MAX_BYTES: usize = 32 * 1024 * 1024;
+/// Default age after which an unexported span is dropped: older data is of
+/// little use to anyone looking at a pipeline.
+pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(300);
+/// Default first retry delay.
+pub const DEFAULT_RETRY_INITIAL_BACKOFF: Duration = Duration::from_secs(1);
+/// Default longest retry delay.
+pub const DEFAULT_RETRY_MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Default bound on the final export attempt at shutdown (GitLab Runner
+/// gives its exporter 5 s).
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
+/// The GCE metadata server.
+pub const DEFAULT_GCP_METADATA_URL: &str = "http://metadata.google.internal";
 /// Default OTLP/HTTP traces endpoint.
 pub const DEFAULT_HTTP_ENDPOINT: &str = "http://localhost:4318/v1/traces";
 /// Default OTLP/gRPC endpoint.
@@ -148,6 +195,83 @@ pub struct TelemetrySettings {
     /// A connection string; takes the place of [`GITLAB_TRACING`].
     #[serde(skip_serializing_if = "Option::is_none")]
     pub connection_string: Option<String>,
+    /// Most spans waiting for export, over all endpoints of this runner.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub buffer_max_spans: Option<u64>,
+    /// Most bytes of encoded spans waiting for export: a number, or a string
+    /// with a unit (`"32MiB"`, `"512KiB"`, `"1MB"`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub buffer_max_bytes: Option<ByteSizeValue>,
+    /// Age after which a span not yet exported is dropped (`max_age`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_age: Option<DurationValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_initial_backoff: Option<DurationValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_max_backoff: Option<DurationValue>,
+    /// Bound on the final export attempt when the runner stops.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shutdown_timeout: Option<DurationValue>,
+    /// PEM file of CA certificates trusted for `https`/`grpcs` collectors,
+    /// besides the system's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
+    /// A file holding a bearer token for the static endpoint (e.g. a
+    /// Kubernetes projected service account token), re-read when it changes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bearer_token_file: Option<String>,
+    /// Base URL of the GCP-metadata-compatible server that mints ID tokens
+    /// for `http_bearer_gcp_oidc` endpoints.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gcp_metadata_url: Option<String>,
+}
+
+/// A size in a config file: bytes, or a string with a unit.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ByteSizeValue {
+    Bytes(u64),
+    Text(String),
+}
+
+impl ByteSizeValue {
+    pub fn to_bytes(&self) -> Result<usize, ConfigError> {
+        match self {
+            ByteSizeValue::Bytes(n) => {
+                usize::try_from(*n).map_err(|_| ConfigError(format!("`{n}` bytes is too large")))
+            }
+            ByteSizeValue::Text(text) => parse_byte_size(text),
+        }
+    }
+}
+
+/// Parses `"33554432"`, `"32MiB"`, `"512KiB"`, `"1MB"`, `"64kB"`, `"1GiB"`.
+pub fn parse_byte_size(text: &str) -> Result<usize, ConfigError> {
+    let text = text.trim();
+    let invalid = || {
+        ConfigError(format!(
+            "`{text}` is not a size (e.g. 32MiB, 512KiB, 1000000)"
+        ))
+    };
+    let (number, unit) = match text.find(|c: char| c.is_ascii_alphabetic()) {
+        Some(i) => text.split_at(i),
+        None => (text, ""),
+    };
+    let number: u64 = number.trim().parse().map_err(|_| invalid())?;
+    let factor: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "kB" | "KB" => 1000,
+        "KiB" => 1024,
+        "MB" => 1000 * 1000,
+        "MiB" => 1024 * 1024,
+        "GB" => 1000 * 1000 * 1000,
+        "GiB" => 1024 * 1024 * 1024,
+        _ => return Err(invalid()),
+    };
+    number
+        .checked_mul(factor)
+        .and_then(|n| usize::try_from(n).ok())
+        .ok_or_else(invalid)
 }
 
 /// A duration in a config file: seconds, or a string with a unit.
@@ -215,17 +339,67 @@ pub struct ExportSettings {
     pub export_timeout: Duration,
     /// The static endpoint (contract v1).
     pub endpoint: StaticEndpoint,
+    /// The export buffer and retries.
+    pub buffer: BufferSettings,
+    /// Bound on the final export attempt when the runner stops.
+    pub shutdown_timeout: Duration,
+    /// Extra CA certificates (PEM) for TLS endpoints.
+    pub ca_file: Option<PathBuf>,
+    /// Bearer token file for the static endpoint.
+    pub bearer_token_file: Option<PathBuf>,
+    /// Base URL of the GCP-metadata-compatible ID token server.
+    pub gcp_metadata_url: String,
     /// Values ignored on the way, to be logged once at start.
     pub warnings: Vec<String>,
 }
 
-/// The static collector endpoint.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+/// Limits of the runner-wide export buffer and the retry schedule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BufferSettings {
+    /// Most spans buffered (all endpoints together); more are dropped as
+    /// `queue_full`.
+    pub max_spans: usize,
+    /// Most bytes of encoded spans buffered (all endpoints together).
+    pub max_bytes: usize,
+    /// Spans not exported this long after they ended are dropped as `max_age`.
+    pub max_age: Duration,
+    /// First retry delay; doubles after each failure (with jitter).
+    pub initial_backoff: Duration,
+    /// Longest retry delay.
+    pub max_backoff: Duration,
+}
+
+impl Default for BufferSettings {
+    fn default() -> Self {
+        BufferSettings {
+            max_spans: DEFAULT_BUFFER_MAX_SPANS,
+            max_bytes: DEFAULT_BUFFER_MAX_BYTES,
+            max_age: DEFAULT_MAX_AGE,
+            initial_backoff: DEFAULT_RETRY_INITIAL_BACKOFF,
+            max_backoff: DEFAULT_RETRY_MAX_BACKOFF,
+        }
+    }
+}
+
+/// The static collector endpoint. `Debug` shows header names, not values
+/// (they often carry credentials).
+#[derive(Clone, PartialEq, Eq, Hash)]
 pub struct StaticEndpoint {
     pub transport: Transport,
     /// HTTP: the full traces URL. gRPC: `http://host:port`.
     pub url: String,
     pub headers: Vec<(String, String)>,
+}
+
+impl fmt::Debug for StaticEndpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<&str> = self.headers.iter().map(|(k, _)| k.as_str()).collect();
+        f.debug_struct("StaticEndpoint")
+            .field("transport", &self.transport)
+            .field("url", &self.url)
+            .field("headers", &names)
+            .finish()
+    }
 }
 
 impl fmt::Display for StaticEndpoint {
@@ -246,6 +420,11 @@ impl Default for ExportSettings {
                 url: DEFAULT_HTTP_ENDPOINT.to_string(),
                 headers: Vec::new(),
             },
+            buffer: BufferSettings::default(),
+            shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
+            ca_file: None,
+            bearer_token_file: None,
+            gcp_metadata_url: DEFAULT_GCP_METADATA_URL.to_string(),
             warnings: Vec::new(),
         }
     }
@@ -267,15 +446,16 @@ pub struct ConnectionString {
 pub fn parse_connection_string(text: &str) -> Result<ConnectionString, ConfigError> {
     let err = |why: &str| ConfigError(format!("connection string: {why}"));
     let url = url::Url::parse(text.trim()).map_err(|e| err(&format!("invalid URL: {e}")))?;
-    match url.scheme() {
-        "otlp" => {}
-        "otlps" => return Err(err("`otlps` (TLS) is not supported yet")),
+    let tls = match url.scheme() {
+        "otlp" => false,
+        "otlps" => true,
         other => {
             return Err(err(&format!(
-                "unsupported scheme `{other}`, expected `otlp`"
+                "unsupported scheme `{other}`, expected `otlp` or `otlps`"
             )))
         }
-    }
+    };
+    let scheme = if tls { "https" } else { "http" };
     let host = url
         .host_str()
         .filter(|h| !h.is_empty())
@@ -314,7 +494,7 @@ pub fn parse_connection_string(text: &str) -> Result<ConnectionString, ConfigErr
             if !(path.is_empty() || path == "/") {
                 return Err(err("a gRPC endpoint takes no path"));
             }
-            format!("http://{host}:{}", url.port().unwrap_or(4317))
+            format!("{scheme}://{host}:{}", url.port().unwrap_or(4317))
         }
         Transport::HttpProtobuf => {
             let path = if path.is_empty() || path == "/" {
@@ -322,7 +502,7 @@ pub fn parse_connection_string(text: &str) -> Result<ConnectionString, ConfigErr
             } else {
                 path
             };
-            format!("http://{host}:{}{path}", url.port().unwrap_or(4318))
+            format!("{scheme}://{host}:{}{path}", url.port().unwrap_or(4318))
         }
     };
     Ok(parsed)
@@ -507,6 +687,63 @@ pub fn resolve(
         .or_else(|| connection.as_ref().and_then(|c| c.service_name.clone()))
         .unwrap_or_else(|| DEFAULT_SERVICE_NAME.to_string());
 
+    let buffer = resolve_buffer(file, env, &mut warnings)?;
+    let shutdown_timeout = file_or_env_duration(
+        "shutdown_timeout",
+        file.shutdown_timeout.as_ref(),
+        env,
+        CI_TELEMETRY_SHUTDOWN_TIMEOUT,
+        &mut warnings,
+    )?
+    .unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT);
+
+    let ca_file = match file.ca_file.as_deref().filter(|f| !f.trim().is_empty()) {
+        Some(path) => Some(PathBuf::from(path)),
+        None => env_var(env, OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE)
+            .or_else(|| env_var(env, OTEL_EXPORTER_OTLP_CERTIFICATE))
+            .map(PathBuf::from),
+    };
+    if let Some(path) = &ca_file {
+        check_ca_file(path).map_err(|e| ConfigError(format!("ca_file: {e}")))?;
+    }
+    let bearer_token_file = file
+        .bearer_token_file
+        .as_deref()
+        .filter(|f| !f.trim().is_empty())
+        .map(PathBuf::from)
+        .or_else(|| env_var(env, CI_TELEMETRY_BEARER_TOKEN_FILE).map(PathBuf::from));
+    let gcp_metadata_url = match file
+        .gcp_metadata_url
+        .as_deref()
+        .filter(|u| !u.trim().is_empty())
+    {
+        Some(url) => {
+            let parsed = url::Url::parse(url.trim())
+                .map_err(|e| ConfigError(format!("gcp_metadata_url `{url}` is not a URL: {e}")))?;
+            if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
+                return Err(ConfigError(format!(
+                    "gcp_metadata_url `{url}` must be an http:// or https:// URL with a host"
+                )));
+            }
+            url.trim().trim_end_matches('/').to_string()
+        }
+        None => match env_var(env, GCE_METADATA_HOST) {
+            Some(host) => {
+                let url = format!("http://{}", host.trim());
+                match url::Url::parse(&url) {
+                    Ok(parsed) if parsed.host_str().is_some() && parsed.path() == "/" => url,
+                    _ => {
+                        warnings.push(format!(
+                            "ignored {GCE_METADATA_HOST}: `{host}` is not HOST[:PORT]"
+                        ));
+                        DEFAULT_GCP_METADATA_URL.to_string()
+                    }
+                }
+            }
+            None => DEFAULT_GCP_METADATA_URL.to_string(),
+        },
+    };
+
     Ok(ExportSettings {
         enabled: !(overrides.disabled || file.disabled),
         service_name,
@@ -517,20 +754,129 @@ pub fn resolve(
             url,
             headers,
         },
+        buffer,
+        shutdown_timeout,
+        ca_file,
+        bearer_token_file,
+        gcp_metadata_url,
         warnings,
     })
+}
+
+/// A duration from the file (an error when invalid) or else from the
+/// environment (ignored with a warning when invalid; `5m`, `500ms` or bare
+/// seconds).
+fn file_or_env_duration(
+    key: &str,
+    file: Option<&DurationValue>,
+    env: &dyn Env,
+    name: &str,
+    warnings: &mut Vec<String>,
+) -> Result<Option<Duration>, ConfigError> {
+    if let Some(value) = file {
+        return value
+            .to_duration()
+            .map(Some)
+            .map_err(|e| ConfigError(format!("{key}: {e}")));
+    }
+    let Some(text) = env_var(env, name) else {
+        return Ok(None);
+    };
+    match parse_duration(&text) {
+        Ok(d) => Ok(Some(d)),
+        Err(e) => {
+            warnings.push(format!("ignored {name}: {e}"));
+            Ok(None)
+        }
+    }
+}
+
+fn resolve_buffer(
+    file: &TelemetrySettings,
+    env: &dyn Env,
+    warnings: &mut Vec<String>,
+) -> Result<BufferSettings, ConfigError> {
+    let max_spans = match file.buffer_max_spans {
+        Some(n) => usize::try_from(n)
+            .map_err(|_| ConfigError(format!("buffer_max_spans: `{n}` is too large")))?,
+        None => match env_var(env, CI_TELEMETRY_BUFFER_MAX_SPANS) {
+            Some(text) => match text.trim().parse::<usize>() {
+                Ok(n) => n,
+                Err(_) => {
+                    warnings.push(format!(
+                        "ignored {CI_TELEMETRY_BUFFER_MAX_SPANS}: `{text}` is not a number"
+                    ));
+                    DEFAULT_BUFFER_MAX_SPANS
+                }
+            },
+            None => DEFAULT_BUFFER_MAX_SPANS,
+        },
+    };
+    let max_bytes = match &file.buffer_max_bytes {
+        Some(value) => value
+            .to_bytes()
+            .map_err(|e| ConfigError(format!("buffer_max_bytes: {e}")))?,
+        None => match env_var(env, CI_TELEMETRY_BUFFER_MAX_BYTES) {
+            Some(text) => match parse_byte_size(&text) {
+                Ok(n) => n,
+                Err(e) => {
+                    warnings.push(format!("ignored {CI_TELEMETRY_BUFFER_MAX_BYTES}: {e}"));
+                    DEFAULT_BUFFER_MAX_BYTES
+                }
+            },
+            None => DEFAULT_BUFFER_MAX_BYTES,
+        },
+    };
+    let mut duration = |key: &str, value: Option<&DurationValue>, name: &str| {
+        file_or_env_duration(key, value, env, name, warnings)
+    };
+    let max_age = duration("max_age", file.max_age.as_ref(), CI_TELEMETRY_MAX_AGE)?
+        .unwrap_or(DEFAULT_MAX_AGE);
+    let initial_backoff = duration(
+        "retry_initial_backoff",
+        file.retry_initial_backoff.as_ref(),
+        CI_TELEMETRY_RETRY_INITIAL_BACKOFF,
+    )?
+    .unwrap_or(DEFAULT_RETRY_INITIAL_BACKOFF);
+    let max_backoff = duration(
+        "retry_max_backoff",
+        file.retry_max_backoff.as_ref(),
+        CI_TELEMETRY_RETRY_MAX_BACKOFF,
+    )?
+    .unwrap_or(DEFAULT_RETRY_MAX_BACKOFF);
+    if initial_backoff.is_zero() {
+        return Err(ConfigError(
+            "retry_initial_backoff must be above zero".into(),
+        ));
+    }
+    Ok(BufferSettings {
+        max_spans,
+        max_bytes,
+        max_age,
+        initial_backoff,
+        max_backoff: max_backoff.max(initial_backoff),
+    })
+}
+
+/// Reads a CA file and checks that it holds at least one PEM certificate.
+/// The error names the file, never its content.
+pub fn check_ca_file(path: &std::path::Path) -> Result<usize, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read `{}`: {e}", path.display()))?;
+    let count = pem
+        .split(|b| *b == b'\n')
+        .filter(|line| line.starts_with(b"-----BEGIN CERTIFICATE-----"))
+        .count();
+    if count == 0 {
+        return Err(format!("`{}` holds no PEM certificate", path.display()));
+    }
+    Ok(count)
 }
 
 fn validate_endpoint(transport: Transport, url: &str) -> Result<String, ConfigError> {
     let parsed = url::Url::parse(url)
         .map_err(|e| ConfigError(format!("endpoint `{url}` is not a URL: {e}")))?;
     match parsed.scheme() {
-        "http" => {}
-        "https" => {
-            return Err(ConfigError(format!(
-                "endpoint `{url}`: TLS is not supported yet, use http://"
-            )))
-        }
+        "http" | "https" => {}
         other => {
             return Err(ConfigError(format!(
                 "endpoint `{url}`: unsupported scheme `{other}` for {transport}"
@@ -846,13 +1192,21 @@ mod tests {
             "",
             none(),
             &[(GITLAB_TRACING, "otlps://c")],
-            "error: connection string: `otlps` (TLS) is not supported yet",
+            &format!("grpc+https://c:4317 headers=[] {rest} service=gitlab-ci-runner"),
+        );
+        check(
+            "",
+            none(),
+            &[(GITLAB_TRACING, "otlps://c?protocol=http")],
+            &format!(
+                "http/protobuf+https://c:4318/v1/traces headers=[] {rest} service=gitlab-ci-runner"
+            ),
         );
         check(
             "",
             none(),
             &[(GITLAB_TRACING, "jaeger://c")],
-            "error: connection string: unsupported scheme `jaeger`, expected `otlp`",
+            "error: connection string: unsupported scheme `jaeger`, expected `otlp` or `otlps`",
         );
         check(
             "",
@@ -887,7 +1241,7 @@ mod tests {
             "endpoint = 'https://c/v1/traces'",
             none(),
             &[],
-            "error: endpoint `https://c/v1/traces`: TLS is not supported yet, use http://",
+            "http/protobuf+https://c/v1/traces headers=[] timeout=10s flush=5s service=gitlab-ci-runner",
         );
         check(
             "endpoint = 'c:4318'",
@@ -900,6 +1254,104 @@ mod tests {
             none(),
             &[],
             "error: endpoint `not a url` is not a URL: relative URL without a base",
+        );
+    }
+
+    /// Resolves and renders the export client's settings.
+    fn check_client(file: &str, vars: &[(&str, &str)], expected: &str) {
+        let file: TelemetrySettings = toml::from_str(file).expect("test config parses");
+        let actual = match resolve(&file, &none(), &env(vars)) {
+            Ok(s) => {
+                let b = s.buffer;
+                let mut line = format!(
+                    "spans={} bytes={} max_age={:?} backoff={:?}..{:?} shutdown={:?} ca={:?} token_file={:?} metadata={}",
+                    b.max_spans,
+                    b.max_bytes,
+                    b.max_age,
+                    b.initial_backoff,
+                    b.max_backoff,
+                    s.shutdown_timeout,
+                    s.ca_file,
+                    s.bearer_token_file,
+                    s.gcp_metadata_url
+                );
+                for w in s.warnings {
+                    line.push_str(&format!(" warning=({w})"));
+                }
+                line
+            }
+            Err(e) => format!("error: {e}"),
+        };
+        assert_eq!(actual, expected);
+    }
+
+    #[test]
+    fn export_client_settings() {
+        check_client(
+            "",
+            &[],
+            "spans=10000 bytes=33554432 max_age=300s backoff=1s..30s shutdown=5s ca=None token_file=None metadata=http://metadata.google.internal",
+        );
+        check_client(
+            "buffer_max_spans = 50\nbuffer_max_bytes = '512KiB'\nmax_age = '5s'\nretry_initial_backoff = '100ms'\nretry_max_backoff = 2\nshutdown_timeout = '1s'\nbearer_token_file = '/var/run/token'\ngcp_metadata_url = 'http://127.0.0.1:9/'",
+            &[(CI_TELEMETRY_MAX_AGE, "1m"), (GCE_METADATA_HOST, "other:80")],
+            "spans=50 bytes=524288 max_age=5s backoff=100ms..2s shutdown=1s ca=None token_file=Some(\"/var/run/token\") metadata=http://127.0.0.1:9",
+        );
+        // The environment fills what the file does not say.
+        check_client(
+            "",
+            &[
+                (CI_TELEMETRY_BUFFER_MAX_SPANS, "7"),
+                (CI_TELEMETRY_BUFFER_MAX_BYTES, "1MB"),
+                (CI_TELEMETRY_MAX_AGE, "5"),
+                (CI_TELEMETRY_RETRY_INITIAL_BACKOFF, "250ms"),
+                (CI_TELEMETRY_RETRY_MAX_BACKOFF, "100ms"),
+                (CI_TELEMETRY_SHUTDOWN_TIMEOUT, "2s"),
+                (CI_TELEMETRY_BEARER_TOKEN_FILE, "/t"),
+                (GCE_METADATA_HOST, "169.254.169.254:8080"),
+            ],
+            // A maximum below the initial delay is raised to it.
+            "spans=7 bytes=1000000 max_age=5s backoff=250ms..250ms shutdown=2s ca=None token_file=Some(\"/t\") metadata=http://169.254.169.254:8080",
+        );
+        // Invalid environment values are ignored with a warning.
+        check_client(
+            "",
+            &[(CI_TELEMETRY_BUFFER_MAX_SPANS, "many"), (CI_TELEMETRY_MAX_AGE, "forever"), (GCE_METADATA_HOST, "a/b")],
+            "spans=10000 bytes=33554432 max_age=300s backoff=1s..30s shutdown=5s ca=None token_file=None metadata=http://metadata.google.internal warning=(ignored CI_TELEMETRY_BUFFER_MAX_SPANS: `many` is not a number) warning=(ignored CI_TELEMETRY_MAX_AGE: `forever` is not a duration (e.g. 500ms, 5s, 1m)) warning=(ignored GCE_METADATA_HOST: `a/b` is not HOST[:PORT])",
+        );
+        // Invalid file values are errors.
+        check_client(
+            "buffer_max_bytes = '12 parsecs'",
+            &[],
+            "error: buffer_max_bytes: `12 parsecs` is not a size (e.g. 32MiB, 512KiB, 1000000)",
+        );
+        check_client(
+            "max_age = 'old'",
+            &[],
+            "error: max_age: `old` is not a duration (e.g. 500ms, 5s, 1m)",
+        );
+        check_client(
+            "retry_initial_backoff = 0",
+            &[],
+            "error: retry_initial_backoff must be above zero",
+        );
+        check_client(
+            "gcp_metadata_url = 'metadata'",
+            &[],
+            "error: gcp_metadata_url `metadata` is not a URL: relative URL without a base",
+        );
+        check_client("ca_file = '/nonexistent/ca.pem'", &[], "error: ca_file: cannot read `/nonexistent/ca.pem`: No such file or directory (os error 2)");
+        check_client("", &[(OTEL_EXPORTER_OTLP_CERTIFICATE, "/nonexistent/env-ca.pem")], "error: ca_file: cannot read `/nonexistent/env-ca.pem`: No such file or directory (os error 2)");
+        let dir = tempfile::tempdir().unwrap();
+        let not_pem = dir.path().join("ca.txt");
+        std::fs::write(&not_pem, "hello").unwrap();
+        check_client(
+            &format!("ca_file = '{}'", not_pem.display()),
+            &[],
+            &format!(
+                "error: ca_file: `{}` holds no PEM certificate",
+                not_pem.display()
+            ),
         );
     }
 

@@ -2,6 +2,14 @@
 //! and the children that later phases hang under it (stage spans in Phase 2,
 //! CI Function spans in Phase 3) through [`JobTelemetry::child`].
 //!
+//! Limits (the design's): at most [`MAX_SPANS_PER_JOB`] spans per job,
+//! `job_execution` included; children asked for past the cap are not created,
+//! and their number goes on `job_execution` as `ci.telemetry.dropped_spans`.
+//! The attributes of one span take at most [`MAX_SPAN_ATTRIBUTE_BYTES`]
+//! (keys and values); a value that does not fit is cut and ends in
+//! [`TRUNCATION_MARKER`], and the span gets `ci.telemetry.truncated=true`
+//! (see [`AttributeBudget`]).
+//!
 //! Every entry point is guarded: a panic inside telemetry code is caught,
 //! logged, and switches telemetry off for that job; the job itself never
 //! sees it. A disabled [`JobTelemetry`] (and its [`ChildSpan`]s) accepts
@@ -11,12 +19,19 @@
 //! the export happens on the runtime's tasks (see [`crate::export`]).
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use opentelemetry::trace::{SpanKind, Status, TraceContextExt, Tracer, TracerProvider};
-use opentelemetry::{Context, InstrumentationScope, KeyValue};
-use opentelemetry_sdk::trace::{Sampler, SdkTracer, SdkTracerProvider};
+use opentelemetry::trace::{
+    SpanId, SpanKind, Status, TraceContextExt, TraceId, Tracer, TracerProvider,
+};
+use opentelemetry::{Array, Context, InstrumentationScope, Key, KeyValue, StringValue, Value};
+use opentelemetry_sdk::trace::{
+    IdGenerator, RandomIdGenerator, Sampler, SdkTracer, SdkTracerProvider,
+};
 use opentelemetry_sdk::Resource;
 
 use crate::export::{ExportPipeline, FlushReport, SpanSink};
@@ -29,6 +44,16 @@ pub const SCOPE_NAME: &str = "gitlab-ci-runner";
 pub const SCOPE_VERSION: &str = env!("CARGO_PKG_VERSION");
 /// Name of the span that covers a whole job.
 pub const JOB_SPAN_NAME: &str = "job_execution";
+/// Most spans one job may create, `job_execution` included (the design's
+/// limit).
+pub const MAX_SPANS_PER_JOB: usize = 1000;
+/// Most bytes of attributes (keys and values) one span may carry (the
+/// design's 4 KB).
+pub const MAX_SPAN_ATTRIBUTE_BYTES: usize = 4096;
+/// Most bytes of a span's status message.
+pub const MAX_STATUS_MESSAGE_BYTES: usize = 1024;
+/// Ends a value that was cut to fit.
+pub const TRUNCATION_MARKER: &str = "…[truncated]";
 
 /// Runs `f`, turning a panic into `None` and a log line.
 pub fn guarded<T>(job_id: i64, what: &str, f: impl FnOnce() -> T) -> Option<T> {
@@ -144,8 +169,224 @@ impl SpanOutcome {
         match self {
             SpanOutcome::Ok => Status::Ok,
             SpanOutcome::Unset => Status::Unset,
-            SpanOutcome::Error(message) => Status::error(message.clone()),
+            SpanOutcome::Error(message) => {
+                Status::error(truncate_str(message, MAX_STATUS_MESSAGE_BYTES))
+            }
         }
+    }
+}
+
+/// `text` cut to at most `max` bytes (on a character boundary), ending in
+/// [`TRUNCATION_MARKER`] when it was cut. Empty when not even the marker
+/// fits.
+pub fn truncate_str(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let Some(room) = max.checked_sub(TRUNCATION_MARKER.len()) else {
+        return String::new();
+    };
+    let mut end = room;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{TRUNCATION_MARKER}", &text[..end])
+}
+
+/// Bytes an attribute counts for: its key, plus its value's length for
+/// strings, 8 for numbers and 1 for booleans (arrays: the sum).
+pub fn attribute_size(attribute: &KeyValue) -> usize {
+    attribute.key.as_str().len() + value_size(&attribute.value)
+}
+
+fn value_size(value: &Value) -> usize {
+    match value {
+        Value::Bool(_) => 1,
+        Value::I64(_) | Value::F64(_) => 8,
+        Value::String(s) => s.as_str().len(),
+        Value::Array(Array::Bool(v)) => v.len(),
+        Value::Array(Array::I64(v)) => v.len() * 8,
+        Value::Array(Array::F64(v)) => v.len() * 8,
+        Value::Array(Array::String(v)) => v.iter().map(|s| s.as_str().len()).sum(),
+        // Future value kinds: count them by their text.
+        other => other.to_string().len(),
+    }
+}
+
+/// The attribute-size cap of one span: admits attributes while they fit in
+/// [`MAX_SPAN_ATTRIBUTE_BYTES`], cuts the string (or string array) that
+/// does not, drops what cannot be cut, and adds
+/// `ci.telemetry.truncated=true` once. Room for that marker is kept aside,
+/// so the total never exceeds the cap.
+#[derive(Debug, Clone)]
+pub struct AttributeBudget {
+    limit: usize,
+    used: usize,
+    sizes: HashMap<Key, usize>,
+    truncated: bool,
+}
+
+impl Default for AttributeBudget {
+    fn default() -> Self {
+        AttributeBudget::new(MAX_SPAN_ATTRIBUTE_BYTES)
+    }
+}
+
+impl AttributeBudget {
+    pub fn new(limit: usize) -> Self {
+        AttributeBudget {
+            limit,
+            used: 0,
+            sizes: HashMap::new(),
+            truncated: false,
+        }
+    }
+
+    fn marker() -> KeyValue {
+        KeyValue::new(crate::keys::CI_TELEMETRY_TRUNCATED, true)
+    }
+
+    /// Bytes used so far, the marker included.
+    pub fn used(&self) -> usize {
+        self.used
+            + if self.truncated {
+                attribute_size(&Self::marker())
+            } else {
+                0
+            }
+    }
+
+    pub fn is_truncated(&self) -> bool {
+        self.truncated
+    }
+
+    /// What to set for `attribute`: itself, a cut copy, or nothing, plus the
+    /// truncation marker the first time something is cut or dropped. Setting
+    /// a key again replaces its earlier size.
+    pub fn admit(&mut self, attribute: KeyValue) -> Vec<KeyValue> {
+        if let Some(old) = self.sizes.remove(&attribute.key) {
+            self.used -= old;
+        }
+        let capacity = self.limit.saturating_sub(attribute_size(&Self::marker()));
+        let size = attribute_size(&attribute);
+        if self.used + size <= capacity {
+            self.used += size;
+            self.sizes.insert(attribute.key.clone(), size);
+            return vec![attribute];
+        }
+        let room = capacity
+            .saturating_sub(self.used)
+            .saturating_sub(attribute.key.as_str().len());
+        let cut = match &attribute.value {
+            Value::String(s) => {
+                let cut = truncate_str(s.as_str(), room);
+                (!cut.is_empty()).then(|| Value::String(cut.into()))
+            }
+            Value::Array(Array::String(items)) => {
+                let mut kept: Vec<StringValue> = Vec::new();
+                let mut left = room;
+                for item in items {
+                    if item.as_str().len() > left {
+                        break;
+                    }
+                    left -= item.as_str().len();
+                    kept.push(item.clone());
+                }
+                (!kept.is_empty()).then_some(Value::Array(Array::String(kept)))
+            }
+            _ => None,
+        };
+        let mut out = Vec::new();
+        if let Some(value) = cut {
+            let attribute = KeyValue::new(attribute.key, value);
+            let size = attribute_size(&attribute);
+            self.used += size;
+            self.sizes.insert(attribute.key.clone(), size);
+            out.push(attribute);
+        }
+        if !self.truncated {
+            self.truncated = true;
+            out.push(Self::marker());
+        }
+        out
+    }
+
+    /// [`AttributeBudget::admit`] for several attributes, in order.
+    pub fn admit_all(&mut self, attributes: Vec<KeyValue>) -> Vec<KeyValue> {
+        attributes.into_iter().flat_map(|a| self.admit(a)).collect()
+    }
+}
+
+/// Replaces every secret in `text` by `[MASKED]` (longest first, as the job
+/// log does).
+pub fn mask_text(text: &str, secrets: &[String]) -> String {
+    let mut out = text.to_string();
+    for secret in secrets {
+        if !secret.is_empty() && out.contains(secret.as_str()) {
+            out = out.replace(secret.as_str(), "[MASKED]");
+        }
+    }
+    out
+}
+
+/// An attribute with its string values masked.
+fn mask_attribute(attribute: KeyValue, secrets: &[String]) -> KeyValue {
+    if secrets.is_empty() {
+        return attribute;
+    }
+    let value = match attribute.value {
+        Value::String(s) => Value::String(mask_text(s.as_str(), secrets).into()),
+        Value::Array(Array::String(items)) => Value::Array(Array::String(
+            items
+                .iter()
+                .map(|i| StringValue::from(mask_text(i.as_str(), secrets)))
+                .collect(),
+        )),
+        other => other,
+    };
+    KeyValue::new(attribute.key, value)
+}
+
+/// The secrets of a job, longest first, shared by its spans.
+type Secrets = Arc<Vec<String>>;
+
+/// The per-job span cap, shared by a job's spans.
+#[derive(Debug, Default)]
+struct SpanCounter {
+    created: AtomicUsize,
+    dropped: AtomicUsize,
+}
+
+impl SpanCounter {
+    /// Takes a span from the cap; false (and one more dropped) when the cap
+    /// is reached.
+    fn acquire(&self) -> bool {
+        let taken = self
+            .created
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < MAX_SPANS_PER_JOB).then_some(n + 1)
+            })
+            .is_ok();
+        if !taken {
+            self.dropped.fetch_add(1, Ordering::SeqCst);
+        }
+        taken
+    }
+}
+
+/// Span IDs at random, and one fixed trace ID for root spans: how a job
+/// whose trace ID was derived (no trace context in the payload) starts its
+/// own root span in that trace. Children inherit the ID from their parent.
+#[derive(Debug)]
+struct FixedTraceId(TraceId);
+
+impl IdGenerator for FixedTraceId {
+    fn new_trace_id(&self) -> TraceId {
+        self.0
+    }
+
+    fn new_span_id(&self) -> SpanId {
+        RandomIdGenerator::default().new_span_id()
     }
 }
 
@@ -178,6 +419,9 @@ struct ActiveJob {
     /// Holds the `job_execution` span.
     context: Context,
     pipeline: ExportPipeline,
+    budget: AttributeBudget,
+    spans: Arc<SpanCounter>,
+    secrets: Secrets,
 }
 
 impl std::fmt::Debug for JobTelemetry {
@@ -236,11 +480,31 @@ impl JobTelemetry {
         Some(active.context.span().span_context().clone())
     }
 
-    /// Adds an attribute to `job_execution`.
+    /// Adds an attribute to `job_execution` (within the size cap).
     pub fn set_attribute(&mut self, attribute: KeyValue) {
         self.with_active("set_attribute", |a| {
-            a.context.span().set_attribute(attribute)
+            let admitted = a.budget.admit(mask_attribute(attribute, &a.secrets));
+            a.context.span().set_attributes(admitted)
         });
+    }
+
+    /// Values (masked variables, tokens) replaced by `[MASKED]` in every
+    /// string attribute and status message set from now on, on
+    /// `job_execution` and its children: a safety net under the rule that
+    /// spans carry names, never values.
+    pub fn mask_secrets(&mut self, secrets: Vec<String>) {
+        let mut secrets: Vec<String> = secrets.into_iter().filter(|s| !s.is_empty()).collect();
+        secrets.sort_by(|a, b| b.len().cmp(&a.len()).then(a.cmp(b)));
+        secrets.dedup();
+        self.with_active("mask_secrets", |a| a.secrets = Arc::new(secrets));
+    }
+
+    /// Children not created because the job reached [`MAX_SPANS_PER_JOB`].
+    pub fn dropped_spans(&self) -> usize {
+        self.active
+            .as_ref()
+            .map(|a| a.spans.dropped.load(Ordering::SeqCst))
+            .unwrap_or(0)
     }
 
     /// Starts a child of `job_execution` now (a stage, a function).
@@ -261,10 +525,13 @@ impl JobTelemetry {
     ) -> ChildSpan {
         let job_id = self.job_id;
         let name = name.into();
-        let child = self.with_active("child", |a| ChildInner {
-            context: start_child(&a.tracer, &a.context, name, attributes, start_time),
-            tracer: a.tracer.clone(),
-        });
+        let child = self
+            .with_active("child", |a| {
+                start_child(
+                    &a.tracer, &a.spans, &a.secrets, &a.context, name, attributes, start_time,
+                )
+            })
+            .flatten();
         ChildSpan {
             job_id,
             inner: child,
@@ -281,11 +548,29 @@ impl JobTelemetry {
             provider,
             context,
             pipeline,
+            mut budget,
+            spans,
+            secrets,
             ..
         } = active;
         let ended = guarded(job_id, "finish", || {
             let span = context.span();
-            span.set_attributes(outcome_attributes(outcome));
+            let dropped = spans.dropped.load(Ordering::SeqCst);
+            if dropped > 0 {
+                tracing::warn!(
+                    "job={job_id} The job reached the cap of {MAX_SPANS_PER_JOB} spans: {dropped} more were not created"
+                );
+            }
+            let mut attributes = outcome_attributes(outcome);
+            attributes.push(KeyValue::new(
+                keys::CI_TELEMETRY_DROPPED_SPANS,
+                dropped as i64,
+            ));
+            let attributes = attributes
+                .into_iter()
+                .map(|a| mask_attribute(a, &secrets))
+                .collect();
+            span.set_attributes(budget.admit_all(attributes));
             let status = match outcome {
                 JobOutcome::Success => Status::Ok,
                 JobOutcome::Canceled => Status::Unset,
@@ -320,8 +605,8 @@ impl JobTelemetry {
         })
     }
 
-    fn with_active<T>(&mut self, what: &str, f: impl FnOnce(&ActiveJob) -> T) -> Option<T> {
-        let active = self.active.as_ref()?;
+    fn with_active<T>(&mut self, what: &str, f: impl FnOnce(&mut ActiveJob) -> T) -> Option<T> {
+        let active = self.active.as_mut()?;
         let result = guarded(self.job_id, what, || f(active));
         if result.is_none() {
             self.active = None;
@@ -346,42 +631,71 @@ fn start_active(start: JobTelemetryStart<'_>, runtime: &tokio::runtime::Handle) 
         // Rails sampled the pipeline; the runner keeps everything it is
         // given, whatever OTEL_TRACES_SAMPLER says.
         .with_sampler(Sampler::AlwaysOn)
+        // Only a root `job_execution` (derived trace ID) takes its trace ID
+        // from the generator; with a parent, the parent's is used.
+        .with_id_generator(FixedTraceId(trace_context.trace_id()))
         .with_span_processor(processor)
         .build();
     let scope = InstrumentationScope::builder(SCOPE_NAME)
         .with_version(SCOPE_VERSION)
         .build();
     let tracer = provider.tracer_with_scope(scope);
-    let parent = Context::new().with_remote_span_context(trace_context.span_context());
+    let parent = match trace_context.is_root() {
+        true => Context::new(),
+        false => Context::new().with_remote_span_context(trace_context.span_context()),
+    };
+    let mut budget = AttributeBudget::default();
     let span = tracer
         .span_builder(JOB_SPAN_NAME)
         .with_kind(SpanKind::Internal)
         .with_start_time(start_time)
-        .with_attributes(job_attributes(job, runner))
+        .with_attributes(budget.admit_all(job_attributes(job, runner)))
         .start_with_context(&tracer, &parent);
     let context = Context::new().with_span(span);
+    let spans = Arc::new(SpanCounter::default());
+    spans.acquire();
     ActiveJob {
         provider,
         tracer,
         context,
         pipeline,
+        budget,
+        spans,
+        secrets: Arc::new(Vec::new()),
     }
 }
 
+/// Starts a child of `parent` if the job's span cap allows it.
 fn start_child(
     tracer: &SdkTracer,
+    spans: &Arc<SpanCounter>,
+    secrets: &Secrets,
     parent: &Context,
     name: Cow<'static, str>,
     attributes: Vec<KeyValue>,
     start_time: SystemTime,
-) -> Context {
+) -> Option<ChildInner> {
+    if !spans.acquire() {
+        return None;
+    }
+    let mut budget = AttributeBudget::default();
+    let attributes = attributes
+        .into_iter()
+        .map(|a| mask_attribute(a, secrets))
+        .collect();
     let span = tracer
         .span_builder(name)
         .with_kind(SpanKind::Internal)
         .with_start_time(start_time)
-        .with_attributes(attributes)
+        .with_attributes(budget.admit_all(attributes))
         .start_with_context(tracer, parent);
-    Context::new().with_span(span)
+    Some(ChildInner {
+        tracer: tracer.clone(),
+        context: Context::new().with_span(span),
+        budget,
+        spans: spans.clone(),
+        secrets: secrets.clone(),
+    })
 }
 
 /// The resource of a job's spans. Besides `service.name`, it carries the
@@ -503,6 +817,9 @@ struct ChildInner {
     tracer: SdkTracer,
     /// Holds this span.
     context: Context,
+    budget: AttributeBudget,
+    spans: Arc<SpanCounter>,
+    secrets: Secrets,
 }
 
 impl std::fmt::Debug for ChildSpan {
@@ -526,9 +843,23 @@ impl ChildSpan {
         self.inner.is_some()
     }
 
+    /// Adds an attribute (within the size cap).
     pub fn set_attribute(&mut self, attribute: KeyValue) {
         self.with_inner("set_attribute", |c| {
-            c.context.span().set_attribute(attribute)
+            let admitted = c.budget.admit(mask_attribute(attribute, &c.secrets));
+            c.context.span().set_attributes(admitted)
+        });
+    }
+
+    /// Adds attributes (within the size cap).
+    pub fn set_attributes(&mut self, attributes: Vec<KeyValue>) {
+        self.with_inner("set_attributes", |c| {
+            let attributes = attributes
+                .into_iter()
+                .map(|a| mask_attribute(a, &c.secrets))
+                .collect();
+            let admitted = c.budget.admit_all(attributes);
+            c.context.span().set_attributes(admitted)
         });
     }
 
@@ -540,10 +871,19 @@ impl ChildSpan {
     ) -> ChildSpan {
         let job_id = self.job_id;
         let name = name.into();
-        let inner = self.with_inner("child", |c| ChildInner {
-            context: start_child(&c.tracer, &c.context, name, attributes, SystemTime::now()),
-            tracer: c.tracer.clone(),
-        });
+        let inner = self
+            .with_inner("child", |c| {
+                start_child(
+                    &c.tracer,
+                    &c.spans,
+                    &c.secrets,
+                    &c.context,
+                    name,
+                    attributes,
+                    SystemTime::now(),
+                )
+            })
+            .flatten();
         ChildSpan { job_id, inner }
     }
 
@@ -562,13 +902,17 @@ impl ChildSpan {
     pub fn end_at(mut self, outcome: SpanOutcome, end_time: SystemTime) {
         self.with_inner("end", |c| {
             let span = c.context.span();
+            let outcome = match outcome {
+                SpanOutcome::Error(message) => SpanOutcome::Error(mask_text(&message, &c.secrets)),
+                other => other,
+            };
             span.set_status(outcome.status());
             span.end_with_timestamp(end_time);
         });
     }
 
-    fn with_inner<T>(&mut self, what: &str, f: impl FnOnce(&ChildInner) -> T) -> Option<T> {
-        let inner = self.inner.as_ref()?;
+    fn with_inner<T>(&mut self, what: &str, f: impl FnOnce(&mut ChildInner) -> T) -> Option<T> {
+        let inner = self.inner.as_mut()?;
         let result = guarded(self.job_id, what, || f(inner));
         if result.is_none() {
             self.inner = None;
@@ -657,6 +1001,134 @@ mod tests {
             assert_eq!(outcome.semconv_result(), result);
             assert_eq!(outcome.failure_reason(), reason);
         }
+    }
+
+    /// Admits `attributes` in order under `limit` and renders what the span
+    /// would carry: `key=value` (strings as their length when long), then
+    /// the bytes used.
+    fn check_budget(limit: usize, attributes: Vec<KeyValue>, expected: &str) {
+        let mut budget = AttributeBudget::new(limit);
+        let admitted = budget.admit_all(attributes);
+        let total: usize = admitted.iter().map(attribute_size).sum();
+        assert!(total <= limit, "{total} > {limit}");
+        assert_eq!(total, budget.used());
+        let rendered: Vec<String> = admitted
+            .iter()
+            .map(|a| format!("{}={}", a.key, a.value))
+            .collect();
+        assert_eq!(format!("{} ({total})", rendered.join(" ")), expected);
+    }
+
+    #[test]
+    fn attribute_budget_cases() {
+        let long = "x".repeat(5000);
+        // Everything fits.
+        check_budget(
+            4096,
+            vec![
+                KeyValue::new("a", "one"),
+                KeyValue::new("n", 5_i64),
+                KeyValue::new("b", true),
+            ],
+            "a=one n=5 b=true (15)",
+        );
+        // A string cut to what is left, ending in the marker; the marker
+        // attribute (23 bytes) is kept aside.
+        check_budget(
+            60,
+            vec![KeyValue::new("k", "0123456789".repeat(10))],
+            "k=0123456789012345678901…[truncated] ci.telemetry.truncated=true (60)",
+        );
+        // After a cut, later attributes that fit are still admitted, and
+        // the marker comes once.
+        check_budget(
+            70,
+            vec![
+                KeyValue::new("a", long.clone()),
+                KeyValue::new("b", long.clone()),
+            ],
+            &format!(
+                "a={}…[truncated] ci.telemetry.truncated=true (70)",
+                "x".repeat(32)
+            ),
+        );
+        // A number that does not fit is dropped (it cannot be cut).
+        check_budget(
+            40,
+            vec![KeyValue::new("abc", "x"), KeyValue::new("n", 1_i64)],
+            "abc=x n=1 (13)",
+        );
+        check_budget(
+            28,
+            vec![KeyValue::new("abcd", "x"), KeyValue::new("n", 1_i64)],
+            "abcd=x ci.telemetry.truncated=true (28)",
+        );
+        // String arrays keep the items that fit.
+        check_budget(
+            36,
+            vec![KeyValue::new(
+                "names",
+                Value::Array(Array::String(vec![
+                    "aaaa".into(),
+                    "bbbb".into(),
+                    "cccc".into(),
+                ])),
+            )],
+            r#"names=["aaaa","bbbb"] ci.telemetry.truncated=true (36)"#,
+        );
+        // Multi-byte characters are never split.
+        check_budget(
+            40,
+            vec![KeyValue::new("k", "é".repeat(20))],
+            "k=é…[truncated] ci.telemetry.truncated=true (40)",
+        );
+        // Setting a key again replaces its size.
+        let mut budget = AttributeBudget::new(4096);
+        budget.admit(KeyValue::new("k", "first"));
+        budget.admit(KeyValue::new("k", "second"));
+        assert_eq!(budget.used(), 7);
+    }
+
+    #[test]
+    fn truncate_str_cases() {
+        let check = |text: &str, max: usize, expected: &str| {
+            assert_eq!(truncate_str(text, max), expected, "{text:?} {max}");
+        };
+        check("short", 10, "short");
+        check("0123456789abcdefghij", 18, "0123…[truncated]");
+        check("ééééééééé", 16, "é…[truncated]");
+        check("0123456789abcdefghij", 5, "");
+    }
+
+    #[test]
+    fn masking() {
+        let secrets = vec!["hunter22-long".to_string(), "hunter22".to_string()];
+        let check = |text: &str, expected: &str| {
+            assert_eq!(mask_text(text, &secrets), expected, "{text}");
+        };
+        check("key-hunter22-long", "key-[MASKED]");
+        check("a hunter22 b hunter22", "a [MASKED] b [MASKED]");
+        check("nothing here", "nothing here");
+        let masked = mask_attribute(
+            KeyValue::new(
+                "k",
+                Value::Array(Array::String(vec!["x-hunter22".into(), "y".into()])),
+            ),
+            &secrets,
+        );
+        assert_eq!(masked.value.to_string(), r#"["x-[MASKED]","y"]"#);
+        let number = mask_attribute(KeyValue::new("n", 22_i64), &secrets);
+        assert_eq!(number.value, Value::I64(22));
+    }
+
+    #[test]
+    fn span_counter_caps_and_counts() {
+        let counter = SpanCounter::default();
+        let taken = (0..MAX_SPANS_PER_JOB + 25)
+            .filter(|_| counter.acquire())
+            .count();
+        assert_eq!(taken, MAX_SPANS_PER_JOB);
+        assert_eq!(counter.dropped.load(Ordering::SeqCst), 25);
     }
 
     #[test]

@@ -14,11 +14,13 @@ pub mod config;
 pub mod export;
 pub mod job;
 pub mod keys;
+pub mod metrics;
 pub mod negotiate;
 pub mod runner;
 pub mod telemetry;
 
 pub use config::{ExportSettings, TelemetryOverrides, TelemetrySettings};
+pub use export::{DropReason, ExportHub};
 pub use export::{ExportTarget, ExporterFactory, FlushReport, SpanSink};
 pub use job::{
     ChildSpan, JobOutcome, JobSpanInfo, JobTelemetry, PendingFlush, RunnerIdentity, SpanOutcome,

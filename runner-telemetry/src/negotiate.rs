@@ -23,7 +23,21 @@
 //! Every way a payload can fail ends in [`Negotiation::Disabled`] with a
 //! one-line [`DisabledReason`]; negotiation never panics and never fails the
 //! job.
+//!
+//! **Fallback for old GitLab** (opt-in, [`NegotiationOptions`]): a v1 payload
+//! with `features.job_telemetry: true` but no `trace_context` (a GitLab that
+//! predates it) can still be traced: the trace ID is derived with the Rails
+//! formula, `format!("{:032x}", root_pipeline_id)` (`job_info.root_pipeline_id`
+//! when GitLab sends it, else `job_info.pipeline_id`), and `job_execution`
+//! becomes a root span ([`TraceContext::is_root`]), so every job of a
+//! pipeline joins one trace. Limits: there are no Rails spans to join (the
+//! jobs are sibling roots, queue time only as `ci.job.queued_duration`); a
+//! child pipeline, whose `pipeline_id` is not the root's, gets a trace of its
+//! own unless GitLab sends `root_pipeline_id`; a payload whose
+//! `trace_context` is present but invalid is still disabled (that is a bad
+//! payload, not an old GitLab).
 
+use std::cell::Cell;
 use std::fmt;
 
 use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceId, TraceState};
@@ -136,7 +150,8 @@ impl fmt::Display for IdError {
 
 /// A validated W3C trace context from the payload: a trace ID and the span ID
 /// of the parent (the Rails `job_running` span). Both are valid and non-zero
-/// by construction.
+/// by construction, except for a trace ID derived from the pipeline (the old
+/// GitLab fallback), which has no parent: [`TraceContext::is_root`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TraceContext {
     trace_id: TraceId,
@@ -154,12 +169,31 @@ impl TraceContext {
         })
     }
 
+    /// The Rails trace ID of a root pipeline, `format!("{:032x}", id)`, with
+    /// no parent. `None` for a pipeline ID of 0 (an invalid trace ID).
+    pub fn derived_from_pipeline(root_pipeline_id: u64) -> Option<Self> {
+        if root_pipeline_id == 0 {
+            return None;
+        }
+        Some(TraceContext {
+            trace_id: TraceId::from_bytes(u128::from(root_pipeline_id).to_be_bytes()),
+            parent_span_id: SpanId::INVALID,
+        })
+    }
+
     pub fn trace_id(&self) -> TraceId {
         self.trace_id
     }
 
+    /// The parent's span ID; `0000000000000000` for a root.
     pub fn parent_span_id(&self) -> SpanId {
         self.parent_span_id
+    }
+
+    /// No parent: the trace ID was derived from the pipeline and
+    /// `job_execution` is a root span.
+    pub fn is_root(&self) -> bool {
+        self.parent_span_id == SpanId::INVALID
     }
 
     /// The parent as OpenTelemetry sees it: remote and sampled (the runner
@@ -321,15 +355,69 @@ impl fmt::Display for SkippedEndpoint {
     }
 }
 
-/// Decides telemetry for one job payload. Never panics.
+/// What the runner manager's configuration changes in negotiation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NegotiationOptions {
+    /// The old-GitLab fallback (see the module docs): off by default.
+    pub derive_trace_id_from_pipeline: bool,
+}
+
+thread_local! {
+    static SCOPED_OPTIONS: Cell<NegotiationOptions> = const {
+        Cell::new(NegotiationOptions { derive_trace_id_from_pipeline: false })
+    };
+}
+
+/// Runs `f` with `options` in force for every [`negotiate`] call it makes on
+/// this thread (synchronously), then restores the previous options, also
+/// when `f` panics. This is how the reference runner hands its per-runner
+/// options to negotiation done deep inside
+/// [`crate::telemetry::RunnerTelemetry::start_job`].
+pub fn with_options<T>(options: NegotiationOptions, f: impl FnOnce() -> T) -> T {
+    struct Restore(NegotiationOptions);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            SCOPED_OPTIONS.with(|o| o.set(self.0));
+        }
+    }
+    let _restore = Restore(SCOPED_OPTIONS.with(|o| o.replace(options)));
+    f()
+}
+
+/// Decides telemetry for one job payload, with the options in force (see
+/// [`with_options`]; default: none). Never panics.
 pub fn negotiate(payload: &Value) -> Negotiation {
-    match negotiate_inner(payload) {
+    negotiate_with(payload, SCOPED_OPTIONS.with(Cell::get))
+}
+
+/// Decides telemetry for one job payload with explicit options. Never
+/// panics.
+pub fn negotiate_with(payload: &Value, options: NegotiationOptions) -> Negotiation {
+    match negotiate_inner(payload, options) {
         Ok(plan) => Negotiation::Enabled(plan),
         Err(reason) => Negotiation::Disabled(reason),
     }
 }
 
-fn negotiate_inner(payload: &Value) -> Result<TelemetryPlan, DisabledReason> {
+/// The trace ID the old-GitLab fallback would use for this payload:
+/// `job_info.root_pipeline_id`, else `job_info.pipeline_id` (a positive
+/// integer or a string of one).
+pub fn derived_trace_context(payload: &Value) -> Option<TraceContext> {
+    let info = payload.get("job_info")?.as_object()?;
+    let id = |key: &str| match info.get(key)? {
+        Value::Number(n) => n.as_u64(),
+        Value::String(s) => s.trim().parse::<u64>().ok(),
+        _ => None,
+    };
+    let pipeline = id("root_pipeline_id").or_else(|| id("pipeline_id"))?;
+    TraceContext::derived_from_pipeline(pipeline)
+}
+
+fn negotiate_inner(
+    payload_value: &Value,
+    options: NegotiationOptions,
+) -> Result<TelemetryPlan, DisabledReason> {
+    let payload = payload_value;
     let payload = payload
         .as_object()
         .ok_or(DisabledReason::PayloadNotObject)?;
@@ -353,7 +441,24 @@ fn negotiate_inner(payload: &Value) -> Result<TelemetryPlan, DisabledReason> {
             })
         }
     }
-    negotiate_v1(payload, features)
+    let plan = negotiate_v1(payload, features);
+    match plan {
+        Err(DisabledReason::FieldMissing("trace_context"))
+            if options.derive_trace_id_from_pipeline =>
+        {
+            let trace_context =
+                derived_trace_context(payload_value).ok_or(DisabledReason::FieldMissing(
+                    "trace_context (and job_info.pipeline_id to derive a trace id from)",
+                ))?;
+            Ok(TelemetryPlan {
+                contract: ContractVersion::V1,
+                trace_context,
+                endpoints: Vec::new(),
+                skipped: Vec::new(),
+            })
+        }
+        other => other,
+    }
 }
 
 type Object = serde_json::Map<String, Value>;
@@ -718,6 +823,65 @@ mod tests {
             json!({"features": {"job_telemetry": true, "tracing": null}, "trace_context": {"trace_id": T, "parent_span_id": P}}),
             &format!("enabled: contract v1 trace_id={T} parent={P} endpoint=static"),
         );
+    }
+
+    /// With the old-GitLab fallback on.
+    fn check_derived(input: Value, expected: &str) {
+        let options = NegotiationOptions {
+            derive_trace_id_from_pipeline: true,
+        };
+        assert_eq!(
+            negotiate_with(&input, options).to_string(),
+            expected,
+            "input: {input}"
+        );
+        // The same through the scoped options, which end with the scope.
+        let scoped = with_options(options, || negotiate(&input).to_string());
+        assert_eq!(scoped, expected);
+    }
+
+    #[test]
+    fn derived_trace_id_cases() {
+        let old =
+            |job_info: Value| json!({"features": {"job_telemetry": true}, "job_info": job_info});
+        check_derived(
+            old(json!({"pipeline_id": 506})),
+            "enabled: contract v1 trace_id=000000000000000000000000000001fa parent=0000000000000000 endpoint=static",
+        );
+        check_derived(
+            old(json!({"pipeline_id": 7, "root_pipeline_id": "5"})),
+            "enabled: contract v1 trace_id=00000000000000000000000000000005 parent=0000000000000000 endpoint=static",
+        );
+        check_derived(
+            old(json!({"pipeline_id": 0})),
+            "disabled: trace_context (and job_info.pipeline_id to derive a trace id from) is missing",
+        );
+        check_derived(
+            old(json!({})),
+            "disabled: trace_context (and job_info.pipeline_id to derive a trace id from) is missing",
+        );
+        // A trace context that is there wins, and a bad one stays disabled.
+        check_derived(
+            v1(json!({"trace_id": T, "parent_span_id": P})),
+            &format!("enabled: contract v1 trace_id={T} parent={P} endpoint=static"),
+        );
+        check_derived(
+            v1(json!({"trace_id": "XYZ", "parent_span_id": P})),
+            "disabled: trace_context.trace_id has 3 characters, expected 32",
+        );
+        check_derived(
+            json!({"features": {"job_telemetry": false}, "job_info": {"pipeline_id": 5}}),
+            "disabled: features.job_telemetry is false",
+        );
+        // Off by default, and after a scope.
+        check(
+            old(json!({"pipeline_id": 506})),
+            "disabled: trace_context is missing",
+        );
+        let tc = TraceContext::derived_from_pipeline(506).unwrap();
+        assert!(tc.is_root());
+        assert!(!TraceContext::from_hex(T, P).unwrap().is_root());
+        assert_eq!(TraceContext::derived_from_pipeline(0), None);
     }
 
     #[test]

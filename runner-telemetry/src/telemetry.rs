@@ -7,18 +7,27 @@
 //! job=42 telemetry disabled: features.job_telemetry is false
 //! job=42 telemetry enabled contract=v1 trace_id=4bf9… parent=00f0… span_id=… endpoint=http/protobuf+http://localhost:4318/v1/traces
 //! job=42 telemetry flushed spans=1 exported=1 dropped=0 elapsed=3ms
-//! job=42 telemetry flush incomplete spans=1 exported=0 dropped=1 elapsed=5001ms deadline_exceeded=true endpoint=… (exported=0 dropped=1 error="…")
+//! job=42 telemetry flush incomplete spans=3 exported=0 dropped=1 buffered=2 elapsed=5001ms deadline_exceeded=true dropped_by=queue_full=1 endpoint=… (exported=0 dropped=1 buffered=2 error="…")
+//! job=42 telemetry settled spans=3 exported=2 dropped=1 elapsed=31200ms dropped_by=queue_full=1 endpoint=… (…)
 //! ```
+//!
+//! The `flushed`/`flush incomplete` line comes when the job's flush deadline
+//! ends (or earlier, when every span is decided). Spans still `buffered`
+//! then stay in the runner's buffer and are retried; the `settled` line
+//! follows when the last of them is exported or dropped (`max_age`,
+//! `shutdown`, ...), with the job's final numbers.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use serde_json::Value;
 
 use crate::config::ExportSettings;
-use crate::export::{ExportTarget, ExporterFactory, FlushReport, SpanSink};
+use crate::export::{Auth, ExportHub, ExportTarget, FlushReport, ShutdownReport, SpanSink};
 use crate::job::{
     guarded, JobSpanInfo, JobTelemetry, JobTelemetryStart, PendingFlush, RunnerIdentity,
 };
+use crate::metrics::Metrics;
 use crate::negotiate::{
     negotiate, ContractVersion, DisabledReason, EndpointAuth, Negotiation, TelemetryPlan,
 };
@@ -28,17 +37,64 @@ use crate::negotiate::{
 pub struct RunnerTelemetry {
     settings: ExportSettings,
     runner: RunnerIdentity,
-    factory: ExporterFactory,
+    hub: ExportHub,
 }
 
 impl RunnerTelemetry {
+    /// With metrics of its own; see [`RunnerTelemetry::with_metrics`].
     pub fn new(settings: ExportSettings, runner: RunnerIdentity) -> Self {
-        let factory = ExporterFactory::new(settings.export_timeout);
+        RunnerTelemetry::with_metrics(settings, runner, Metrics::new())
+    }
+
+    /// Counting into `metrics`, which the runners of one process share (and
+    /// the metrics endpoint shows).
+    pub fn with_metrics(
+        settings: ExportSettings,
+        runner: RunnerIdentity,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let hub = ExportHub::new(&settings, metrics);
+        if settings.enabled {
+            let b = &settings.buffer;
+            let path = |p: &Option<std::path::PathBuf>| {
+                p.as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|| "-".into())
+            };
+            tracing::info!(
+                "Telemetry export runner={} buffer_max_spans={} buffer_max_bytes={} max_age={}s retry_backoff={}ms..{}ms export_timeout={}ms shutdown_timeout={}ms ca_file={} bearer_token_file={}",
+                runner.name,
+                b.max_spans,
+                b.max_bytes,
+                b.max_age.as_secs_f64(),
+                b.initial_backoff.as_millis(),
+                b.max_backoff.as_millis(),
+                settings.export_timeout.as_millis(),
+                settings.shutdown_timeout.as_millis(),
+                path(&settings.ca_file),
+                path(&settings.bearer_token_file),
+            );
+        }
         RunnerTelemetry {
             settings,
             runner,
-            factory,
+            hub,
         }
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        self.hub.metrics()
+    }
+
+    /// The runner's export buffer and workers.
+    pub fn hub(&self) -> &ExportHub {
+        &self.hub
+    }
+
+    /// Stops exporting: spans still buffered get one final attempt within
+    /// `shutdown_timeout`; the rest are dropped as `shutdown`.
+    pub async fn shutdown(&self) -> ShutdownReport {
+        self.hub.shutdown().await
     }
 
     pub fn settings(&self) -> &ExportSettings {
@@ -61,9 +117,12 @@ impl RunnerTelemetry {
             return vec![ExportTarget {
                 transport: endpoint.transport,
                 url: endpoint.url.clone(),
-                tls: false,
+                tls: endpoint.url.starts_with("https://"),
                 headers: endpoint.headers.clone(),
-                auth: EndpointAuth::None,
+                auth: match &self.settings.bearer_token_file {
+                    Some(path) => Auth::BearerTokenFile(path.clone()),
+                    None => Auth::None,
+                },
             }];
         }
         plan.endpoints
@@ -72,9 +131,14 @@ impl RunnerTelemetry {
                 transport: e.transport,
                 url: e.url.clone(),
                 tls: e.tls,
-                // Static headers belong to the static collector.
+                // Static headers and tokens belong to the static collector.
                 headers: Vec::new(),
-                auth: e.auth.clone(),
+                auth: match &e.auth {
+                    EndpointAuth::None => Auth::None,
+                    EndpointAuth::HttpBearerGcpOidc { audience } => Auth::GcpOidc {
+                        audience: audience.clone(),
+                    },
+                },
             })
             .collect()
     }
@@ -121,12 +185,10 @@ impl RunnerTelemetry {
         let mut sinks: Vec<Box<dyn SpanSink>> = Vec::new();
         let mut notes = Vec::new();
         for target in self.targets(&plan) {
-            match self.factory.build(&target) {
+            match self.hub.build(&target) {
                 Ok(sink) => {
-                    if let EndpointAuth::HttpBearerGcpOidc { .. } = target.auth {
-                        notes.push(format!(
-                            "auth=none({target} asks for http_bearer_gcp_oidc, not implemented yet)"
-                        ));
+                    if target.auth != Auth::None {
+                        notes.push(format!("auth[{}]={}", sinks.len(), target.auth));
                     }
                     sinks.push(sink);
                 }
@@ -186,11 +248,13 @@ impl RunnerTelemetry {
 }
 
 /// Flushes within `deadline` and logs one line: INFO when everything was
-/// exported, WARN when spans were dropped (the job itself is unaffected).
+/// exported, WARN when spans were dropped or are still buffered (the job
+/// itself is unaffected; buffered spans keep being retried, and a `settled`
+/// line follows when the last of them is decided).
 pub async fn flush_and_log(pending: PendingFlush, deadline: Duration) -> FlushReport {
     let job_id = pending.job_id();
     let report = pending.flush(deadline).await;
-    if report.dropped() == 0 && !report.panicked {
+    if report.dropped() == 0 && report.buffered() == 0 && !report.panicked {
         tracing::info!("job={job_id} telemetry flushed {report}");
     } else {
         tracing::warn!("job={job_id} telemetry flush incomplete {report}");

@@ -9,7 +9,9 @@ use common::{closed_port, grpc_collector, http_collector, stalled_server, Receiv
 use opentelemetry::KeyValue;
 use runner_telemetry::config::{ExportSettings, StaticEndpoint};
 use runner_telemetry::negotiate::Transport;
-use runner_telemetry::{JobOutcome, JobSpanInfo, RunnerIdentity, RunnerTelemetry, SpanOutcome};
+use runner_telemetry::{
+    DropReason, JobOutcome, JobSpanInfo, RunnerIdentity, RunnerTelemetry, SpanOutcome,
+};
 use serde_json::{json, Value};
 
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
@@ -288,7 +290,10 @@ async fn two_payload_endpoints_both_receive_the_span() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_collector_costs_the_job_nothing_and_is_accounted() {
     let url = format!("http://{}/v1/traces", closed_port());
-    let telemetry = RunnerTelemetry::new(settings(Transport::HttpProtobuf, &url), runner());
+    let mut settings = settings(Transport::HttpProtobuf, &url);
+    settings.flush_timeout = Duration::from_millis(500);
+    settings.shutdown_timeout = Duration::from_millis(300);
+    let telemetry = RunnerTelemetry::new(settings, runner());
     let started = Instant::now();
     let mut job = telemetry.start_job(&v1_payload(), &job_info(), SystemTime::now());
     job.child("step_script", vec![]).end(SpanOutcome::Ok);
@@ -300,13 +305,36 @@ async fn unreachable_collector_costs_the_job_nothing_and_is_accounted() {
         started.elapsed()
     );
 
+    // Connection refused is retried: the spans stay buffered past the
+    // flush deadline, and the error is on record.
     let report = telemetry.flush_job(pending).await;
     assert_eq!(
-        (report.spans, report.exported(), report.dropped()),
-        (2, 0, 2),
+        (
+            report.spans,
+            report.exported(),
+            report.dropped(),
+            report.buffered()
+        ),
+        (2, 0, 0, 2),
         "{report}"
     );
-    assert!(report.endpoints[0].error.is_some(), "{report}");
+    assert!(report.timed_out && report.is_consistent(), "{report}");
+    let error = report.endpoints[0].error.clone().unwrap_or_default();
+    assert!(error.contains("cannot connect"), "{report}");
+
+    // Stopping the runner gives them a final attempt, then counts them.
+    let stopped = telemetry.shutdown().await;
+    assert_eq!(stopped.dropped, 2);
+    let metrics = telemetry.metrics().snapshot();
+    assert_eq!(
+        (
+            metrics.spans,
+            metrics.exported,
+            metrics.dropped(DropReason::Shutdown),
+            metrics.buffer_spans
+        ),
+        (2, 0, 2, 0)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -315,6 +343,7 @@ async fn stalled_collector_is_cut_off_at_the_flush_deadline() {
     let mut settings = settings(Transport::HttpProtobuf, &url);
     settings.export_timeout = Duration::from_secs(30);
     settings.flush_timeout = Duration::from_millis(600);
+    settings.shutdown_timeout = Duration::from_millis(300);
     let telemetry = RunnerTelemetry::new(settings, runner());
     let started = Instant::now();
     let mut job = telemetry.start_job(&v1_payload(), &job_info(), SystemTime::now());
@@ -332,13 +361,28 @@ async fn stalled_collector_is_cut_off_at_the_flush_deadline() {
     let elapsed = started.elapsed();
     assert!(report.timed_out, "{report}");
     assert_eq!(
-        (report.spans, report.exported(), report.dropped()),
-        (2, 0, 2),
+        (
+            report.spans,
+            report.exported(),
+            report.dropped(),
+            report.buffered()
+        ),
+        (2, 0, 0, 2),
         "{report}"
     );
     assert!(
         elapsed >= Duration::from_millis(550) && elapsed < Duration::from_secs(3),
         "{elapsed:?}"
+    );
+    // The attempt in flight is cut at the shutdown deadline, not the 30 s
+    // export timeout.
+    let started = Instant::now();
+    let stopped = telemetry.shutdown().await;
+    assert_eq!(stopped.dropped, 2);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
     );
 }
 
@@ -351,9 +395,9 @@ async fn disabled_cases_emit_nothing() {
         json!({"id": 42}),
         json!({"features": {"job_telemetry": false}, "trace_context": {"trace_id": TRACE_ID, "parent_span_id": PARENT}}),
         json!({"features": {"job_telemetry": true}, "trace_context": {"trace_id": "xyz", "parent_span_id": PARENT}}),
-        // An endpoint that cannot be built (TLS is not in this build): disabled.
+        // No usable endpoint: disabled.
         json!({"features": {"tracing": {"trace_id": TRACE_ID, "span_parent_id": PARENT,
-               "otel_endpoints": [{"url": "https://collector.example.com/v1/traces"}]}}}),
+               "otel_endpoints": [{"url": "ftp://collector.example.com/v1/traces"}]}}}),
     ];
     for payload in &payloads {
         let mut job = telemetry.start_job(payload, &job_info(), SystemTime::now());

@@ -5,7 +5,8 @@
 //! ci-runner run [--config PATH] [--url URL --token RUNNER_TOKEN] [--builds-dir DIR]
 //!               [--concurrent N] [--max-jobs N] [--check-interval MS]
 //!               [--otlp-endpoint URL] [--otlp-protocol grpc|http/protobuf]
-//!               [--flush-timeout SECS] [--telemetry-disabled]
+//!               [--flush-timeout SECS] [--telemetry-disabled] [--metrics-listen ADDR]
+//!               [--cache-dir DIR] [--derive-trace-id-from-pipeline]
 //! ```
 //!
 //! Logs go to stderr, one event per line; `CI_RUNNER_LOG` takes a
@@ -85,14 +86,23 @@ struct RunArgs {
     /// No telemetry for any job.
     #[arg(long)]
     telemetry_disabled: bool,
+    /// Serve Prometheus metrics (`GET /metrics`) on `HOST:PORT` or `:PORT`.
+    #[arg(long, env = "CI_RUNNER_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
+    /// Local cache directory (default: `<builds_dir>/../cache`).
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+    /// Old GitLab without trace context: derive the trace id from the
+    /// pipeline id and make `job_execution` a root span (off by default).
+    #[arg(long, env = "CI_RUNNER_DERIVE_TRACE_ID_FROM_PIPELINE")]
+    derive_trace_id_from_pipeline: bool,
 }
 
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("CI_RUNNER_LOG").unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new(
-            "info,opentelemetry=error,opentelemetry_sdk=error,opentelemetry_otlp=error,opentelemetry_http=error",
-        )
-    });
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_env("CI_RUNNER_LOG").unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new("info,opentelemetry=error,opentelemetry_sdk=error")
+        });
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -200,6 +210,9 @@ async fn run(args: RunArgs) -> i32 {
             flush_timeout,
             disabled: args.telemetry_disabled,
         },
+        metrics_listen: args.metrics_listen,
+        cache_dir: args.cache_dir,
+        derive_trace_id_from_pipeline: args.derive_trace_id_from_pipeline,
     };
     let file = match &args.config {
         Some(path) => match config::load(path) {

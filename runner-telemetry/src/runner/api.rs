@@ -93,6 +93,28 @@ pub struct JobOutput {
     pub bytesize: usize,
 }
 
+/// An artifact archive to upload.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ArtifactUpload {
+    /// `artifacts.zip`, `junit.xml.gz`, ...
+    pub file_name: String,
+    pub artifact_type: String,
+    pub artifact_format: String,
+    pub expire_in: Option<String>,
+    pub data: bytes::Bytes,
+}
+
+impl std::fmt::Debug for ArtifactUpload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ArtifactUpload")
+            .field("file_name", &self.file_name)
+            .field("artifact_type", &self.artifact_type)
+            .field("artifact_format", &self.artifact_format)
+            .field("bytes", &self.data.len())
+            .finish()
+    }
+}
+
 /// The runner's self-description sent with registration and job requests.
 pub fn runner_info(name: &str, executor: &str, shell: &str, telemetry: bool) -> Value {
     let arch = match std::env::consts::ARCH {
@@ -113,8 +135,8 @@ pub fn runner_info(name: &str, executor: &str, shell: &str, telemetry: bool) -> 
             "variables": true,
             "image": false,
             "services": false,
-            "artifacts": false,
-            "cache": false,
+            "artifacts": true,
+            "cache": true,
             "shared": true,
             "upload_multiple_artifacts": false,
             "upload_raw_artifacts": false,
@@ -294,6 +316,41 @@ impl GitLabClient {
             s if s >= 500 || s == 429 => Err(ApiError::Status(s)),
             s => Ok(UpdateResult::Rejected(s)),
         }
+    }
+
+    /// `POST /api/v4/jobs/:id/artifacts` (one attempt): multipart `file`
+    /// with `artifact_type`, `artifact_format` and `expire_in` as query
+    /// parameters, the job token as `JOB-TOKEN`. Returns the HTTP status;
+    /// `Err` for network errors.
+    pub async fn upload_artifacts(
+        &self,
+        job_id: i64,
+        job_token: &str,
+        upload: &ArtifactUpload,
+    ) -> Result<u16, ApiError> {
+        let mut url = self.url(&format!("jobs/{job_id}/artifacts"));
+        {
+            let mut query = url.query_pairs_mut();
+            query.append_pair("artifact_type", &upload.artifact_type);
+            query.append_pair("artifact_format", &upload.artifact_format);
+            if let Some(expire_in) = &upload.expire_in {
+                query.append_pair("expire_in", expire_in);
+            }
+        }
+        let part = reqwest::multipart::Part::bytes(upload.data.to_vec())
+            .file_name(upload.file_name.clone())
+            .mime_str("application/octet-stream")
+            .map_err(network)?;
+        let form = reqwest::multipart::Form::new().part("file", part);
+        let response = self
+            .http
+            .post(url)
+            .header("JOB-TOKEN", job_token)
+            .multipart(form)
+            .send()
+            .await
+            .map_err(network)?;
+        Ok(response.status().as_u16())
     }
 
     /// `PATCH /api/v4/jobs/:id/trace` with `content` at `start`.

@@ -44,6 +44,10 @@ pub struct ConfigFile {
     /// Seconds, as GitLab Runner has it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub check_interval: Option<DurationValue>,
+    /// Where to serve Prometheus metrics (`GET /metrics`), `HOST:PORT` or
+    /// `:PORT`, as GitLab Runner's `listen_address`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen_address: Option<String>,
     #[serde(default)]
     pub runners: Vec<RunnerSection>,
 }
@@ -64,6 +68,10 @@ pub struct RunnerSection {
     pub shell: Option<String>,
     #[serde(default)]
     pub builds_dir: Option<String>,
+    /// The local cache (GitLab Runner's `cache_dir`); default
+    /// `<builds_dir>/../cache`.
+    #[serde(default)]
+    pub cache_dir: Option<String>,
     #[serde(default)]
     pub telemetry: Option<TelemetrySettings>,
 }
@@ -90,6 +98,13 @@ pub struct RunFlags {
     pub max_jobs: Option<u64>,
     pub check_interval: Option<Duration>,
     pub telemetry: TelemetryOverrides,
+    /// `--metrics-listen`: wins over the file's `listen_address`.
+    pub metrics_listen: Option<String>,
+    /// `--cache-dir`: for every runner, wins over the file.
+    pub cache_dir: Option<PathBuf>,
+    /// `--derive-trace-id-from-pipeline`: the old-GitLab fallback of
+    /// negotiation, for every runner (see `crate::negotiate`).
+    pub derive_trace_id_from_pipeline: bool,
 }
 
 /// One runner, ready to run.
@@ -102,6 +117,8 @@ pub struct RunnerConfig {
     pub executor: String,
     pub shell: String,
     pub builds_dir: PathBuf,
+    pub cache_dir: PathBuf,
+    pub derive_trace_id_from_pipeline: bool,
     pub telemetry: ExportSettings,
 }
 
@@ -124,6 +141,8 @@ pub struct RunConfig {
     pub check_interval: Duration,
     pub max_jobs: Option<u64>,
     pub runners: Vec<RunnerConfig>,
+    /// Where to serve Prometheus metrics, if anywhere.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// The default config path: `$HOME/.gitlab-runner/config.toml` (GitLab
@@ -224,6 +243,19 @@ pub fn resolve(
         } else {
             cwd.join(builds_dir)
         };
+        let cache_dir = match (&flags.cache_dir, &section.cache_dir) {
+            (Some(dir), _) => dir.clone(),
+            (None, Some(dir)) if !dir.is_empty() => PathBuf::from(dir),
+            _ => builds_dir
+                .parent()
+                .map(|p| p.join("cache"))
+                .unwrap_or_else(|| PathBuf::from("cache")),
+        };
+        let cache_dir = if cache_dir.is_absolute() {
+            cache_dir
+        } else {
+            cwd.join(cache_dir)
+        };
         let telemetry = telemetry_config::resolve(
             &section.telemetry.clone().unwrap_or_default(),
             &flags.telemetry,
@@ -238,6 +270,8 @@ pub fn resolve(
             executor,
             shell,
             builds_dir,
+            cache_dir,
+            derive_trace_id_from_pipeline: flags.derive_trace_id_from_pipeline,
             telemetry,
         });
     }
@@ -253,12 +287,33 @@ pub fn resolve(
         (None, None) => DEFAULT_CHECK_INTERVAL,
     };
     let concurrent = flags.concurrent.or(file.concurrent).unwrap_or(1).max(1);
+    let metrics_listen = match flags
+        .metrics_listen
+        .as_deref()
+        .or(file.listen_address.as_deref())
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+    {
+        Some(address) => Some(parse_listen_address(address)?),
+        None => None,
+    };
     Ok(RunConfig {
         concurrent,
         check_interval,
         max_jobs: flags.max_jobs,
         runners,
+        metrics_listen,
     })
+}
+
+/// `HOST:PORT`, or `:PORT` for every interface (GitLab Runner's form).
+pub fn parse_listen_address(address: &str) -> Result<std::net::SocketAddr, String> {
+    let full = match address.strip_prefix(':') {
+        Some(port) => format!("0.0.0.0:{port}"),
+        None => address.to_string(),
+    };
+    full.parse()
+        .map_err(|_| format!("metrics listen address `{address}` is not HOST:PORT or :PORT"))
 }
 
 /// Adds (or updates, same `url` and `name`) a runner in the config file at
@@ -464,7 +519,7 @@ listen_address = ":9252"   # unknown to us: ignored
             RunFlags::default(),
             "error: runner #1 (`x`): executor `docker` is not supported, only `shell`",
         );
-        check(Some("[[runners]]\nname='x'\nurl='http://g'\ntoken='t'\n[runners.telemetry]\nendpont='typo'"), RunFlags::default(), "error: unknown field `endpont`, expected one of `disabled`, `endpoint`, `protocol`, `headers`, `timeout`, `flush_timeout`, `service_name`, `connection_string`");
+        check(Some("[[runners]]\nname='x'\nurl='http://g'\ntoken='t'\n[runners.telemetry]\nendpont='typo'"), RunFlags::default(), "error: unknown field `endpont`, expected one of `disabled`, `endpoint`, `protocol`, `headers`, `timeout`, `flush_timeout`, `service_name`, `connection_string`, `buffer_max_spans`, `buffer_max_bytes`, `max_age`, `retry_initial_backoff`, `retry_max_backoff`, `shutdown_timeout`, `ca_file`, `bearer_token_file`, `gcp_metadata_url`");
     }
 
     #[test]

@@ -1,27 +1,76 @@
-//! One job, from the payload to the final status: prepare the build
-//! directory, get the sources, run `before_script` + `script`, then
-//! `after_script`, stream the log, and report the result.
+//! One job, from the payload to the final status, in GitLab Runner's build
+//! stages, each a child span of `job_execution` (Phase 2) when telemetry is
+//! on:
+//!
+//! ```text
+//! prepare_executor   build directory, variables, shell (the shell executor pulls no image)
+//! get_sources        git init/fetch/checkout/clean per GIT_STRATEGY, GIT_DEPTH (git.rs)
+//! restore_cache      one span per cache entry whose policy pulls (cache.rs)
+//! step_script        before_script + script; or, for a `run:` job, one
+//!                    `ci_function` span per CI Function instead (functions.rs)
+//! after_script       its own shell; failure is only a warning for the job
+//! archive_cache      one span per entry whose policy pushes and whose `when`
+//!                    matches; `archive_cache_on_failure` after a failure
+//! upload_artifacts   one span per artifact entry whose `when` matches;
+//!                    `upload_artifacts_on_failure` after a failure (artifacts.rs)
+//! ```
+//!
+//! A stage that does not run has no span. Every stage span has
+//! `ci.stage.status` (`success|failed|skipped`); a failed stage has status
+//! Error with a message. Each span ends, and so is exported, when its stage
+//! ends. After a timeout, cancel or abort only the log and the status
+//! follow (no after_script, cache or artifacts), as before.
+//!
+//! Build directories are per project and stable, `<builds_dir>/<slot>/<project
+//! path>`, the slot being the lowest one no running job of this process
+//! holds for that project (GitLab Runner's concurrent ID, without the token
+//! prefix), so `GIT_STRATEGY=fetch` finds the previous checkout.
 //!
 //! **Architecture Invariant:** the status update to GitLab never waits for
 //! telemetry. `job_execution` ends at the job's end, after the status is
 //! sent its export is flushed in the background by the caller
 //! ([`JobDone::flush`]).
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
+use opentelemetry::{Array, KeyValue, StringValue, Value as OtelValue};
 use serde_json::Value;
 use tokio::sync::watch;
 
 use super::api::{GitLabClient, JobOutput, UpdateJob, UpdateResult};
+use super::artifacts::{self, Preparation};
+use super::cache;
+use super::functions::{self, FunctionCall};
+use super::git;
 use super::payload::{JobPayload, PayloadError};
 use super::shell::{self, ExportVar, ScriptResult};
 use super::trace::{self, JobLog, StopRequest};
-use crate::job::{strip_credentials, JobOutcome, JobSpanInfo, PendingFlush};
+use crate::job::{ChildSpan, JobOutcome, JobSpanInfo, JobTelemetry, PendingFlush, SpanOutcome};
+use crate::keys;
+use crate::negotiate::{self, NegotiationOptions};
 use crate::telemetry::RunnerTelemetry;
 
 /// Default `after_script` timeout (GitLab's).
 pub const AFTER_SCRIPT_TIMEOUT: Duration = Duration::from_secs(300);
+/// Name of the span of one CI Function invocation (Phase 3). One fixed,
+/// low-cardinality name; the function's own name is `ci.function.name`.
+pub const FUNCTION_SPAN_NAME: &str = "ci_function";
+
+/// Stage span names (GitLab Runner's build stage names).
+pub mod stages {
+    pub const PREPARE_EXECUTOR: &str = "prepare_executor";
+    pub const GET_SOURCES: &str = "get_sources";
+    pub const RESTORE_CACHE: &str = "restore_cache";
+    pub const STEP_SCRIPT: &str = "step_script";
+    pub const AFTER_SCRIPT: &str = "after_script";
+    pub const ARCHIVE_CACHE: &str = "archive_cache";
+    pub const ARCHIVE_CACHE_ON_FAILURE: &str = "archive_cache_on_failure";
+    pub const UPLOAD_ARTIFACTS: &str = "upload_artifacts";
+    pub const UPLOAD_ARTIFACTS_ON_FAILURE: &str = "upload_artifacts_on_failure";
+}
 
 /// What a job needs from its runner.
 #[derive(Debug)]
@@ -30,6 +79,10 @@ pub struct JobContext {
     pub runner_name: String,
     pub gitlab_url: String,
     pub builds_dir: PathBuf,
+    /// The local cache: `<cache_dir>/<project path>/<key>/cache.zip`.
+    pub cache_dir: PathBuf,
+    /// Per-runner negotiation options (the old-GitLab trace ID fallback).
+    pub negotiation: NegotiationOptions,
     pub telemetry: RunnerTelemetry,
 }
 
@@ -68,6 +121,18 @@ impl Ending {
         }
     }
 
+    /// A `script_failure` that is not a script's exit code (a CI Function
+    /// that cannot be resolved, an artifact upload that failed).
+    fn script_failure_because(why: &str) -> Self {
+        Ending {
+            outcome: JobOutcome::Failed {
+                failure_reason: "script_failure".into(),
+                exit_code: None,
+            },
+            message: format!("\x1b[31;1mERROR: Job failed: {why}\x1b[0;m"),
+        }
+    }
+
     fn system_failure(why: &str) -> Self {
         Ending {
             outcome: JobOutcome::Failed {
@@ -100,6 +165,76 @@ impl Ending {
     }
 }
 
+/// How a stage ended, for its span.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum StageEnd {
+    Success,
+    /// Ran, had nothing to do.
+    Skipped,
+    Failed(String),
+}
+
+/// Ends a stage span with `ci.stage.status` and the matching span status.
+fn end_stage(mut span: ChildSpan, end: StageEnd) {
+    let (status, outcome) = match end {
+        StageEnd::Success => ("success", SpanOutcome::Ok),
+        StageEnd::Skipped => ("skipped", SpanOutcome::Unset),
+        StageEnd::Failed(message) => ("failed", SpanOutcome::Error(message)),
+    };
+    span.set_attribute(KeyValue::new(keys::CI_STAGE_STATUS, status));
+    span.end(outcome);
+}
+
+/// A script's result as a stage end, plus its exit code.
+fn script_stage_end(result: &ScriptResult, timeout: Duration) -> (StageEnd, Option<i32>) {
+    match result {
+        ScriptResult::Exited(0) => (StageEnd::Success, Some(0)),
+        ScriptResult::Exited(code) => (StageEnd::Failed(format!("exit code {code}")), Some(*code)),
+        ScriptResult::TimedOut => (
+            StageEnd::Failed(format!("execution took longer than {}s", timeout.as_secs())),
+            None,
+        ),
+        ScriptResult::Stopped => (
+            StageEnd::Failed("stopped (canceled or aborted)".into()),
+            None,
+        ),
+        ScriptResult::SpawnFailed(why) => (StageEnd::Failed(why.clone()), None),
+    }
+}
+
+/// Build directories held by running jobs of this process.
+static BUSY_BUILD_DIRS: Mutex<BTreeSet<PathBuf>> = Mutex::new(BTreeSet::new());
+
+/// A project's build directory, held while its job runs.
+#[derive(Debug)]
+struct BuildSlot {
+    dir: PathBuf,
+}
+
+impl BuildSlot {
+    /// The lowest free slot of the project: `<builds_dir>/<slot>/<path>`.
+    fn acquire(builds_dir: &Path, project_path: &str) -> BuildSlot {
+        let mut busy = BUSY_BUILD_DIRS.lock().unwrap_or_else(|e| e.into_inner());
+        let mut slot = 0;
+        loop {
+            let dir = shell::build_dir(builds_dir, slot, project_path);
+            if busy.insert(dir.clone()) {
+                return BuildSlot { dir };
+            }
+            slot += 1;
+        }
+    }
+}
+
+impl Drop for BuildSlot {
+    fn drop(&mut self) {
+        BUSY_BUILD_DIRS
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.dir);
+    }
+}
+
 /// Runs the job in `raw` (as received at `received`). `abort` turns true when
 /// the runner must stop its jobs (second signal).
 pub async fn run_job(
@@ -127,7 +262,21 @@ pub async fn run_job(
         payload.timeout_secs
     );
     let span_info = payload.span_info(&ctx.gitlab_url);
-    let telemetry = ctx.telemetry.start_job(&raw, &span_info, received);
+    let mut telemetry = negotiate::with_options(ctx.negotiation, || {
+        ctx.telemetry.start_job(&raw, &span_info, received)
+    });
+    if telemetry.is_enabled() && uses_derived_trace_id(ctx.negotiation, &raw) {
+        if let Some(derived) = negotiate::derived_trace_context(&raw) {
+            tracing::info!(
+                "job={job_id} telemetry trace_id={} derived from the pipeline id (the payload has no trace context): job_execution is a root span",
+                derived.trace_id()
+            );
+        }
+    }
+    telemetry.mask_secrets(payload.secrets());
+    if let Some(queued) = payload.job_info.time_in_queue_seconds {
+        telemetry.set_attribute(KeyValue::new(keys::CI_JOB_QUEUED_DURATION, queued));
+    }
 
     let log = JobLog::new(payload.secrets());
     let (cancel_tx, cancel_rx) = watch::channel(None::<StopRequest>);
@@ -154,7 +303,15 @@ pub async fn run_job(
         })
     };
 
-    let ending = execute(ctx, &payload, &log, &mut stop_rx, &abort, &cancel_rx).await;
+    let mut job = Job {
+        ctx,
+        payload: &payload,
+        log: &log,
+        telemetry: &mut telemetry,
+        abort: &abort,
+        cancel: &cancel_rx,
+    };
+    let ending = job.execute(&mut stop_rx).await;
     stop_watcher.abort();
 
     log.line("");
@@ -195,123 +352,468 @@ pub async fn run_job(
     }
 }
 
-async fn execute(
-    ctx: &JobContext,
-    payload: &JobPayload,
-    log: &JobLog,
-    stop: &mut watch::Receiver<bool>,
-    abort: &watch::Receiver<bool>,
-    cancel: &watch::Receiver<Option<StopRequest>>,
-) -> Ending {
-    let job_id = payload.id;
-    let timeout = Duration::from_secs(payload.timeout_secs);
-    let deadline = tokio::time::Instant::now() + timeout;
-    let stopped = || {
-        if *abort.borrow() {
+/// Whether negotiation took the old-GitLab fallback for this payload.
+fn uses_derived_trace_id(options: NegotiationOptions, raw: &Value) -> bool {
+    let absent = |v: Option<&Value>| v.is_none_or(Value::is_null);
+    options.derive_trace_id_from_pipeline
+        && absent(raw.get("trace_context"))
+        && absent(raw.get("features").and_then(|f| f.get("tracing")))
+}
+
+/// One running job: what its stages share.
+struct Job<'a> {
+    ctx: &'a JobContext,
+    payload: &'a JobPayload,
+    log: &'a JobLog,
+    telemetry: &'a mut JobTelemetry,
+    abort: &'a watch::Receiver<bool>,
+    cancel: &'a watch::Receiver<Option<StopRequest>>,
+}
+
+/// What the stages after `prepare_executor` work in.
+struct Workspace {
+    slot: BuildSlot,
+    tmp: PathBuf,
+    exports: Vec<ExportVar>,
+}
+
+impl Workspace {
+    fn dir(&self) -> &Path {
+        &self.slot.dir
+    }
+}
+
+impl Job<'_> {
+    fn job_id(&self) -> i64 {
+        self.payload.id
+    }
+
+    fn timeout(&self) -> Duration {
+        Duration::from_secs(self.payload.timeout_secs)
+    }
+
+    /// The ending of a script that did not exit 0.
+    fn ending_of(&self, result: &ScriptResult) -> Option<Ending> {
+        match result {
+            ScriptResult::Exited(0) => None,
+            ScriptResult::Exited(code) => Some(Ending::script_failure(*code)),
+            ScriptResult::TimedOut => Some(Ending::timed_out(self.timeout())),
+            ScriptResult::Stopped => Some(self.stopped()),
+            ScriptResult::SpawnFailed(why) => Some(Ending::system_failure(why)),
+        }
+    }
+
+    fn stopped(&self) -> Ending {
+        if *self.abort.borrow() {
             Ending::system_failure("the runner is shutting down and aborted the job")
-        } else if cancel.borrow().is_some() {
+        } else if self.cancel.borrow().is_some() {
             Ending::canceled()
         } else {
             Ending::system_failure("the job was stopped")
         }
-    };
+    }
 
-    log.line(&format!(
-        "\x1b[0KRunning with ci-runner {} (reference runner)",
-        env!("CARGO_PKG_VERSION")
-    ));
-    log.line(&format!("\x1b[0K  on {}", ctx.runner_name));
+    async fn execute(&mut self, stop: &mut watch::Receiver<bool>) -> Ending {
+        let deadline = tokio::time::Instant::now() + self.timeout();
+        self.log.line(&format!(
+            "\x1b[0KRunning with ci-runner {} (reference runner)",
+            env!("CARGO_PKG_VERSION")
+        ));
+        self.log
+            .line(&format!("\x1b[0K  on {}", self.ctx.runner_name));
 
-    log.section_start("prepare_executor", "Preparing the \"shell\" executor");
-    log.line("\x1b[0KUsing Shell (bash) executor...");
-    log.section_end("prepare_executor");
+        let workspace = match self.prepare_executor() {
+            Ok(workspace) => workspace,
+            Err(ending) => return ending,
+        };
 
-    log.section_start("prepare_script", "Preparing environment");
-    log.line(&format!("Running on {}...", super::config::hostname()));
-    let dir = shell::build_dir(&ctx.builds_dir, &payload.job_info.project_full_path, job_id);
-    let tmp = tmp_dir(&dir);
-    let prepared = prepare_dirs(&dir, &tmp).and_then(|()| {
-        let mut variables = payload.variables.clone();
-        variables.extend(runner_variables(&ctx.builds_dir, &dir));
-        shell::prepare_variables(&variables, &tmp)
-    });
-    let exports = match prepared {
-        Ok((exports, skipped)) => {
-            for key in skipped {
-                log.line(&format!(
-                    "\x1b[0;33mWARNING: variable `{key}` is not a valid shell name and was not exported\x1b[0;m"
-                ));
+        let mut ending = self.get_sources(&workspace, deadline, stop).await;
+        if ending.is_none() {
+            self.restore_cache(&workspace).await;
+            ending = Some(match &self.payload.run {
+                Some(calls) => self.run_functions(calls, &workspace, deadline, stop).await,
+                None => self.step_script(&workspace, deadline, stop).await,
+            });
+        }
+        let mut ending = ending.expect("set above");
+
+        // after_script, cache and artifacts run after success and failure
+        // alike; not after a timeout, cancel or abort.
+        let eligible = matches!(
+            ending.outcome,
+            JobOutcome::Success | JobOutcome::Failed { .. }
+        ) && !*stop.borrow();
+        if eligible {
+            self.after_script(&workspace, &ending, stop).await;
+            self.archive_caches(&workspace, ending.is_success()).await;
+            if let Some(failed) = self.upload_artifacts(&workspace, ending.is_success()).await {
+                if ending.is_success() {
+                    ending = failed;
+                }
             }
-            exports
         }
-        Err(e) => {
-            log.section_end("prepare_script");
-            tracing::error!(
-                "job={job_id} Cannot prepare the build directory `{}`: {e}",
-                dir.display()
-            );
-            return Ending::system_failure(&format!("cannot prepare the build directory: {e}"));
-        }
-    };
-    log.section_end("prepare_script");
 
-    let result = get_sources(payload, &exports, &dir, &tmp, deadline, log, stop).await;
-    let mut ending = match result {
-        None | Some(ScriptResult::Exited(0)) => None,
-        Some(ScriptResult::Exited(code)) => Some(Ending::script_failure(code)),
-        Some(ScriptResult::TimedOut) => Some(Ending::timed_out(timeout)),
-        Some(ScriptResult::Stopped) => Some(stopped()),
-        Some(ScriptResult::SpawnFailed(why)) => Some(Ending::system_failure(&why)),
-    };
-
-    if ending.is_none() {
-        let commands = payload
-            .step("script")
-            .map(|s| s.script.clone())
-            .unwrap_or_default();
-        log.section_start(
-            "step_script",
-            "Executing \"step_script\" stage of the job script",
+        self.log.section_start(
+            "cleanup_file_variables",
+            "Cleaning up project directory and file based variables",
         );
-        let script = shell::build_script(&exports, &dir, &commands);
+        if let Err(e) = std::fs::remove_dir_all(&workspace.tmp) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(
+                    "job={} Cannot remove `{}`: {e}",
+                    self.job_id(),
+                    workspace.tmp.display()
+                );
+            }
+        }
+        self.log.section_end("cleanup_file_variables");
+        drop(workspace);
+        ending
+    }
+
+    /// `prepare_executor` (and GitLab's `prepare_script`): the build
+    /// directory and the job's variables.
+    fn prepare_executor(&mut self) -> Result<Workspace, Ending> {
+        let job_id = self.job_id();
+        let log = self.log;
+        let span = self.telemetry.child(
+            stages::PREPARE_EXECUTOR,
+            vec![
+                KeyValue::new(keys::CI_RUNNER_EXECUTOR, "shell"),
+                KeyValue::new(keys::CI_EXECUTOR_SHELL, "bash"),
+            ],
+        );
+        log.section_start("prepare_executor", "Preparing the \"shell\" executor");
+        log.line("\x1b[0KUsing Shell (bash) executor...");
+        if let Some(image) = &self.payload.image {
+            // As GitLab Runner's shell executor: the image is not used.
+            log.line(&format!(
+                "\x1b[0;33mWARNING: the shell executor runs the job on the host: image `{image}` is ignored\x1b[0;m"
+            ));
+            tracing::info!("job={job_id} The shell executor ignores image `{image}`");
+        }
+        log.section_end("prepare_executor");
+
+        log.section_start("prepare_script", "Preparing environment");
+        log.line(&format!("Running on {}...", super::config::hostname()));
+        let slot = BuildSlot::acquire(
+            &self.ctx.builds_dir,
+            &self.payload.job_info.project_full_path,
+        );
+        let tmp = tmp_dir(&slot.dir);
+        let prepared = prepare_dirs(&slot.dir, &tmp).and_then(|()| {
+            let mut variables = self.payload.variables.clone();
+            variables.extend(runner_variables(&self.ctx.builds_dir, &slot.dir));
+            shell::prepare_variables(&variables, &tmp)
+        });
+        log.section_end("prepare_script");
+        match prepared {
+            Ok((exports, skipped)) => {
+                for key in skipped {
+                    log.line(&format!(
+                        "\x1b[0;33mWARNING: variable `{key}` is not a valid shell name and was not exported\x1b[0;m"
+                    ));
+                }
+                end_stage(span, StageEnd::Success);
+                Ok(Workspace { slot, tmp, exports })
+            }
+            Err(e) => {
+                tracing::error!(
+                    "job={job_id} Cannot prepare the build directory `{}`: {e}",
+                    slot.dir.display()
+                );
+                let why = format!("cannot prepare the build directory: {e}");
+                end_stage(span, StageEnd::Failed(why.clone()));
+                Err(Ending::system_failure(&why))
+            }
+        }
+    }
+
+    /// `get_sources`: `None` when the job goes on.
+    async fn get_sources(
+        &mut self,
+        ws: &Workspace,
+        deadline: tokio::time::Instant,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Option<Ending> {
+        let log = self.log;
+        log.section_start("get_sources", "Getting source from Git repository");
+        let plan = match git::plan(self.payload, ws.dir()) {
+            Ok(plan) => plan,
+            Err(why) => {
+                let span = self.telemetry.child(stages::GET_SOURCES, vec![]);
+                log.line(&format!("\x1b[31;1mERROR: {why}\x1b[0;m"));
+                log.section_end("get_sources");
+                end_stage(span, StageEnd::Failed(why.clone()));
+                return Some(Ending::system_failure(&why));
+            }
+        };
+        let mut attributes = vec![
+            KeyValue::new(keys::CI_GIT_STRATEGY, plan.strategy.as_str()),
+            KeyValue::new(keys::CI_GIT_OPERATION, plan.operation),
+            KeyValue::new(keys::CI_GIT_DEPTH, plan.depth),
+        ];
+        if let Some(filter) = &plan.filter {
+            attributes.push(KeyValue::new(keys::CI_GIT_FILTER, filter.clone()));
+        }
+        let span = self.telemetry.child(stages::GET_SOURCES, attributes);
+        let reset = match (plan.strategy, plan.operation) {
+            (git::Strategy::Empty, _) | (_, "clone") => recreate_dir(ws.dir()),
+            _ => Ok(()),
+        };
+        if let Err(e) = reset {
+            let why = format!("cannot clean the build directory: {e}");
+            log.section_end("get_sources");
+            end_stage(span, StageEnd::Failed(why.clone()));
+            return Some(Ending::system_failure(&why));
+        }
+        if plan.operation == "none" {
+            log.line(match plan.strategy {
+                git::Strategy::Empty => {
+                    "\x1b[0KSkipping Git repository setup and creating an empty build directory"
+                }
+                _ if self.payload.git_info.repo_url.is_empty() => {
+                    "\x1b[0KSkipping Git repository setup: the job has no repository URL"
+                }
+                _ => "\x1b[0KSkipping Git repository setup",
+            });
+            log.section_end("get_sources");
+            end_stage(span, StageEnd::Success);
+            return None;
+        }
+        log.line(&git::describe(&self.payload.git_info));
+        let commands = git::commands(&plan, &self.payload.git_info);
+        // Quiet: the clone URL may hold the job token (masked anyway).
+        let script = build_quiet_script(&ws.exports, ws.dir(), &commands);
         let result = shell::run_script(
-            &tmp.join("step_script.sh"),
+            &ws.tmp.join("get_sources.sh"),
             &script,
-            &dir,
+            ws.dir(),
             deadline,
             log,
             stop,
         )
         .await;
-        log.section_end("step_script");
-        ending = Some(match result {
-            ScriptResult::Exited(0) => Ending::success(),
-            ScriptResult::Exited(code) => Ending::script_failure(code),
-            ScriptResult::TimedOut => Ending::timed_out(timeout),
-            ScriptResult::Stopped => stopped(),
-            ScriptResult::SpawnFailed(why) => Ending::system_failure(&why),
-        });
+        log.section_end("get_sources");
+        let (end, _) = script_stage_end(&result, self.timeout());
+        end_stage(
+            span,
+            match end {
+                StageEnd::Failed(why) => StageEnd::Failed(format!("git failed: {why}")),
+                other => other,
+            },
+        );
+        self.ending_of(&result)
     }
-    let ending = ending.expect("set above");
 
-    // after_script runs after success and failure alike, in its own shell;
-    // not after a timeout, cancel or abort (GitLab's behaviour), and its
-    // failure does not change the job's result.
-    let after = payload
-        .step("after_script")
-        .filter(|s| !s.script.is_empty());
-    let eligible = matches!(
-        ending.outcome,
-        JobOutcome::Success | JobOutcome::Failed { .. }
-    ) && !*stop.borrow();
-    if let (Some(step), true) = (after, eligible) {
+    /// `restore_cache`: one span per entry that pulls. Never fails the job.
+    async fn restore_cache(&mut self, ws: &Workspace) {
+        let entries: Vec<_> = self
+            .payload
+            .caches
+            .iter()
+            .filter(|c| c.policy != "push")
+            .cloned()
+            .collect();
+        if entries.is_empty() {
+            return;
+        }
+        let log = self.log;
+        log.section_start("restore_cache", "Restoring cache");
+        for entry in entries {
+            let mut span = self.telemetry.child(
+                stages::RESTORE_CACHE,
+                vec![KeyValue::new(keys::CI_CACHE_POLICY, entry.policy.clone())],
+            );
+            let key = match cache::resolve_key(&entry.key, &ws.exports) {
+                Ok(key) => key,
+                Err(why) => {
+                    log.line(&format!(
+                        "\x1b[0;33mWARNING: {why}: cache not restored\x1b[0;m"
+                    ));
+                    span.set_attribute(KeyValue::new(keys::CI_CACHE_KEY, entry.key.clone()));
+                    end_stage(span, StageEnd::Failed(why));
+                    continue;
+                }
+            };
+            span.set_attribute(KeyValue::new(keys::CI_CACHE_KEY, key.clone()));
+            let (candidates, warnings) = cache::restore_candidates(
+                &entry,
+                &key,
+                &ws.exports,
+                self.payload.variable(cache::CACHE_FALLBACK_KEY),
+            );
+            for warning in warnings {
+                log.line(&format!("\x1b[0;33mWARNING: {warning}\x1b[0;m"));
+            }
+            let cache_dir = self.ctx.cache_dir.clone();
+            let project = self.payload.job_info.project_full_path.clone();
+            let dir = ws.dir().to_path_buf();
+            let restored = tokio::task::spawn_blocking(move || {
+                cache::restore(&cache_dir, &project, &candidates, &dir)
+            })
+            .await
+            .unwrap_or_else(|e| Err(format!("restoring the cache panicked: {e}")));
+            match restored {
+                Ok(restored) => {
+                    for line in &restored.lines {
+                        log.line(line);
+                    }
+                    let hit = restored.matched.is_some();
+                    span.set_attribute(KeyValue::new(keys::CI_CACHE_HIT, hit));
+                    if hit {
+                        span.set_attribute(KeyValue::new(
+                            keys::CI_CACHE_SIZE_BYTES,
+                            restored.size_bytes as i64,
+                        ));
+                    }
+                    if let Some(matched) = restored.matched.filter(|m| *m != key) {
+                        span.set_attribute(KeyValue::new(keys::CI_CACHE_MATCHED_KEY, matched));
+                    }
+                    end_stage(span, StageEnd::Success);
+                }
+                Err(why) => {
+                    log.line(&format!("\x1b[0;33mWARNING: {why}\x1b[0;m"));
+                    span.set_attribute(KeyValue::new(keys::CI_CACHE_HIT, false));
+                    end_stage(span, StageEnd::Failed(why));
+                }
+            }
+        }
+        log.section_end("restore_cache");
+    }
+
+    /// `step_script`: `before_script` + `script` in one shell.
+    async fn step_script(
+        &mut self,
+        ws: &Workspace,
+        deadline: tokio::time::Instant,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Ending {
+        let commands = self
+            .payload
+            .step("script")
+            .map(|s| s.script.clone())
+            .unwrap_or_default();
+        let mut span = self.telemetry.child(stages::STEP_SCRIPT, vec![]);
+        self.log.section_start(
+            "step_script",
+            "Executing \"step_script\" stage of the job script",
+        );
+        let script = shell::build_script(&ws.exports, ws.dir(), &commands);
+        let result = shell::run_script(
+            &ws.tmp.join("step_script.sh"),
+            &script,
+            ws.dir(),
+            deadline,
+            self.log,
+            stop,
+        )
+        .await;
+        self.log.section_end("step_script");
+        let (end, code) = script_stage_end(&result, self.timeout());
+        if let Some(code) = code {
+            span.set_attribute(KeyValue::new(keys::CI_SCRIPT_EXIT_CODE, i64::from(code)));
+        }
+        end_stage(span, end);
+        self.ending_of(&result).unwrap_or_else(Ending::success)
+    }
+
+    /// CI Functions, in order, in place of `step_script`; the first failure
+    /// ends the job.
+    async fn run_functions(
+        &mut self,
+        calls: &[FunctionCall],
+        ws: &Workspace,
+        deadline: tokio::time::Instant,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Ending {
+        let log = self.log;
+        log.section_start("step_run", "Executing \"step_run\" stage of the job script");
+        let mut ending = Ending::success();
+        for (index, call) in calls.iter().enumerate() {
+            let mut span = self
+                .telemetry
+                .child(FUNCTION_SPAN_NAME, function_attributes(call));
+            log.line(&format!(
+                "\x1b[32;1mRunning function `{}` ({} of {})\x1b[0;m",
+                call.name,
+                index + 1,
+                calls.len()
+            ));
+            let resolved = functions::resolve(call, ws.dir(), &ws.exports);
+            let resolved = match resolved {
+                Ok(resolved) => resolved,
+                Err(why) => {
+                    log.line(&format!(
+                        "\x1b[31;1mERROR: function `{}`: {why}\x1b[0;m",
+                        call.name
+                    ));
+                    span.set_attribute(KeyValue::new(keys::CI_FUNCTION_STATUS, "failed"));
+                    span.end(SpanOutcome::Error(why.clone()));
+                    ending = Ending::script_failure_because(&format!(
+                        "function `{}` failed: {why}",
+                        call.name
+                    ));
+                    break;
+                }
+            };
+            let script = resolved.script(&ws.exports, ws.dir());
+            let result = shell::run_script(
+                &ws.tmp.join(format!("function_{index}.sh")),
+                &script,
+                ws.dir(),
+                deadline,
+                log,
+                stop,
+            )
+            .await;
+            let (end, code) = script_stage_end(&result, self.timeout());
+            if let Some(code) = code {
+                span.set_attribute(KeyValue::new(keys::CI_SCRIPT_EXIT_CODE, i64::from(code)));
+            }
+            match end {
+                StageEnd::Failed(why) => {
+                    span.set_attribute(KeyValue::new(keys::CI_FUNCTION_STATUS, "failed"));
+                    span.end(SpanOutcome::Error(format!(
+                        "function `{}`: {why}",
+                        call.name
+                    )));
+                    ending = self.ending_of(&result).unwrap_or_else(Ending::success);
+                    break;
+                }
+                _ => {
+                    span.set_attribute(KeyValue::new(keys::CI_FUNCTION_STATUS, "success"));
+                    span.end(SpanOutcome::Ok);
+                }
+            }
+        }
+        log.section_end("step_run");
+        ending
+    }
+
+    /// `after_script`, in its own shell; its failure is a warning.
+    async fn after_script(
+        &mut self,
+        ws: &Workspace,
+        ending: &Ending,
+        stop: &mut watch::Receiver<bool>,
+    ) {
+        let Some(step) = self
+            .payload
+            .step("after_script")
+            .filter(|s| !s.script.is_empty())
+        else {
+            return;
+        };
+        let log = self.log;
+        let mut span = self.telemetry.child(stages::AFTER_SCRIPT, vec![]);
         log.section_start("after_script", "Running after_script");
         let limit = step
             .timeout_secs
             .map(Duration::from_secs)
             .unwrap_or(AFTER_SCRIPT_TIMEOUT)
-            .min(timeout);
-        let mut exports = exports.clone();
+            .min(self.timeout());
+        let mut exports = ws.exports.clone();
         exports.push(ExportVar {
             key: "CI_JOB_STATUS".into(),
             value: if ending.is_success() {
@@ -321,18 +823,18 @@ async fn execute(
             }
             .into(),
         });
-        let script = shell::build_script(&exports, &dir, &step.script);
+        let script = shell::build_script(&exports, ws.dir(), &step.script);
         let after_deadline = tokio::time::Instant::now() + limit;
         let result = shell::run_script(
-            &tmp.join("after_script.sh"),
+            &ws.tmp.join("after_script.sh"),
             &script,
-            &dir,
+            ws.dir(),
             after_deadline,
             log,
             stop,
         )
         .await;
-        match result {
+        match &result {
             ScriptResult::Exited(0) => {}
             ScriptResult::Exited(code) => log.line(&format!(
                 "\x1b[0;33mWARNING: after_script failed, but job will continue unaffected: exit code {code}\x1b[0;m"
@@ -347,19 +849,217 @@ async fn execute(
             )),
         }
         log.section_end("after_script");
+        let (end, code) = script_stage_end(&result, limit);
+        if let Some(code) = code {
+            span.set_attribute(KeyValue::new(keys::CI_SCRIPT_EXIT_CODE, i64::from(code)));
+        }
+        end_stage(span, end);
     }
 
-    log.section_start(
-        "cleanup_file_variables",
-        "Cleaning up project directory and file based variables",
-    );
-    if let Err(e) = std::fs::remove_dir_all(&tmp) {
-        if e.kind() != std::io::ErrorKind::NotFound {
-            tracing::warn!("job={job_id} Cannot remove `{}`: {e}", tmp.display());
+    /// `archive_cache` / `archive_cache_on_failure`: one span per entry
+    /// that pushes and whose `when` matches. Never fails the job.
+    async fn archive_caches(&mut self, ws: &Workspace, success: bool) {
+        let entries: Vec<_> = self
+            .payload
+            .caches
+            .iter()
+            .filter(|c| c.policy != "pull" && when_matches(&c.when, success))
+            .cloned()
+            .collect();
+        if entries.is_empty() {
+            return;
         }
+        let (name, section) = if success {
+            (stages::ARCHIVE_CACHE, "Saving cache for successful job")
+        } else {
+            (
+                stages::ARCHIVE_CACHE_ON_FAILURE,
+                "Saving cache for failed job",
+            )
+        };
+        let log = self.log;
+        log.section_start(name, section);
+        for entry in entries {
+            let mut span = self.telemetry.child(
+                name,
+                vec![KeyValue::new(keys::CI_CACHE_POLICY, entry.policy.clone())],
+            );
+            let key = match cache::resolve_key(&entry.key, &ws.exports) {
+                Ok(key) => key,
+                Err(why) => {
+                    log.line(&format!(
+                        "\x1b[0;33mWARNING: {why}: cache not saved\x1b[0;m"
+                    ));
+                    span.set_attribute(KeyValue::new(keys::CI_CACHE_KEY, entry.key.clone()));
+                    end_stage(span, StageEnd::Failed(why));
+                    continue;
+                }
+            };
+            span.set_attribute(KeyValue::new(keys::CI_CACHE_KEY, key.clone()));
+            let cache_dir = self.ctx.cache_dir.clone();
+            let project = self.payload.job_info.project_full_path.clone();
+            let dir = ws.dir().to_path_buf();
+            let archived = tokio::task::spawn_blocking(move || {
+                cache::archive(&cache_dir, &project, &key, &entry, &dir)
+            })
+            .await
+            .unwrap_or_else(|e| Err(format!("archiving the cache panicked: {e}")));
+            match archived {
+                Ok(archived) => {
+                    for line in &archived.lines {
+                        log.line(line);
+                    }
+                    span.set_attribute(KeyValue::new(
+                        keys::CI_CACHE_SIZE_BYTES,
+                        archived.size_bytes as i64,
+                    ));
+                    span.set_attribute(KeyValue::new(
+                        keys::CI_CACHE_COUNT,
+                        archived.entries as i64,
+                    ));
+                    let end = if archived.entries == 0 {
+                        StageEnd::Skipped
+                    } else {
+                        StageEnd::Success
+                    };
+                    end_stage(span, end);
+                }
+                Err(why) => {
+                    log.line(&format!("\x1b[0;33mWARNING: {why}\x1b[0;m"));
+                    end_stage(span, StageEnd::Failed(why));
+                }
+            }
+        }
+        log.section_end(name);
     }
-    log.section_end("cleanup_file_variables");
-    ending
+
+    /// `upload_artifacts` / `upload_artifacts_on_failure`: one span per
+    /// entry whose `when` matches. Returns the job's new ending when an
+    /// upload failed.
+    async fn upload_artifacts(&mut self, ws: &Workspace, success: bool) -> Option<Ending> {
+        let entries: Vec<_> = self
+            .payload
+            .artifacts
+            .iter()
+            .filter(|a| when_matches(&a.when, success))
+            .cloned()
+            .collect();
+        if entries.is_empty() {
+            return None;
+        }
+        let (name, section) = if success {
+            (
+                stages::UPLOAD_ARTIFACTS,
+                "Uploading artifacts for successful job",
+            )
+        } else {
+            (
+                stages::UPLOAD_ARTIFACTS_ON_FAILURE,
+                "Uploading artifacts for failed job",
+            )
+        };
+        let log = self.log;
+        log.section_start(name, section);
+        let mut failed = None;
+        for entry in entries {
+            let artifact_name = artifacts::artifact_name(&entry, &ws.exports);
+            let mut span = self.telemetry.child(
+                name,
+                vec![
+                    KeyValue::new(keys::CI_ARTIFACT_NAME, artifact_name),
+                    KeyValue::new(keys::CI_ARTIFACT_TYPE, entry.artifact_type.clone()),
+                    KeyValue::new(keys::CI_ARTIFACT_FORMAT, entry.artifact_format.clone()),
+                ],
+            );
+            let exports = ws.exports.clone();
+            let dir = ws.dir().to_path_buf();
+            let tmp = ws.tmp.clone();
+            let prepared = tokio::task::spawn_blocking(move || {
+                artifacts::prepare(&entry, &exports, &dir, &tmp)
+            })
+            .await
+            .unwrap_or_else(|e| Err(format!("archiving the artifacts panicked: {e}")));
+            let prepared = match prepared {
+                Ok(Preparation::Ready(prepared)) => prepared,
+                Ok(Preparation::Nothing { lines, .. }) => {
+                    for line in &lines {
+                        log.line(line);
+                    }
+                    span.set_attribute(KeyValue::new(keys::CI_ARTIFACT_COUNT, 0_i64));
+                    end_stage(span, StageEnd::Skipped);
+                    continue;
+                }
+                Err(why) => {
+                    log.line(&format!("\x1b[31;1mERROR: {why}\x1b[0;m"));
+                    end_stage(span, StageEnd::Failed(why.clone()));
+                    failed.get_or_insert(Ending::script_failure_because(&why));
+                    continue;
+                }
+            };
+            for line in &prepared.lines {
+                log.line(line);
+            }
+            span.set_attribute(KeyValue::new(
+                keys::CI_ARTIFACT_SIZE_BYTES,
+                prepared.upload.data.len() as i64,
+            ));
+            span.set_attribute(KeyValue::new(
+                keys::CI_ARTIFACT_COUNT,
+                prepared.entries as i64,
+            ));
+            match artifacts::upload(
+                &self.ctx.client,
+                self.job_id(),
+                &self.payload.token,
+                &prepared.upload,
+            )
+            .await
+            {
+                Ok(line) => {
+                    log.line(&line);
+                    end_stage(span, StageEnd::Success);
+                }
+                Err(why) => {
+                    log.line(&format!("\x1b[31;1mERROR: {why}\x1b[0;m"));
+                    end_stage(span, StageEnd::Failed(why.clone()));
+                    failed.get_or_insert(Ending::script_failure_because(&why));
+                }
+            }
+        }
+        log.section_end(name);
+        failed
+    }
+}
+
+/// Whether a `when` (`on_success|on_failure|always`) applies.
+fn when_matches(when: &str, success: bool) -> bool {
+    match when {
+        "always" => true,
+        "on_failure" => !success,
+        _ => success,
+    }
+}
+
+/// The attributes a `ci_function` span starts with: names, never values.
+fn function_attributes(call: &FunctionCall) -> Vec<KeyValue> {
+    let mut attributes = vec![
+        KeyValue::new(keys::CI_FUNCTION_NAME, call.name.clone()),
+        KeyValue::new(keys::CI_FUNCTION_VERSION, call.version()),
+        KeyValue::new(keys::CI_FUNCTION_KIND, call.kind_name()),
+        KeyValue::new(
+            keys::CI_FUNCTION_INPUTS,
+            OtelValue::Array(Array::String(
+                call.input_names()
+                    .into_iter()
+                    .map(StringValue::from)
+                    .collect(),
+            )),
+        ),
+    ];
+    if let Some(reference) = call.reference() {
+        attributes.push(KeyValue::new(keys::CI_FUNCTION_REF, reference));
+    }
+    attributes
 }
 
 /// `<build dir>.tmp`: scripts and file variables, removed after the job.
@@ -369,16 +1069,20 @@ fn tmp_dir(dir: &Path) -> PathBuf {
     dir.with_file_name(name)
 }
 
+/// The build directory is kept (`get_sources` decides what to do with it);
+/// the tmp directory starts empty.
 fn prepare_dirs(dir: &Path, tmp: &Path) -> std::io::Result<()> {
-    for d in [dir, tmp] {
-        match std::fs::remove_dir_all(d) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
-        }
-        std::fs::create_dir_all(d)?;
+    std::fs::create_dir_all(dir)?;
+    recreate_dir(tmp)
+}
+
+fn recreate_dir(dir: &Path) -> std::io::Result<()> {
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
     }
-    Ok(())
+    std::fs::create_dir_all(dir)
 }
 
 /// Variables the runner adds, as GitLab Runner does.
@@ -395,100 +1099,6 @@ fn runner_variables(builds_dir: &Path, dir: &Path) -> Vec<super::payload::Variab
         var("CI_PROJECT_DIR", dir.to_string_lossy().into_owned()),
         var("CI_SERVER", "yes".into()),
     ]
-}
-
-/// Clones the repository into the build directory when the job has one and
-/// `GIT_STRATEGY` is not `none`. `fetch` behaves like `clone` here: the
-/// build directory is always fresh. A failing clone fails the job with
-/// `script_failure` and git's exit code, as in GitLab Runner (its
-/// `get_sources` stage is a script like any other).
-async fn get_sources(
-    payload: &JobPayload,
-    exports: &[ExportVar],
-    dir: &Path,
-    tmp: &Path,
-    deadline: tokio::time::Instant,
-    log: &JobLog,
-    stop: &mut watch::Receiver<bool>,
-) -> Option<ScriptResult> {
-    let git = &payload.git_info;
-    let strategy = payload.variable("GIT_STRATEGY").unwrap_or("clone");
-    log.section_start("get_sources", "Getting source from Git repository");
-    if strategy == "none" {
-        log.line("\x1b[0KSkipping Git repository setup");
-        log.section_end("get_sources");
-        return None;
-    }
-    if git.repo_url.is_empty() {
-        log.line("\x1b[0KSkipping Git repository setup: the job has no repository URL");
-        log.section_end("get_sources");
-        return None;
-    }
-    let depth = payload
-        .variable("GIT_DEPTH")
-        .and_then(|d| d.parse::<i64>().ok())
-        .unwrap_or(git.depth);
-    let display_url = strip_credentials(&git.repo_url);
-    let mut commands = vec!["export GIT_TERMINAL_PROMPT=0".to_string()];
-    let depth_args = if depth > 0 {
-        format!("--depth {depth} ")
-    } else {
-        String::new()
-    };
-    if depth > 0 {
-        commands.push(format!(
-            "echo {}",
-            shell::shell_quote(&format!(
-                "Fetching changes with git depth set to {depth}..."
-            ))
-        ));
-    } else {
-        commands.push("echo 'Fetching changes...'".into());
-    }
-    commands.push(format!(
-        "echo {}",
-        shell::shell_quote(&format!("Cloning {display_url}"))
-    ));
-    let branch = match (git.ref_type.as_str(), depth > 0 && !git.git_ref.is_empty()) {
-        ("branch" | "tag", true) => format!("--branch {} ", shell::shell_quote(&git.git_ref)),
-        _ => String::new(),
-    };
-    commands.push(format!(
-        "git clone -q --no-checkout {depth_args}{branch}-- {} .",
-        shell::shell_quote(&git.repo_url)
-    ));
-    let target = if git.sha.is_empty() {
-        git.git_ref.clone()
-    } else {
-        git.sha.clone()
-    };
-    if !target.is_empty() {
-        let short: String = target.chars().take(8).collect();
-        commands.push(format!(
-            "echo {}",
-            shell::shell_quote(&format!(
-                "Checking out {short} as detached HEAD (ref is {})...",
-                git.git_ref
-            ))
-        ));
-        commands.push(format!(
-            "git -c advice.detachedHead=false checkout -q -f {}",
-            shell::shell_quote(&target)
-        ));
-    }
-    // Run quietly: the clone URL may hold the job token (masked anyway).
-    let script = build_quiet_script(exports, dir, &commands);
-    let result = shell::run_script(
-        &tmp.join("get_sources.sh"),
-        &script,
-        dir,
-        deadline,
-        log,
-        stop,
-    )
-    .await;
-    log.section_end("get_sources");
-    Some(result)
 }
 
 /// A script that runs `commands` without echoing them.
@@ -578,7 +1188,9 @@ async fn report_unparseable(
         job_id,
         ..Default::default()
     };
-    let telemetry = ctx.telemetry.start_job(raw, &info, received);
+    let telemetry = negotiate::with_options(ctx.negotiation, || {
+        ctx.telemetry.start_job(raw, &info, received)
+    });
     let log = JobLog::new(vec![token.clone()]);
     log.line(&format!(
         "\x1b[0KRunning with ci-runner {}",

@@ -81,9 +81,20 @@ pub async fn run(config: RunConfig) -> i32 {
         return 1;
     }
 
+    // One set of telemetry metrics for the process (all runners).
+    let metrics = crate::metrics::Metrics::new();
+    if let Some(addr) = config.metrics_listen {
+        match crate::metrics::serve(addr, metrics.clone()).await {
+            Ok(bound) => tracing::info!("Metrics listening on http://{bound}/metrics"),
+            Err(e) => {
+                tracing::error!("Cannot serve metrics on {addr}: {e}");
+                return 1;
+            }
+        }
+    }
     let mut contexts = Vec::new();
     for runner in &config.runners {
-        match prepare_runner(runner, &system_id, shutdown_rx.clone()).await {
+        match prepare_runner(runner, &system_id, shutdown_rx.clone(), metrics.clone()).await {
             Ok(ctx) => contexts.push(ctx),
             Err(e) => {
                 tracing::error!("{e}");
@@ -113,10 +124,12 @@ pub async fn run(config: RunConfig) -> i32 {
             .unwrap_or_default()
     );
 
+    let contexts: Vec<Arc<JobContext>> = contexts.into_iter().map(Arc::new).collect();
     let pollers: Vec<_> = contexts
-        .into_iter()
+        .iter()
+        .cloned()
         .zip(config.runners.iter().cloned())
-        .map(|(ctx, runner)| tokio::spawn(poll(Arc::new(ctx), runner, shared.clone())))
+        .map(|(ctx, runner)| tokio::spawn(poll(ctx, runner, shared.clone())))
         .collect();
     for poller in pollers {
         let _ = poller.await;
@@ -131,6 +144,10 @@ pub async fn run(config: RunConfig) -> i32 {
         for handle in handles {
             let _ = handle.await;
         }
+    }
+    // Spans still buffered (a collector that was down) get a final attempt.
+    for ctx in &contexts {
+        ctx.telemetry.shutdown().await;
     }
     tracing::info!(
         "Runner stopped jobs={}",
@@ -171,6 +188,7 @@ async fn prepare_runner(
     runner: &RunnerConfig,
     system_id: &str,
     mut shutdown: watch::Receiver<bool>,
+    metrics: Arc<crate::metrics::Metrics>,
 ) -> Result<JobContext, String> {
     let client =
         GitLabClient::new(&runner.url).map_err(|e| format!("Runner `{}`: {e}", runner.name))?;
@@ -213,12 +231,13 @@ async fn prepare_runner(
         );
     }
     tracing::info!(
-        "Runner verified name={} url={} id={} executor={} builds_dir={} telemetry={} static_endpoint={} flush_timeout={}ms",
+        "Runner verified name={} url={} id={} executor={} builds_dir={} cache_dir={} telemetry={} static_endpoint={} flush_timeout={}ms",
         runner.name,
         runner.url,
         identity.id.map(|i| i.to_string()).unwrap_or_else(|| "-".into()),
         runner.executor,
         runner.builds_dir.display(),
+        runner.cache_dir.display(),
         if runner.telemetry.enabled { "on" } else { "off" },
         runner.telemetry.endpoint,
         runner.telemetry.flush_timeout.as_millis()
@@ -228,7 +247,11 @@ async fn prepare_runner(
         runner_name: runner.name.clone(),
         gitlab_url: runner.url.clone(),
         builds_dir: runner.builds_dir.clone(),
-        telemetry: RunnerTelemetry::new(runner.telemetry.clone(), identity),
+        cache_dir: runner.cache_dir.clone(),
+        negotiation: crate::negotiate::NegotiationOptions {
+            derive_trace_id_from_pipeline: runner.derive_trace_id_from_pipeline,
+        },
+        telemetry: RunnerTelemetry::with_metrics(runner.telemetry.clone(), identity, metrics),
     })
 }
 

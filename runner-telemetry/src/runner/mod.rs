@@ -3,16 +3,27 @@
 //! telemetry.
 //!
 //! * [`api`]: the GitLab job API client (register, verify, request, update,
-//!   trace).
+//!   trace, artifacts).
 //! * [`payload`]: the job payload, read leniently.
 //! * [`shell`]: bash scripts and their processes.
 //! * [`trace`]: the job log: masking and incremental upload.
-//! * [`job`]: one job, from payload to final status.
+//! * [`job`]: one job, from payload to final status, stage by stage, with a
+//!   span per stage.
+//! * [`git`]: `get_sources` (`GIT_STRATEGY`, `GIT_DEPTH`, clean flags).
+//! * [`cache`]: the local cache (`restore_cache`, `archive_cache`).
+//! * [`artifacts`]: archiving and uploading artifacts.
+//! * [`archive`]: path selection (globs), zip and gzip archives.
+//! * [`functions`]: CI Functions (`run:`).
 //! * [`manager`]: polling, concurrency, signals.
 //! * [`config`]: `config.toml` and the flags.
 
 pub mod api;
+pub mod archive;
+pub mod artifacts;
+pub mod cache;
 pub mod config;
+pub mod functions;
+pub mod git;
 pub mod job;
 pub mod manager;
 pub mod payload;

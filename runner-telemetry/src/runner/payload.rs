@@ -21,6 +21,14 @@ pub struct JobPayload {
     pub timeout_secs: u64,
     pub variables: Vec<Variable>,
     pub steps: Vec<Step>,
+    /// `image.name`, if any (the shell executor ignores it).
+    pub image: Option<String>,
+    /// `cache[]` (GitLab allows up to 4).
+    pub caches: Vec<CacheEntry>,
+    /// `artifacts[]`: the archive and any reports.
+    pub artifacts: Vec<ArtifactEntry>,
+    /// `run` (CI Functions), in order; `None` when the job has a script.
+    pub run: Option<Vec<super::functions::FunctionCall>>,
 }
 
 impl std::fmt::Debug for JobPayload {
@@ -33,8 +41,43 @@ impl std::fmt::Debug for JobPayload {
             .field("timeout_secs", &self.timeout_secs)
             .field("variables", &self.variables)
             .field("steps", &self.steps)
+            .field("image", &self.image)
+            .field("caches", &self.caches)
+            .field("artifacts", &self.artifacts)
+            .field("run", &self.run.as_ref().map(Vec::len))
             .finish_non_exhaustive()
     }
+}
+
+/// One `cache` entry of the payload.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CacheEntry {
+    /// As sent (variables are expanded by the runner).
+    pub key: String,
+    pub untracked: bool,
+    pub paths: Vec<String>,
+    /// `pull-push` (default), `pull` or `push`.
+    pub policy: String,
+    /// `on_success` (default), `on_failure` or `always`.
+    pub when: String,
+    pub fallback_keys: Vec<String>,
+}
+
+/// One `artifacts` entry of the payload.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ArtifactEntry {
+    /// Empty when not given (the runner then uses `artifacts`).
+    pub name: String,
+    pub untracked: bool,
+    pub paths: Vec<String>,
+    pub exclude: Vec<String>,
+    /// `on_success` (default), `on_failure` or `always`.
+    pub when: String,
+    pub expire_in: Option<String>,
+    /// `archive` (default), `junit`, `dotenv`, ...
+    pub artifact_type: String,
+    /// `zip` (default) or `gzip`.
+    pub artifact_format: String,
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -154,6 +197,39 @@ fn object(v: Option<&Value>) -> Map<String, Value> {
     match v {
         Some(Value::Object(o)) => o.clone(),
         _ => Map::new(),
+    }
+}
+
+/// A list of strings; a single string is a list of one; other items are
+/// skipped.
+fn strings(v: Option<&Value>) -> Vec<String> {
+    match v {
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(items)) => items
+            .iter()
+            .filter_map(|i| i.as_str().map(String::from))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn text_or(v: Option<&Value>, default: &str) -> String {
+    let t = text(v);
+    if t.is_empty() {
+        default.to_string()
+    } else {
+        t
+    }
+}
+
+/// The objects of an array field; anything else is no entries.
+fn entries(v: Option<&Value>) -> Vec<Map<String, Value>> {
+    match v {
+        Some(Value::Array(items)) => items
+            .iter()
+            .filter_map(|i| i.as_object().cloned())
+            .collect(),
+        _ => Vec::new(),
     }
 }
 
@@ -290,6 +366,43 @@ impl JobPayload {
             Some(_) => return Err(fail("`steps` is not an array".into())),
         };
 
+        let image = match root.get("image") {
+            Some(Value::Object(image)) => Some(text(image.get("name"))).filter(|n| !n.is_empty()),
+            Some(Value::String(name)) if !name.is_empty() => Some(name.clone()),
+            _ => None,
+        };
+        let caches = entries(root.get("cache"))
+            .iter()
+            .map(|c| CacheEntry {
+                key: text_or(c.get("key"), "default"),
+                untracked: flag(c.get("untracked")),
+                paths: strings(c.get("paths")),
+                policy: text_or(c.get("policy"), "pull-push"),
+                when: text_or(c.get("when"), "on_success"),
+                fallback_keys: strings(c.get("fallback_keys")),
+            })
+            .collect();
+        let artifacts = entries(root.get("artifacts"))
+            .iter()
+            .map(|a| ArtifactEntry {
+                name: text(a.get("name")),
+                untracked: flag(a.get("untracked")),
+                paths: strings(a.get("paths")),
+                exclude: strings(a.get("exclude")),
+                when: text_or(a.get("when"), "on_success"),
+                expire_in: Some(text(a.get("expire_in"))).filter(|e| !e.is_empty()),
+                artifact_type: text_or(a.get("artifact_type"), "archive"),
+                artifact_format: text_or(a.get("artifact_format"), "zip"),
+            })
+            .collect();
+        let run = match root.get("run") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) if s.trim().is_empty() => None,
+            Some(value) => {
+                Some(super::functions::parse_run(value).map_err(|e| fail(format!("`run`: {e}")))?)
+            }
+        };
+
         Ok(JobPayload {
             id,
             token,
@@ -299,6 +412,10 @@ impl JobPayload {
             timeout_secs,
             variables,
             steps,
+            image,
+            caches,
+            artifacts,
+            run,
         })
     }
 

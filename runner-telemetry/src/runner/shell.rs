@@ -294,10 +294,11 @@ pub async fn run_script(
     result
 }
 
-/// The build directory of a job: `<builds_dir>/<project path>/<job id>`,
-/// with the project path sanitised (no `..`, no absolute components).
-pub fn build_dir(builds_dir: &Path, project_path: &str, job_id: i64) -> PathBuf {
-    let mut dir = builds_dir.to_path_buf();
+/// The build directory of a project in a slot: `<builds_dir>/<slot>/<project
+/// path>`, with the project path sanitised (no `..`, no absolute
+/// components).
+pub fn build_dir(builds_dir: &Path, slot: usize, project_path: &str) -> PathBuf {
+    let mut dir = builds_dir.join(slot.to_string());
     let mut any = false;
     for part in project_path.split('/') {
         if part.is_empty() || part == "." || part == ".." {
@@ -319,7 +320,6 @@ pub fn build_dir(builds_dir: &Path, project_path: &str, job_id: i64) -> PathBuf 
     if !any {
         dir.push("project");
     }
-    dir.push(job_id.to_string());
     dir
 }
 
@@ -364,12 +364,12 @@ mod tests {
     fn build_dirs() {
         let root = Path::new("/b");
         assert_eq!(
-            build_dir(root, "group/proj", 4),
-            Path::new("/b/group/proj/4")
+            build_dir(root, 0, "group/proj"),
+            Path::new("/b/0/group/proj")
         );
-        assert_eq!(build_dir(root, "../../etc", 4), Path::new("/b/etc/4"));
-        assert_eq!(build_dir(root, "", 4), Path::new("/b/project/4"));
-        assert_eq!(build_dir(root, "g/we ird", 4), Path::new("/b/g/we_ird/4"));
+        assert_eq!(build_dir(root, 2, "../../etc"), Path::new("/b/2/etc"));
+        assert_eq!(build_dir(root, 0, ""), Path::new("/b/0/project"));
+        assert_eq!(build_dir(root, 1, "g/we ird"), Path::new("/b/1/g/we_ird"));
     }
 
     #[test]

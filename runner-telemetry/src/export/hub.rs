@@ -1,0 +1,722 @@
+//! The runner-wide export buffer and one export task per endpoint.
+//!
+//! ```text
+//! job A ─┐  accept (never blocks)       ┌─ queue ─ worker ─ HTTP/gRPC ─> collector 1
+//! job B ─┼──── budget: spans + bytes ───┤
+//! job C ─┘  (full: dropped, queue_full) └─ queue ─ worker ─ HTTP/gRPC ─> collector 2
+//! ```
+//!
+//! * **One buffer per runner, not per job**, bounded in spans and in bytes
+//!   over all its endpoints together, so a 30 s outage spanning many jobs is
+//!   ridden out and memory stays bounded whatever the number of jobs or
+//!   endpoints. A job's flush deadline only bounds how long the runner waits
+//!   at the job's end; its spans stay buffered and keep being retried.
+//! * **Drop newest when full**: a span that does not fit is dropped when it
+//!   ends (`queue_full`) and the buffer is left alone. Taking the oldest
+//!   instead would throw away spans that already waited longest and are
+//!   closest to delivery (or in flight), and would blame an older job for a
+//!   newer one's overflow; the oldest leave by themselves at `max_age` anyway.
+//! * **Per endpoint, one request at a time**: a worker takes up to
+//!   [`MAX_BATCH`] spans (at most [`MAX_REQUEST_BYTES`]), sends them, and
+//!   retries the same batch per [`super::retry`] until it is delivered,
+//!   refused for good, or every span in it is older than `max_age`. A
+//!   stalled collector costs one export timeout per attempt.
+//! * **Shutdown**: remaining spans get one final attempt per batch within
+//!   `shutdown_timeout`; whatever is left is dropped as `shutdown`.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::{watch, Notify};
+use tokio::task::JoinHandle;
+
+use super::accounting::{DropReason, JobAccount, Outcome};
+use super::auth::Authenticator;
+use super::encode::{build_request, ResourceBlock, ScopeBlock, SpanRef};
+use super::retry::{Backoff, Verdict};
+use super::transport::{validate_headers, Attempt, Headers, Transports};
+use super::{ExportTarget, SpanSink};
+use crate::config::{BufferSettings, ExportSettings};
+use crate::metrics::Metrics;
+
+/// Most spans in one export request.
+pub const MAX_BATCH: usize = 512;
+/// Most bytes of spans in one export request (OTLP collectors commonly
+/// accept 4 MiB messages).
+pub const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
+/// Bytes counted per buffered span on top of its encoding (the entry and its
+/// references).
+pub const SPAN_OVERHEAD: usize = std::mem::size_of::<Item>() + 16;
+/// The longest final attempt at shutdown, whatever the configuration says.
+pub const MAX_SHUTDOWN: Duration = Duration::from_secs(3600);
+/// A worker with nothing to do for this long ends (a new span restarts it).
+pub const IDLE_EXIT: Duration = Duration::from_secs(300);
+
+/// An ended span, encoded, with what it belongs to.
+#[derive(Debug, Clone)]
+pub struct EncodedSpan {
+    pub span: Bytes,
+    pub resource: Arc<ResourceBlock>,
+    pub scope: Arc<ScopeBlock>,
+}
+
+/// Spans and bytes in the buffer, against the limits.
+#[derive(Debug)]
+struct Budget {
+    limits: BufferSettings,
+    used: Mutex<(usize, usize)>,
+    metrics: Arc<Metrics>,
+}
+
+impl Budget {
+    fn reserve(&self, bytes: usize) -> bool {
+        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        if used.0 + 1 > self.limits.max_spans || used.1 + bytes > self.limits.max_bytes {
+            return false;
+        }
+        used.0 += 1;
+        used.1 += bytes;
+        self.metrics.buffer_add(1, bytes as i64);
+        true
+    }
+
+    fn release(&self, bytes: usize) {
+        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        used.0 = used.0.saturating_sub(1);
+        used.1 = used.1.saturating_sub(bytes);
+        self.metrics.buffer_add(-1, -(bytes as i64));
+    }
+}
+
+/// A buffered span. Deciding its fate ([`Item::resolve`]) accounts for it
+/// and frees its room; dropping it undecided counts it as `shutdown`.
+struct Item {
+    span: EncodedSpan,
+    account: Arc<JobAccount>,
+    endpoint: usize,
+    enqueued: Instant,
+    cost: usize,
+    budget: Arc<Budget>,
+    decided: bool,
+}
+
+impl std::fmt::Debug for Item {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Item")
+            .field("cost", &self.cost)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Item {
+    fn resolve(mut self, outcome: Outcome) {
+        self.decide(outcome);
+    }
+
+    fn decide(&mut self, outcome: Outcome) {
+        if self.decided {
+            return;
+        }
+        self.decided = true;
+        self.budget.release(self.cost);
+        match outcome {
+            Outcome::Exported => self.budget.metrics.exported(1),
+            Outcome::Dropped(reason) => self.budget.metrics.dropped(reason, 1),
+        }
+        self.account.record(self.endpoint, outcome, 1);
+    }
+
+    fn expired(&self, max_age: Duration, now: Instant) -> bool {
+        now.duration_since(self.enqueued) >= max_age
+    }
+}
+
+impl Drop for Item {
+    fn drop(&mut self) {
+        self.decide(Outcome::Dropped(DropReason::Shutdown));
+    }
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    items: VecDeque<Item>,
+    /// The worker ended; a new one takes over.
+    closed: bool,
+}
+
+/// One endpoint's queue and export task.
+#[derive(Debug)]
+struct Worker {
+    target: ExportTarget,
+    label: String,
+    headers: Headers,
+    queue: Mutex<Queue>,
+    wake: Notify,
+}
+
+impl Worker {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Removes expired spans from the front of the queue (oldest first).
+    fn expire_queue(&self, max_age: Duration) {
+        let now = Instant::now();
+        let mut expired = Vec::new();
+        {
+            let mut queue = self.lock();
+            while queue
+                .items
+                .front()
+                .is_some_and(|item| item.expired(max_age, now))
+            {
+                expired.extend(queue.items.pop_front());
+            }
+        }
+        for item in expired {
+            item.resolve(Outcome::Dropped(DropReason::MaxAge));
+        }
+    }
+
+    fn drain_queue(&self, reason: DropReason) {
+        let items: Vec<Item> = self.lock().items.drain(..).collect();
+        for item in items {
+            item.resolve(Outcome::Dropped(reason));
+        }
+    }
+
+    fn take_batch(queue: &mut Queue) -> Vec<Item> {
+        let mut batch = Vec::new();
+        let mut bytes = 0;
+        while let Some(item) = queue.items.front() {
+            let size = item.span.span.len();
+            if !batch.is_empty() && (batch.len() >= MAX_BATCH || bytes + size > MAX_REQUEST_BYTES) {
+                break;
+            }
+            bytes += size;
+            batch.extend(queue.items.pop_front());
+        }
+        batch
+    }
+}
+
+pub(crate) struct HubInner {
+    limits: BufferSettings,
+    shutdown_timeout: Duration,
+    transports: Result<Transports, String>,
+    auth: Authenticator,
+    budget: Arc<Budget>,
+    metrics: Arc<Metrics>,
+    workers: Mutex<HashMap<ExportTarget, Arc<Worker>>>,
+    runtime: OnceLock<tokio::runtime::Handle>,
+    /// `Some(deadline)` once shutting down.
+    shutdown: watch::Sender<Option<Instant>>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// The export client of one runner: buffer, workers, credentials.
+#[derive(Clone)]
+pub struct ExportHub {
+    inner: Arc<HubInner>,
+}
+
+impl std::fmt::Debug for ExportHub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExportHub")
+            .field("limits", &self.inner.limits)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the final export attempt left.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShutdownReport {
+    pub dropped: u64,
+    pub elapsed: Duration,
+}
+
+impl ExportHub {
+    pub fn new(settings: &ExportSettings, metrics: Arc<Metrics>) -> ExportHub {
+        let transports = Transports::new(settings.ca_file.as_deref(), settings.export_timeout);
+        let (shutdown, _) = watch::channel(None);
+        ExportHub {
+            inner: Arc::new(HubInner {
+                limits: settings.buffer,
+                shutdown_timeout: settings.shutdown_timeout,
+                transports,
+                auth: Authenticator::new(&settings.gcp_metadata_url, settings.export_timeout),
+                budget: Arc::new(Budget {
+                    limits: settings.buffer,
+                    used: Mutex::new((0, 0)),
+                    metrics: metrics.clone(),
+                }),
+                metrics,
+                workers: Mutex::new(HashMap::new()),
+                runtime: OnceLock::new(),
+                shutdown,
+                tasks: Mutex::new(Vec::new()),
+            }),
+        }
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
+    }
+
+    /// ID tokens fetched so far (tests).
+    pub fn id_token_fetches(&self) -> u64 {
+        self.inner.auth.id_token_fetches()
+    }
+
+    /// Spans and bytes in the buffer now.
+    pub fn buffered(&self) -> (usize, usize) {
+        *self
+            .inner
+            .budget
+            .used
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A sink for `target`. Needs a tokio runtime (the worker runs there).
+    /// The error is one line, without credentials.
+    pub fn build(&self, target: &ExportTarget) -> Result<Box<dyn SpanSink>, String> {
+        let runtime = tokio::runtime::Handle::try_current()
+            .map_err(|_| "no tokio runtime to export from".to_string())?;
+        let _ = self.inner.runtime.set(runtime);
+        let transports = self
+            .inner
+            .transports
+            .as_ref()
+            .map_err(|e| format!("{target}: {e}"))?;
+        validate_headers(&target.headers).map_err(|e| format!("{target}: {e}"))?;
+        if target.transport == crate::negotiate::Transport::Grpc {
+            transports
+                .grpc_channel(&target.url)
+                .map_err(|e| format!("{target}: {e}"))?;
+        }
+        let worker = self.inner.worker(target)?;
+        Ok(Box::new(EndpointSink {
+            hub: self.inner.clone(),
+            worker: Mutex::new(worker),
+            label: target.to_string(),
+        }))
+    }
+
+    /// Stops exporting: one final attempt per batch within the shutdown
+    /// timeout, then everything left is dropped as `shutdown`. Spans ending
+    /// afterwards are dropped at once. Logs one line.
+    pub async fn shutdown(&self) -> ShutdownReport {
+        let started = Instant::now();
+        let before = self.inner.metrics.snapshot().dropped(DropReason::Shutdown);
+        let deadline = started + self.inner.shutdown_timeout.min(MAX_SHUTDOWN);
+        self.inner.shutdown.send_replace(Some(deadline));
+        let tasks: Vec<_> =
+            std::mem::take(&mut *self.inner.tasks.lock().unwrap_or_else(|e| e.into_inner()));
+        let until = tokio::time::Instant::from_std(deadline + Duration::from_millis(200));
+        for mut task in tasks {
+            if tokio::time::timeout_at(until, &mut task).await.is_err() {
+                task.abort();
+                let _ = task.await;
+            }
+        }
+        let workers: Vec<_> = self
+            .inner
+            .workers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for worker in workers {
+            worker.lock().closed = true;
+            worker.drain_queue(DropReason::Shutdown);
+        }
+        let dropped = self.inner.metrics.snapshot().dropped(DropReason::Shutdown) - before;
+        let report = ShutdownReport {
+            dropped,
+            elapsed: started.elapsed(),
+        };
+        let s = self.inner.metrics.snapshot();
+        let line = format!(
+            "Telemetry stopped spans={} exported={} dropped={} shutdown_dropped={} elapsed={}ms",
+            s.spans,
+            s.exported,
+            s.dropped_total(),
+            dropped,
+            report.elapsed.as_millis()
+        );
+        if dropped == 0 {
+            tracing::info!("{line}");
+        } else {
+            tracing::warn!("{line}");
+        }
+        report
+    }
+}
+
+impl HubInner {
+    fn shutting_down(&self) -> Option<Instant> {
+        *self.shutdown.borrow()
+    }
+
+    /// The worker of `target`, started if needed.
+    fn worker(self: &Arc<Self>, target: &ExportTarget) -> Result<Arc<Worker>, String> {
+        let mut workers = self.workers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(worker) = workers.get(target) {
+            return Ok(worker.clone());
+        }
+        let runtime = self
+            .runtime
+            .get()
+            .cloned()
+            .or_else(|| tokio::runtime::Handle::try_current().ok())
+            .ok_or_else(|| "no tokio runtime to export from".to_string())?;
+        let worker = Arc::new(Worker {
+            target: target.clone(),
+            label: target.to_string(),
+            headers: validate_headers(&target.headers)?,
+            queue: Mutex::new(Queue::default()),
+            wake: Notify::new(),
+        });
+        workers.insert(target.clone(), worker.clone());
+        let task = runtime.spawn(run_worker(self.clone(), worker.clone()));
+        let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+        tasks.retain(|t| !t.is_finished());
+        tasks.push(task);
+        Ok(worker)
+    }
+
+    /// Ends an idle worker unless a span arrived meanwhile.
+    fn retire(&self, worker: &Arc<Worker>) -> bool {
+        let mut workers = self.workers.lock().unwrap_or_else(|e| e.into_inner());
+        let mut queue = worker.lock();
+        if !queue.items.is_empty() {
+            return false;
+        }
+        queue.closed = true;
+        if workers
+            .get(&worker.target)
+            .is_some_and(|w| Arc::ptr_eq(w, worker))
+        {
+            workers.remove(&worker.target);
+        }
+        true
+    }
+}
+
+/// A job's handle on one endpoint's queue.
+struct EndpointSink {
+    hub: Arc<HubInner>,
+    worker: Mutex<Arc<Worker>>,
+    label: String,
+}
+
+impl SpanSink for EndpointSink {
+    fn label(&self) -> String {
+        self.label.clone()
+    }
+
+    fn accept(&self, span: EncodedSpan, account: &Arc<JobAccount>, endpoint: usize) {
+        let hub = &self.hub;
+        hub.metrics.span_created();
+        let drop_now = |reason: DropReason| {
+            hub.metrics.dropped(reason, 1);
+            account.record(endpoint, Outcome::Dropped(reason), 1);
+        };
+        if hub.shutting_down().is_some() {
+            return drop_now(DropReason::Shutdown);
+        }
+        let cost = span.span.len() + SPAN_OVERHEAD;
+        if !hub.budget.reserve(cost) {
+            return drop_now(DropReason::QueueFull);
+        }
+        let mut item = Item {
+            span,
+            account: account.clone(),
+            endpoint,
+            enqueued: Instant::now(),
+            cost,
+            budget: hub.budget.clone(),
+            decided: false,
+        };
+        // At most twice: the worker may have retired since the last span.
+        for _ in 0..2 {
+            let worker = self
+                .worker
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            {
+                let mut queue = worker.lock();
+                if !queue.closed {
+                    queue.items.push_back(item);
+                    drop(queue);
+                    worker.wake.notify_one();
+                    return;
+                }
+            }
+            match hub.worker(&worker.target) {
+                Ok(fresh) => *self.worker.lock().unwrap_or_else(|e| e.into_inner()) = fresh,
+                Err(_) => break,
+            }
+        }
+        item.decide(Outcome::Dropped(DropReason::Shutdown));
+    }
+}
+
+async fn run_worker(hub: Arc<HubInner>, worker: Arc<Worker>) {
+    let limits = hub.limits;
+    let mut backoff = Backoff::new(limits.initial_backoff, limits.max_backoff);
+    let mut failing_since: Option<Instant> = None;
+    let mut shutdown = hub.shutdown.subscribe();
+    loop {
+        let Some(batch) = next_batch(&hub, &worker, &mut shutdown).await else {
+            return;
+        };
+        export_batch(
+            &hub,
+            &worker,
+            batch,
+            &mut backoff,
+            &mut failing_since,
+            &mut shutdown,
+        )
+        .await;
+    }
+}
+
+async fn next_batch(
+    hub: &Arc<HubInner>,
+    worker: &Arc<Worker>,
+    shutdown: &mut watch::Receiver<Option<Instant>>,
+) -> Option<Vec<Item>> {
+    loop {
+        let woken = worker.wake.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
+        worker.expire_queue(hub.limits.max_age);
+        {
+            let mut queue = worker.lock();
+            if !queue.items.is_empty() {
+                return Some(Worker::take_batch(&mut queue));
+            }
+            if hub.shutting_down().is_some() {
+                queue.closed = true;
+                return None;
+            }
+        }
+        tokio::select! {
+            _ = &mut woken => {}
+            _ = shutdown.changed() => {}
+            _ = tokio::time::sleep(IDLE_EXIT) => {
+                if hub.retire(worker) {
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+/// Resolves `items`, attributing partial rejections to the last ones.
+fn resolve_all(items: Vec<Item>, outcome: Outcome) {
+    for item in items {
+        item.resolve(outcome);
+    }
+}
+
+/// Spans per job account in a batch, for one log line per job.
+fn per_job(batch: &[Item]) -> Vec<(Arc<JobAccount>, usize, u64)> {
+    let mut out: Vec<(Arc<JobAccount>, usize, u64)> = Vec::new();
+    for item in batch {
+        match out
+            .iter_mut()
+            .find(|(a, e, _)| Arc::ptr_eq(a, &item.account) && *e == item.endpoint)
+        {
+            Some(entry) => entry.2 += 1,
+            None => out.push((item.account.clone(), item.endpoint, 1)),
+        }
+    }
+    out
+}
+
+async fn export_batch(
+    hub: &Arc<HubInner>,
+    worker: &Arc<Worker>,
+    mut batch: Vec<Item>,
+    backoff: &mut Backoff,
+    failing_since: &mut Option<Instant>,
+    shutdown: &mut watch::Receiver<Option<Instant>>,
+) {
+    let max_age = hub.limits.max_age;
+    let label = &worker.label;
+    let mut final_attempt_done = false;
+    loop {
+        let now = Instant::now();
+        let (expired, keep): (Vec<Item>, Vec<Item>) =
+            batch.into_iter().partition(|i| i.expired(max_age, now));
+        batch = keep;
+        resolve_all(expired, Outcome::Dropped(DropReason::MaxAge));
+        if batch.is_empty() {
+            return;
+        }
+        if let Some(deadline) = hub.shutting_down() {
+            if final_attempt_done || Instant::now() >= deadline {
+                resolve_all(batch, Outcome::Dropped(DropReason::Shutdown));
+                worker.drain_queue(DropReason::Shutdown);
+                return;
+            }
+        }
+        let Ok(transports) = hub.transports.as_ref() else {
+            resolve_all(batch, Outcome::Dropped(DropReason::PermanentError));
+            return;
+        };
+        let http = transports.http();
+        let attempt = async {
+            let bearer = match hub.auth.bearer(&worker.target.auth, http).await {
+                Ok(b) => b,
+                Err(error) => {
+                    return Attempt::Failed {
+                        verdict: Verdict::Retry { after: None },
+                        error,
+                        unauthenticated: false,
+                    }
+                }
+            };
+            let request = build_request(batch.iter().map(|i| SpanRef {
+                span: &i.span.span,
+                resource: &i.span.resource,
+                scope: &i.span.scope,
+            }));
+            transports
+                .send(
+                    worker.target.transport,
+                    &worker.target.url,
+                    &worker.headers,
+                    bearer.as_ref(),
+                    request,
+                )
+                .await
+        };
+        let deadline_passed = async {
+            loop {
+                let current = *shutdown.borrow_and_update();
+                if let Some(deadline) = current {
+                    tokio::time::sleep_until(tokio::time::Instant::from_std(deadline)).await;
+                    return;
+                }
+                if shutdown.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+        };
+        let attempt = tokio::select! {
+            attempt = attempt => attempt,
+            _ = deadline_passed => Attempt::Failed {
+                verdict: Verdict::Retry { after: None },
+                error: "the runner stopped before the collector answered".into(),
+                unauthenticated: false,
+            },
+        };
+        if hub.shutting_down().is_some() {
+            final_attempt_done = true;
+        }
+        match attempt {
+            Attempt::Delivered { rejected, message } => {
+                if let Some(since) = failing_since.take() {
+                    tracing::info!(
+                        "Telemetry export to `{label}` recovered after {} failed attempts in {:.1}s",
+                        backoff.failures,
+                        since.elapsed().as_secs_f64()
+                    );
+                }
+                backoff.reset();
+                let rejected = (rejected as usize).min(batch.len());
+                let refused = batch.split_off(batch.len() - rejected);
+                if !refused.is_empty() {
+                    for (account, endpoint, n) in per_job(&refused) {
+                        account.note_error(endpoint, &format!("partial success: {message}"));
+                        if let Some(job) = account.job_id {
+                            tracing::warn!(
+                                "job={job} Telemetry collector `{label}` rejected {n} spans (partial success): {message}"
+                            );
+                        }
+                    }
+                }
+                resolve_all(batch, Outcome::Exported);
+                resolve_all(refused, Outcome::Dropped(DropReason::Rejected));
+                return;
+            }
+            Attempt::Failed {
+                verdict: Verdict::Permanent,
+                error,
+                unauthenticated,
+            } => {
+                hub.metrics.export_error();
+                if unauthenticated {
+                    hub.auth.invalidate(&worker.target.auth).await;
+                }
+                // The collector answered: it is up.
+                failing_since.take();
+                backoff.reset();
+                for (account, endpoint, n) in per_job(&batch) {
+                    account.note_error(endpoint, &error);
+                    let first = !account
+                        .endpoint(endpoint)
+                        .permanent_logged
+                        .swap(true, std::sync::atomic::Ordering::AcqRel);
+                    if first {
+                        match account.job_id {
+                            Some(job) => tracing::error!(
+                                "job={job} Telemetry export to `{label}` failed permanently, {n} spans dropped (further drops for this job are counted, not logged): {error}"
+                            ),
+                            None => tracing::error!(
+                                "Telemetry export to `{label}` failed permanently, {n} spans dropped: {error}"
+                            ),
+                        }
+                    }
+                }
+                resolve_all(batch, Outcome::Dropped(DropReason::PermanentError));
+                return;
+            }
+            Attempt::Failed {
+                verdict: Verdict::Retry { after },
+                error,
+                unauthenticated,
+            } => {
+                hub.metrics.export_error();
+                if unauthenticated {
+                    hub.auth.invalidate(&worker.target.auth).await;
+                }
+                for (account, endpoint, _) in per_job(&batch) {
+                    account.note_error(endpoint, &error);
+                }
+                if failing_since.is_none() {
+                    *failing_since = Some(Instant::now());
+                    tracing::warn!(
+                        "Telemetry export to `{label}` failed, retrying with backoff (spans stay buffered up to max_age={}s): {error}",
+                        max_age.as_secs()
+                    );
+                }
+                let delay = match after {
+                    Some(d) => backoff.server_delay(d),
+                    None => backoff.next_delay(),
+                };
+                tracing::debug!(
+                    "Telemetry export to `{label}` attempt {} failed, next in {}ms: {error}",
+                    backoff.failures,
+                    delay.as_millis()
+                );
+                if hub.shutting_down().is_none() {
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = shutdown.wait_for(Option::is_some) => {}
+                    }
+                }
+                worker.expire_queue(max_age);
+            }
+        }
+    }
+}

@@ -1,0 +1,468 @@
+//! One export request over OTLP/HTTP (protobuf `POST`) or OTLP/gRPC
+//! (`TraceService/Export`), with TLS when the URL says `https`.
+//!
+//! TLS: rustls with the ring provider, trusting the system's CA certificates
+//! plus those of `ca_file` (`OTEL_EXPORTER_OTLP_CERTIFICATE`). HTTP goes
+//! through one pooled hyper client per runner, gRPC through one lazily
+//! connected tonic channel per endpoint.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue};
+use http::StatusCode;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
+use prost::Message;
+
+use super::auth::{redact, Secret};
+use super::encode::RawExportRequest;
+use super::retry::{classify_grpc, classify_http, Verdict};
+use crate::negotiate::Transport;
+
+/// The gRPC method of OTLP traces.
+pub const GRPC_EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
+/// Longest server message kept in an error.
+const MAX_MESSAGE: usize = 200;
+
+/// How one attempt went.
+#[derive(Debug)]
+pub enum Attempt {
+    /// The collector took the request; `rejected` spans of it were refused
+    /// (partial success).
+    Delivered { rejected: u64, message: String },
+    Failed {
+        verdict: Verdict,
+        /// One line, without credentials.
+        error: String,
+        /// 401/`UNAUTHENTICATED`: the credential may be stale.
+        unauthenticated: bool,
+    },
+}
+
+/// A response of the plain HTTP client.
+#[derive(Debug)]
+pub struct HttpAnswer {
+    pub status: StatusCode,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+type HyperClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// A pooled HTTP/1.1 client, `http` and `https`.
+#[derive(Clone)]
+pub struct HttpClient {
+    client: HyperClient,
+}
+
+impl std::fmt::Debug for HttpClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HttpClient")
+    }
+}
+
+/// The root certificates: the system's and the CA file's.
+pub fn tls_roots(ca_file: Option<&Path>) -> Result<rustls::RootCertStore, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+    let mut roots = rustls::RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    let _ = roots.add_parsable_certificates(native.certs);
+    if let Some(path) = ca_file {
+        let pem = std::fs::read(path)
+            .map_err(|e| format!("cannot read the CA file `{}`: {e}", path.display()))?;
+        let mut added = 0;
+        for cert in CertificateDer::pem_slice_iter(&pem) {
+            let cert = cert
+                .map_err(|e| format!("the CA file `{}` is not valid PEM: {e}", path.display()))?;
+            roots
+                .add(cert)
+                .map_err(|e| format!("the CA file `{}`: {e}", path.display()))?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err(format!(
+                "the CA file `{}` holds no certificate",
+                path.display()
+            ));
+        }
+    }
+    Ok(roots)
+}
+
+impl HttpClient {
+    pub fn new(ca_file: Option<&Path>, connect_timeout: Duration) -> Result<HttpClient, String> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS: {e}"))?
+            .with_root_certificates(tls_roots(ca_file)?)
+            .with_no_client_auth();
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_connect_timeout(Some(connect_timeout));
+        http.set_nodelay(true);
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build(connector);
+        Ok(HttpClient { client })
+    }
+
+    /// One request, bounded by `timeout`; the error is one line.
+    pub async fn request(
+        &self,
+        request: http::Request<Full<Bytes>>,
+        timeout: Duration,
+    ) -> Result<HttpAnswer, String> {
+        let exchange = async {
+            let response = self.client.request(request).await.map_err(describe_hyper)?;
+            let (parts, body) = response.into_parts();
+            let body = body
+                .collect()
+                .await
+                .map_err(|e| format!("reading the answer failed: {e}"))?
+                .to_bytes();
+            Ok(HttpAnswer {
+                status: parts.status,
+                headers: parts.headers,
+                body,
+            })
+        };
+        match tokio::time::timeout(timeout, exchange).await {
+            Ok(result) => result,
+            Err(_) => Err(format!("no answer within {}", human(timeout))),
+        }
+    }
+
+    /// A `GET` with headers.
+    pub async fn get(
+        &self,
+        url: &str,
+        headers: &[(&str, &str)],
+        timeout: Duration,
+    ) -> Result<HttpAnswer, String> {
+        let mut builder = http::Request::get(url);
+        for (k, v) in headers {
+            builder = builder.header(*k, *v);
+        }
+        let request = builder
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| format!("invalid request: {e}"))?;
+        self.request(request, timeout).await
+    }
+}
+
+fn human(d: Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
+    }
+}
+
+/// The innermost cause of a client error ("Connection refused (os error
+/// 111)"), which says more than the outer ones.
+fn describe_hyper(e: hyper_util::client::legacy::Error) -> String {
+    let kind = if e.is_connect() {
+        "cannot connect"
+    } else {
+        "request failed"
+    };
+    let mut source: &dyn std::error::Error = &e;
+    while let Some(next) = source.source() {
+        source = next;
+    }
+    format!("{kind}: {source}")
+}
+
+/// Headers of a target, validated once.
+pub type Headers = Vec<(HeaderName, HeaderValue)>;
+
+/// Validates `(name, value)` pairs; the error names the header, never its
+/// value.
+pub fn validate_headers(headers: &[(String, String)]) -> Result<Headers, String> {
+    let mut out = Vec::new();
+    for (key, value) in headers {
+        let name = HeaderName::from_bytes(key.trim().as_bytes())
+            .map_err(|_| format!("header name `{key}` is not valid"))?;
+        let mut value = HeaderValue::from_str(value)
+            .map_err(|_| format!("the value of header `{key}` is not valid"))?;
+        value.set_sensitive(true);
+        out.push((name, value));
+    }
+    Ok(out)
+}
+
+fn bearer_value(token: &Secret) -> Result<HeaderValue, String> {
+    let mut value = HeaderValue::from_str(&format!("Bearer {}", token.expose()))
+        .map_err(|_| "the bearer token has characters a header cannot carry".to_string())?;
+    value.set_sensitive(true);
+    Ok(value)
+}
+
+/// Sends export requests for one runner.
+pub struct Transports {
+    http: HttpClient,
+    ca_file: Option<std::path::PathBuf>,
+    grpc: Mutex<HashMap<String, tonic::transport::Channel>>,
+    grpc_tls_roots: OnceLock<Result<Vec<tonic::transport::Certificate>, String>>,
+    export_timeout: Duration,
+}
+
+impl std::fmt::Debug for Transports {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Transports")
+            .field("export_timeout", &self.export_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Transports {
+    pub fn new(ca_file: Option<&Path>, export_timeout: Duration) -> Result<Transports, String> {
+        Ok(Transports {
+            http: HttpClient::new(ca_file, export_timeout.min(Duration::from_secs(5)))?,
+            ca_file: ca_file.map(Path::to_path_buf),
+            grpc: Mutex::new(HashMap::new()),
+            grpc_tls_roots: OnceLock::new(),
+            export_timeout,
+        })
+    }
+
+    pub fn http(&self) -> &HttpClient {
+        &self.http
+    }
+
+    pub fn export_timeout(&self) -> Duration {
+        self.export_timeout
+    }
+
+    /// The gRPC channel of `url` (`http://host:port` or `https://...`),
+    /// created on first use and connected lazily.
+    pub fn grpc_channel(&self, url: &str) -> Result<tonic::transport::Channel, String> {
+        let mut channels = self.grpc.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(channel) = channels.get(url) {
+            return Ok(channel.clone());
+        }
+        let mut endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
+            .map_err(|e| format!("invalid gRPC endpoint: {e}"))?
+            .timeout(self.export_timeout)
+            .connect_timeout(self.export_timeout.min(Duration::from_secs(5)));
+        if url.starts_with("https://") {
+            let extra = self
+                .grpc_tls_roots
+                .get_or_init(|| match &self.ca_file {
+                    None => Ok(Vec::new()),
+                    Some(path) => std::fs::read(path)
+                        .map(|pem| vec![tonic::transport::Certificate::from_pem(pem)])
+                        .map_err(|e| format!("cannot read the CA file `{}`: {e}", path.display())),
+                })
+                .clone()?;
+            let tls = tonic::transport::ClientTlsConfig::new()
+                .with_native_roots()
+                .ca_certificates(extra);
+            endpoint = endpoint.tls_config(tls).map_err(|e| format!("TLS: {e}"))?;
+        }
+        let channel = endpoint.connect_lazy();
+        channels.insert(url.to_string(), channel.clone());
+        Ok(channel)
+    }
+
+    /// One export attempt, bounded by the export timeout.
+    pub async fn send(
+        &self,
+        transport: Transport,
+        url: &str,
+        headers: &Headers,
+        bearer: Option<&Secret>,
+        request: RawExportRequest,
+    ) -> Attempt {
+        let attempt = async {
+            match transport {
+                Transport::HttpProtobuf => self.send_http(url, headers, bearer, request).await,
+                Transport::Grpc => self.send_grpc(url, headers, bearer, request).await,
+            }
+        };
+        match tokio::time::timeout(self.export_timeout, attempt).await {
+            Ok(attempt) => attempt,
+            Err(_) => Attempt::Failed {
+                verdict: Verdict::Retry { after: None },
+                error: format!("no answer within {}", human(self.export_timeout)),
+                unauthenticated: false,
+            },
+        }
+    }
+
+    async fn send_http(
+        &self,
+        url: &str,
+        headers: &Headers,
+        bearer: Option<&Secret>,
+        request: RawExportRequest,
+    ) -> Attempt {
+        let retry = |error: String| Attempt::Failed {
+            verdict: Verdict::Retry { after: None },
+            error,
+            unauthenticated: false,
+        };
+        let mut builder = http::Request::post(url)
+            .header(http::header::CONTENT_TYPE, "application/x-protobuf")
+            .header(
+                http::header::USER_AGENT,
+                concat!("ci-runner-telemetry/", env!("CARGO_PKG_VERSION")),
+            );
+        for (name, value) in headers {
+            builder = builder.header(name, value);
+        }
+        if let Some(token) = bearer {
+            match bearer_value(token) {
+                Ok(value) => builder = builder.header(http::header::AUTHORIZATION, value),
+                Err(e) => return retry(e),
+            }
+        }
+        let body = Full::new(Bytes::from(request.encode_to_vec()));
+        let request = match builder.body(body) {
+            Ok(r) => r,
+            Err(e) => {
+                return Attempt::Failed {
+                    verdict: Verdict::Permanent,
+                    error: format!("invalid request: {e}"),
+                    unauthenticated: false,
+                }
+            }
+        };
+        let answer = match self.http.request(request, self.export_timeout).await {
+            Ok(a) => a,
+            Err(e) => return retry(e),
+        };
+        if answer.status.is_success() {
+            // A body that does not decode (empty, JSON) is a full success.
+            let response = ExportTraceServiceResponse::decode(answer.body).unwrap_or_default();
+            return delivered(response, bearer);
+        }
+        let retry_after = answer
+            .headers
+            .get(http::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok());
+        let verdict = classify_http(answer.status.as_u16(), retry_after, SystemTime::now());
+        let mut error = format!("HTTP {}", answer.status);
+        let text = String::from_utf8_lossy(&answer.body);
+        let text = text.trim();
+        if !text.is_empty() && text.is_char_boundary(text.len().min(MAX_MESSAGE)) {
+            let cut: String = text.chars().take(MAX_MESSAGE).collect();
+            if cut.chars().all(|c| !c.is_control() || c == ' ') {
+                error.push_str(&format!(": {}", redact(&cut, bearer)));
+            }
+        }
+        Attempt::Failed {
+            verdict,
+            error,
+            unauthenticated: answer.status == StatusCode::UNAUTHORIZED,
+        }
+    }
+
+    async fn send_grpc(
+        &self,
+        url: &str,
+        headers: &Headers,
+        bearer: Option<&Secret>,
+        request: RawExportRequest,
+    ) -> Attempt {
+        let channel = match self.grpc_channel(url) {
+            Ok(c) => c,
+            Err(error) => {
+                return Attempt::Failed {
+                    verdict: Verdict::Permanent,
+                    error,
+                    unauthenticated: false,
+                }
+            }
+        };
+        let mut grpc = tonic::client::Grpc::new(channel);
+        if let Err(e) = grpc.ready().await {
+            return Attempt::Failed {
+                verdict: Verdict::Retry { after: None },
+                error: format!("cannot connect: {e}"),
+                unauthenticated: false,
+            };
+        }
+        let mut request = tonic::Request::new(request);
+        request.set_timeout(self.export_timeout);
+        let metadata = request.metadata_mut();
+        for (name, value) in headers {
+            let key = match tonic::metadata::AsciiMetadataKey::from_bytes(
+                name.as_str().to_ascii_lowercase().as_bytes(),
+            ) {
+                Ok(k) => k,
+                Err(_) => continue,
+            };
+            if let Ok(value) = tonic::metadata::AsciiMetadataValue::try_from(value.as_bytes()) {
+                metadata.insert(key, value);
+            }
+        }
+        if let Some(token) = bearer {
+            match tonic::metadata::AsciiMetadataValue::try_from(format!(
+                "Bearer {}",
+                token.expose()
+            )) {
+                Ok(value) => {
+                    metadata.insert("authorization", value);
+                }
+                Err(_) => {
+                    return Attempt::Failed {
+                        verdict: Verdict::Retry { after: None },
+                        error: "the bearer token has characters gRPC metadata cannot carry".into(),
+                        unauthenticated: false,
+                    }
+                }
+            }
+        }
+        let codec =
+            tonic_prost::ProstCodec::<RawExportRequest, ExportTraceServiceResponse>::default();
+        let path = http::uri::PathAndQuery::from_static(GRPC_EXPORT_PATH);
+        match grpc.unary(request, path, codec).await {
+            Ok(response) => delivered(response.into_inner(), bearer),
+            Err(status) => {
+                let verdict = classify_grpc(status.code(), status.details());
+                let message: String = status.message().chars().take(MAX_MESSAGE).collect();
+                let mut error = format!("gRPC {:?}", status.code());
+                if !message.is_empty() {
+                    error.push_str(&format!(": {}", redact(&message, bearer)));
+                }
+                Attempt::Failed {
+                    verdict,
+                    error,
+                    unauthenticated: status.code() == tonic::Code::Unauthenticated,
+                }
+            }
+        }
+    }
+}
+
+fn delivered(response: ExportTraceServiceResponse, bearer: Option<&Secret>) -> Attempt {
+    let (rejected, message) = match response.partial_success {
+        Some(p) => (
+            u64::try_from(p.rejected_spans).unwrap_or(0),
+            redact(
+                &p.error_message
+                    .chars()
+                    .take(MAX_MESSAGE)
+                    .collect::<String>(),
+                bearer,
+            ),
+        ),
+        None => (0, String::new()),
+    };
+    Attempt::Delivered { rejected, message }
+}
