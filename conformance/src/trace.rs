@@ -158,7 +158,12 @@ impl Tree {
             "Error" | "STATUS_CODE_ERROR" => format!("  ERROR {}", span.status_message),
             _ => String::new(),
         };
-        let label = format!("{}{}", "  ".repeat(depth), span.name);
+        // CI Function spans share one name; show which function it was.
+        let name = match span.attribute("ci.function.name") {
+            Some(function) => format!("{} {function}", span.name),
+            None => span.name.clone(),
+        };
+        let label = format!("{}{name}", "  ".repeat(depth));
         out.push_str(&format!(
             "{label:<40} {:>10}  {}{status}\n",
             format_duration(span.duration_ns),

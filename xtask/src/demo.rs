@@ -20,6 +20,46 @@ const EXPECTED: &[(&str, &str)] = &[
     ("build", "success"),
     ("flaky-test", "failed"),
     ("slow-test", "success"),
+    ("functions", "success"),
+];
+
+/// Child spans each job's `job_execution` must have (the stages that run for
+/// it, and its CI Functions).
+const EXPECTED_CHILDREN: &[(&str, &[&str])] = &[
+    (
+        "build",
+        &[
+            "prepare_executor",
+            "get_sources",
+            "restore_cache",
+            "step_script",
+            "archive_cache",
+            "upload_artifacts",
+        ],
+    ),
+    (
+        "flaky-test",
+        &[
+            "prepare_executor",
+            "get_sources",
+            "step_script",
+            "after_script",
+            "upload_artifacts_on_failure",
+        ],
+    ),
+    (
+        "slow-test",
+        &["prepare_executor", "get_sources", "step_script"],
+    ),
+    (
+        "functions",
+        &[
+            "prepare_executor",
+            "get_sources",
+            "ci_function",
+            "ci_function",
+        ],
+    ),
 ];
 
 pub fn run(args: &[String]) -> Result<()> {
@@ -269,6 +309,22 @@ fn check_job(tree: &Tree, job: &Value, trace_id: &str) -> Vec<String> {
     }
     if of_job("job_lifecycle").is_none() {
         failures.push(format!("job `{name}`: no job_lifecycle root span"));
+    }
+    if let Some((_, want)) = EXPECTED_CHILDREN.iter().find(|(n, _)| *n == name) {
+        let got: Vec<&str> = tree
+            .spans
+            .iter()
+            .filter(|s| s.parent_span_id == execution.span_id)
+            .map(|s| s.name.as_str())
+            .collect();
+        for stage in *want {
+            let wanted = want.iter().filter(|w| *w == stage).count();
+            if got.iter().filter(|g| *g == stage).count() < wanted {
+                failures.push(format!(
+                    "job `{name}`: no `{stage}` span under job_execution (got {got:?})"
+                ));
+            }
+        }
     }
     if execution.attribute("ci.job.status") != Some(status) {
         failures.push(format!(
