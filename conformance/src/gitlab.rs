@@ -241,6 +241,18 @@ impl FakeRails {
     }
 }
 
+/// The job called `name` in a pipeline's job list.
+pub fn job_named<'a>(jobs: &'a [Value], name: &str) -> &'a Value {
+    jobs.iter()
+        .find(|j| j["name"] == name)
+        .unwrap_or_else(|| panic!("no job `{name}` in {jobs:#?}"))
+}
+
+/// A job's (or any API object's) id.
+pub fn job_id(job: &Value) -> u64 {
+    job["id"].as_u64().expect("an id")
+}
+
 /// Creates a real git repository at `dir` (branch `main`, one commit with a
 /// README and the given files) for a project to point at, so jobs really
 /// clone it. Returns `dir`.

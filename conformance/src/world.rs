@@ -47,8 +47,32 @@ impl World {
     /// Creates a project backed by a real local git repository (so the
     /// runner's clone works); returns `(id, full path)`.
     pub fn create_project(&self, name: &str) -> Result<(u64, String)> {
-        let repo = crate::gitlab::init_repository(&self.stack.dir().join("repos").join(name), &[])?;
+        self.create_project_with_files(name, &[])
+    }
+
+    /// [`World::create_project`] with `files` committed to the repository.
+    pub fn create_project_with_files(
+        &self,
+        name: &str,
+        files: &[(&str, &str)],
+    ) -> Result<(u64, String)> {
+        let repo =
+            crate::gitlab::init_repository(&self.stack.dir().join("repos").join(name), files)?;
         self.rails.create_project(name, Some(&repo))
+    }
+
+    /// Creates a pipeline from `ci_config` and waits until its jobs are
+    /// done; returns the pipeline id and its jobs.
+    pub fn run_pipeline(
+        &self,
+        project: u64,
+        ci_config: &str,
+    ) -> Result<(u64, Vec<serde_json::Value>)> {
+        let pipeline = self.rails.create_pipeline(project, ci_config)?;
+        let jobs = self
+            .rails
+            .wait_for_pipeline(project, pipeline, PIPELINE_DEADLINE)?;
+        Ok((pipeline, jobs))
     }
 
     /// Runner options that send telemetry to this world's collector over

@@ -4,7 +4,7 @@
 
 use conformance::gitlab::FakeRailsOptions;
 use conformance::paths;
-use conformance::world::{World, PIPELINE_DEADLINE};
+use conformance::world::World;
 use serde_json::Value;
 
 const PIPELINE: &str = "
@@ -51,11 +51,7 @@ fn every_panel_query_runs_and_the_job_panels_have_data() {
     let (project, path) = world.create_project("dashboards").unwrap();
     world.rails.set_telemetry_flag(true, Some(&path)).unwrap();
     world.start_runner(world.to_collector()).unwrap();
-    let pipeline = world.rails.create_pipeline(project, PIPELINE).unwrap();
-    let jobs = world
-        .rails
-        .wait_for_pipeline(project, pipeline, PIPELINE_DEADLINE)
-        .unwrap();
+    let (pipeline, jobs) = world.run_pipeline(project, PIPELINE).unwrap();
     for job in &jobs {
         world.job_execution(job["id"].as_u64().unwrap()).unwrap();
     }

@@ -10,6 +10,7 @@ use std::collections::HashSet;
 use std::net::TcpListener;
 use std::time::Duration;
 
+use conformance::gitlab::{job_id as id, job_named};
 use conformance::gitlab::{Contract, FakeRailsOptions};
 use conformance::process::wait_for;
 use conformance::proxy::PayloadProxy;
@@ -34,16 +35,6 @@ fails:
     - exit 3
 ";
 
-fn job_named<'a>(jobs: &'a [Value], name: &str) -> &'a Value {
-    jobs.iter()
-        .find(|j| j["name"] == name)
-        .unwrap_or_else(|| panic!("no job `{name}` in {jobs:#?}"))
-}
-
-fn id(value: &Value) -> u64 {
-    value["id"].as_u64().expect("an id")
-}
-
 /// The Rails formulas (shared/notes/contract.md).
 fn rails_trace_id(root_pipeline: u64) -> String {
     format!("{root_pipeline:032x}")
@@ -64,11 +55,7 @@ fn check_job_execution(contract: Contract) {
         Contract::V2 => RunnerOptions::default(),
     };
     world.start_runner(runner_options).unwrap();
-    let pipeline = world.rails.create_pipeline(project, ONE_JOB).unwrap();
-    let jobs = world
-        .rails
-        .wait_for_pipeline(project, pipeline, PIPELINE_DEADLINE)
-        .unwrap();
+    let (pipeline, jobs) = world.run_pipeline(project, ONE_JOB).unwrap();
     let job = job_named(&jobs, "test");
     assert_eq!(job["status"], "success");
     let job_id = id(job);
@@ -177,11 +164,7 @@ fn a_failed_job_has_status_failed_and_an_error_span() {
     let (project, path) = world.create_project("failing").unwrap();
     world.rails.set_telemetry_flag(true, Some(&path)).unwrap();
     world.start_runner(world.to_collector()).unwrap();
-    let pipeline = world.rails.create_pipeline(project, PASS_AND_FAIL).unwrap();
-    let jobs = world
-        .rails
-        .wait_for_pipeline(project, pipeline, PIPELINE_DEADLINE)
-        .unwrap();
+    let (_, jobs) = world.run_pipeline(project, PASS_AND_FAIL).unwrap();
     let failed = job_named(&jobs, "fails");
     assert_eq!(failed["status"], "failed");
     assert_eq!(failed["failure_reason"], "script_failure");
@@ -352,11 +335,7 @@ fn jobs_with_a_missing_or_malformed_trace_context_run_normally_without_telemetry
     for name in BROKEN_PAYLOADS.iter().chain(["intact"].iter()) {
         yaml.push_str(&format!("{name}:\n  script:\n    - echo job {name} ran\n"));
     }
-    let pipeline = world.rails.create_pipeline(project, &yaml).unwrap();
-    let jobs = world
-        .rails
-        .wait_for_pipeline(project, pipeline, PIPELINE_DEADLINE)
-        .unwrap();
+    let (_, jobs) = world.run_pipeline(project, &yaml).unwrap();
     for job in &jobs {
         assert_eq!(
             job["status"], "success",

@@ -13,11 +13,10 @@
 //! 5. `run:` (CI Functions) gives one `ci_function` span per invocation, and
 //!    a failing function fails the job.
 
-use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use conformance::gitlab::FakeRailsOptions;
+use conformance::gitlab::{job_id as id, job_named};
 use conformance::process::wait_for;
 use conformance::trace::{self, StoredSpan, Tree};
 use conformance::world::{World, PIPELINE_DEADLINE, SPAN_DEADLINE};
@@ -41,57 +40,11 @@ const REDACTED: [&str; 14] = [
     "ci.artifact.size_bytes",
 ];
 
-fn job_named<'a>(jobs: &'a [Value], name: &str) -> &'a Value {
-    jobs.iter()
-        .find(|j| j["name"] == name)
-        .unwrap_or_else(|| panic!("no job `{name}` in {jobs:#?}"))
-}
-
-fn id(value: &Value) -> u64 {
-    value["id"].as_u64().expect("an id")
-}
-
-/// A git repository on `main` holding `files`, in `dir`.
-fn git_repo(dir: &Path, files: &[(&str, &str)]) {
-    let git = |args: &[&str]| {
-        let out = Command::new("git")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("git runs");
-        assert!(
-            out.status.success(),
-            "git {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    std::fs::create_dir_all(dir).unwrap();
-    git(&["init", "-q", "-b", "main"]);
-    for (name, content) in files {
-        let path = dir.join(name);
-        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        std::fs::write(path, content).unwrap();
-    }
-    git(&["add", "."]);
-    git(&[
-        "-c",
-        "user.email=conformance@example.com",
-        "-c",
-        "user.name=conformance",
-        "commit",
-        "-q",
-        "-m",
-        "initial",
-    ]);
-}
-
 /// A world with a telemetry-enabled project backed by a git repository
 /// holding `files`, and the runner started. Returns the project's id.
 fn world_with_repo(name: &str, files: &[(&str, &str)]) -> (World, u64) {
     let mut world = World::new(FakeRailsOptions::default()).unwrap();
-    let repo = world.stack.dir().join(format!("{name}-repo"));
-    git_repo(&repo, files);
-    let (project, path) = world.rails.create_project(name, Some(&repo)).unwrap();
+    let (project, path) = world.create_project_with_files(name, files).unwrap();
     world.rails.set_telemetry_flag(true, Some(&path)).unwrap();
     world.start_runner(world.to_collector()).unwrap();
     (world, project)
@@ -216,11 +169,7 @@ build:
 #[test]
 fn stage_spans_form_the_expected_tree_with_their_metadata() {
     let (world, project) = world_with_repo("stages", &[("README", "from the repository\n")]);
-    let pipeline = world.rails.create_pipeline(project, BUILD).unwrap();
-    let jobs = world
-        .rails
-        .wait_for_pipeline(project, pipeline, PIPELINE_DEADLINE)
-        .unwrap();
+    let (_, jobs) = world.run_pipeline(project, BUILD).unwrap();
     let job = job_named(&jobs, "build");
     assert_eq!(
         job["status"],
@@ -290,11 +239,7 @@ fn the_cache_misses_then_hits_across_two_pipelines() {
     let (world, project) = world_with_repo("cached", &[("README", "cached\n")]);
     let mut restores = Vec::new();
     for round in 0..2 {
-        let pipeline = world.rails.create_pipeline(project, CACHED).unwrap();
-        let jobs = world
-            .rails
-            .wait_for_pipeline(project, pipeline, PIPELINE_DEADLINE)
-            .unwrap();
+        let (_, jobs) = world.run_pipeline(project, CACHED).unwrap();
         let job = job_named(&jobs, "deps");
         assert_eq!(job["status"], "success");
         let log = world.rails.job_trace(project, id(job)).unwrap();
@@ -349,11 +294,7 @@ fails:
 #[test]
 fn a_failing_script_is_an_error_span_and_after_script_and_always_artifacts_still_run() {
     let (world, project) = world_with_repo("failing", &[("README", "x\n")]);
-    let pipeline = world.rails.create_pipeline(project, FAILING).unwrap();
-    let jobs = world
-        .rails
-        .wait_for_pipeline(project, pipeline, PIPELINE_DEADLINE)
-        .unwrap();
+    let (_, jobs) = world.run_pipeline(project, FAILING).unwrap();
     let job = job_named(&jobs, "fails");
     assert_eq!(job["status"], "failed");
     assert_eq!(job["failure_reason"], "script_failure");
@@ -482,11 +423,7 @@ broken:
 #[test]
 fn run_functions_give_one_span_per_invocation_and_a_failing_one_fails_the_job() {
     let (world, project) = world_with_repo("functions", &[("functions/greet/step.yml", GREET)]);
-    let pipeline = world.rails.create_pipeline(project, FUNCTIONS).unwrap();
-    let jobs = world
-        .rails
-        .wait_for_pipeline(project, pipeline, PIPELINE_DEADLINE)
-        .unwrap();
+    let (_, jobs) = world.run_pipeline(project, FUNCTIONS).unwrap();
 
     let good = job_named(&jobs, "functions");
     let log = world.rails.job_trace(project, id(good)).unwrap();
