@@ -360,3 +360,61 @@ fn jobs_with_a_missing_or_malformed_trace_context_run_normally_without_telemetry
         assert!(line.len() < 300, "one short line: {line}");
     }
 }
+
+/// What a job's result is made of: its status, failure reason, and the
+/// script's own lines in its log.
+fn results(world: &World, project: u64, jobs: &[Value]) -> Vec<String> {
+    let mut out: Vec<String> = jobs
+        .iter()
+        .map(|job| {
+            let log = world.rails.job_trace(project, id(job)).unwrap();
+            let script_lines: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains("this one") || l.starts_with("$ "))
+                .collect();
+            format!(
+                "{} {} {} {:?}",
+                job["name"].as_str().unwrap_or_default(),
+                job["status"],
+                job["failure_reason"],
+                script_lines
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn a_jobs_result_is_identical_with_telemetry_on_off_and_the_collector_down() {
+    let mut world = World::new(FakeRailsOptions::default()).unwrap();
+    let (on, on_path) = world.create_project("telemetry-on").unwrap();
+    let (off, off_path) = world.create_project("telemetry-off").unwrap();
+    world
+        .rails
+        .set_telemetry_flag(true, Some(&on_path))
+        .unwrap();
+    world
+        .rails
+        .set_telemetry_flag(false, Some(&off_path))
+        .unwrap();
+    world.start_runner(world.to_collector()).unwrap();
+
+    let (_, with_telemetry) = world.run_pipeline(on, PASS_AND_FAIL).unwrap();
+    let (_, without) = world.run_pipeline(off, PASS_AND_FAIL).unwrap();
+    world.stack.stop_collector();
+    let (_, collector_down) = world.run_pipeline(on, PASS_AND_FAIL).unwrap();
+
+    let expected = results(&world, on, &with_telemetry);
+    assert_eq!(expected.len(), 2, "{expected:#?}");
+    assert!(
+        expected.iter().any(|r| r.contains("this one fails")),
+        "{expected:#?}"
+    );
+    assert_eq!(results(&world, off, &without), expected, "telemetry off");
+    assert_eq!(
+        results(&world, on, &collector_down),
+        expected,
+        "collector down"
+    );
+}
