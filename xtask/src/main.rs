@@ -3,8 +3,10 @@
 //! - `cargo xtask demo`           the main demo (stack + fake-rails + runner)
 //! - `cargo xtask test`           every check and test CI runs
 //! - `cargo xtask e2e`            the conformance suite only
+//! - `cargo xtask bench`          telemetry on vs off, side by side
 //! - `cargo xtask stack up|down|status [--dir DIR]`
 
+mod bench;
 mod demo;
 mod stack;
 mod test;
@@ -18,6 +20,7 @@ Commands:
   demo [--contract v1|v2]       run the demo: stack, fake-rails, runner, traces
   test                          run every check and test (what CI runs)
   e2e                           run the conformance suite against a real stack
+  bench                         measure telemetry's cost side by side (ratios)
   stack up|down|status [--dir DIR]
                                 control the embedded stack (default target/stack)
 ";
@@ -27,6 +30,7 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("stack") => stack::run(&args[1..]),
         Some("demo") => demo::run(&args[1..]),
+        Some("bench") => bench::run(&args[1..]),
         Some("test") => test::run_all(&args[1..]),
         Some("e2e") => test::run_e2e(&args[1..]),
         Some("-h" | "--help" | "help") | None => {
