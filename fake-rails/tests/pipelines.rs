@@ -203,16 +203,7 @@ async fn when_and_allow_failure_decide_what_runs_and_the_pipeline_status() {
         pipeline["status"], "success",
         "an allowed failure does not fail the pipeline"
     );
-    let allowed = gitlab
-        .get_json(&format!("/projects/{project}/pipelines/{pid}/jobs"))
-        .await;
-    let allowed = allowed
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|j| j["name"] == "fail_allowed")
-        .unwrap()
-        .clone();
+    let allowed = gitlab.pipeline_job(project, pid, "fail_allowed").await;
     assert_eq!(allowed["allow_failure"], true);
 }
 
@@ -330,25 +321,10 @@ async fn manual_jobs_wait_to_be_played() {
         "an optional manual job does not block"
     );
 
-    let jobs = gitlab
-        .get_json(&format!("/projects/{project}/pipelines/{pid}/jobs"))
-        .await;
-    let deploy_id = jobs
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|j| j["name"] == "deploy")
-        .unwrap()["id"]
+    let deploy_id = gitlab.pipeline_job(project, pid, "deploy").await["id"]
         .as_u64()
         .unwrap();
-    let play = gitlab
-        .admin(
-            reqwest::Method::POST,
-            &format!("/projects/{project}/jobs/{deploy_id}/play"),
-        )
-        .send()
-        .await
-        .unwrap();
+    let play = gitlab.play_job(project, deploy_id).await;
     assert_eq!(play.status(), StatusCode::OK);
     let deploy = gitlab
         .request_job(&runner)
@@ -359,14 +335,7 @@ async fn manual_jobs_wait_to_be_played() {
         common::variable(&deploy.payload, "CI_JOB_MANUAL").unwrap()["value"],
         "true"
     );
-    let replay = gitlab
-        .admin(
-            reqwest::Method::POST,
-            &format!("/projects/{project}/jobs/{deploy_id}/play"),
-        )
-        .send()
-        .await
-        .unwrap();
+    let replay = gitlab.play_job(project, deploy_id).await;
     assert_eq!(replay.status(), StatusCode::FORBIDDEN);
 }
 

@@ -5,12 +5,14 @@ mod common;
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::{closed_port, grpc_collector, http_collector, stalled_server, ReceivedSpan};
+use common::{
+    closed_port, grpc_collector, http_collector, stalled_server, Collector, ReceivedSpan,
+};
 use opentelemetry::KeyValue;
 use runner_telemetry::config::{ExportSettings, StaticEndpoint};
 use runner_telemetry::negotiate::Transport;
 use runner_telemetry::{
-    DropReason, JobOutcome, JobSpanInfo, RunnerIdentity, RunnerTelemetry, SpanOutcome,
+    DropReason, JobOutcome, JobSpanInfo, PendingFlush, RunnerIdentity, RunnerTelemetry, SpanOutcome,
 };
 use serde_json::{json, Value};
 
@@ -65,11 +67,31 @@ fn nanos(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64
 }
 
+/// Whether every request `collector` received carried the static
+/// endpoint's header.
+fn sent_static_headers(collector: &Collector) -> bool {
+    collector
+        .headers()
+        .iter()
+        .all(|h| h.get("x-tenant").map(String::as_str) == Some("ci"))
+}
+
 fn find<'a>(spans: &'a [ReceivedSpan], name: &str) -> &'a ReceivedSpan {
     spans
         .iter()
         .find(|s| s.name == name)
         .unwrap_or_else(|| panic!("no span `{name}` in {spans:#?}"))
+}
+
+/// Runs a v1 job that ends one `step_script` child and finishes; checks
+/// that this took less than `limit` (it must not wait for the network).
+fn finish_step_script_job(telemetry: &RunnerTelemetry, limit: Duration) -> PendingFlush {
+    let started = Instant::now();
+    let mut job = telemetry.start_job(&v1_payload(), &job_info(), SystemTime::now());
+    job.child("step_script", vec![]).end(SpanOutcome::Ok);
+    let pending = job.finish(&JobOutcome::Success, SystemTime::now()).unwrap();
+    assert!(started.elapsed() < limit, "{:?}", started.elapsed());
+    pending
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -166,10 +188,7 @@ async fn failed_job_span_over_http_has_the_contract_shape() {
     assert_eq!(child.attr("ci.stage.status"), Some("str:failed"));
 
     // The static endpoint's headers were sent.
-    assert!(collector
-        .headers()
-        .iter()
-        .all(|h| h.get("x-tenant").map(String::as_str) == Some("ci")));
+    assert!(sent_static_headers(&collector), "{:?}", collector.headers());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -256,10 +275,7 @@ async fn static_grpc_endpoint_and_custom_service_name() {
         span.attr("cicd.pipeline.task.run.result"),
         Some("str:cancellation")
     );
-    assert!(collector
-        .headers()
-        .iter()
-        .all(|h| h.get("x-tenant").map(String::as_str) == Some("ci")));
+    assert!(sent_static_headers(&collector), "{:?}", collector.headers());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -294,16 +310,8 @@ async fn unreachable_collector_costs_the_job_nothing_and_is_accounted() {
     settings.flush_timeout = Duration::from_millis(500);
     settings.shutdown_timeout = Duration::from_millis(300);
     let telemetry = RunnerTelemetry::new(settings, runner());
-    let started = Instant::now();
-    let mut job = telemetry.start_job(&v1_payload(), &job_info(), SystemTime::now());
-    job.child("step_script", vec![]).end(SpanOutcome::Ok);
-    let pending = job.finish(&JobOutcome::Success, SystemTime::now()).unwrap();
     // Starting and finishing never wait for the network.
-    assert!(
-        started.elapsed() < Duration::from_millis(500),
-        "{:?}",
-        started.elapsed()
-    );
+    let pending = finish_step_script_job(&telemetry, Duration::from_millis(500));
 
     // Connection refused is retried: the spans stay buffered past the
     // flush deadline, and the error is on record.
@@ -345,17 +353,9 @@ async fn stalled_collector_is_cut_off_at_the_flush_deadline() {
     settings.flush_timeout = Duration::from_millis(600);
     settings.shutdown_timeout = Duration::from_millis(300);
     let telemetry = RunnerTelemetry::new(settings, runner());
-    let started = Instant::now();
-    let mut job = telemetry.start_job(&v1_payload(), &job_info(), SystemTime::now());
-    job.child("step_script", vec![]).end(SpanOutcome::Ok);
-    let pending = job.finish(&JobOutcome::Success, SystemTime::now()).unwrap();
     // Starting, ending spans and finishing never wait for the network, even
     // with a collector that takes connections and never answers.
-    assert!(
-        started.elapsed() < Duration::from_secs(2),
-        "{:?}",
-        started.elapsed()
-    );
+    let pending = finish_step_script_job(&telemetry, Duration::from_secs(2));
     let started = Instant::now();
     let report = telemetry.flush_job(pending).await;
     let elapsed = started.elapsed();

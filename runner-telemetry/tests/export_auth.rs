@@ -29,22 +29,15 @@ async fn bearer_token_file_is_reread_when_it_changes() {
     let token_file = dir.path().join("token");
     std::fs::write(&token_file, "first-token-AAAA\n").unwrap();
     let (server, collector) = scripted_collector(vec![answer(200)]).await;
-    let mut settings = settings(
-        Transport::HttpProtobuf,
-        &format!("{}/v1/traces", server.uri()),
-    );
+    let mut settings = http_settings(&server);
     settings.bearer_token_file = Some(token_file.clone());
     let telemetry = RunnerTelemetry::new(settings, runner());
 
-    let report = telemetry
-        .flush_job(run_job(&telemetry, 1, &v1_payload(), &[]))
-        .await;
+    let report = flush_v1_job(&telemetry, 1).await;
     assert_eq!(report.exported(), 1, "{report}");
     // Rotated (as a projected Kubernetes token is): a new size and mtime.
     std::fs::write(&token_file, "second-token-BBBBBBBB\n").unwrap();
-    let report = telemetry
-        .flush_job(run_job(&telemetry, 2, &v1_payload(), &[]))
-        .await;
+    let report = flush_v1_job(&telemetry, 2).await;
     assert_eq!(report.exported(), 1, "{report}");
 
     let seen: Vec<String> = collector.received().iter().map(authorization).collect();
@@ -55,10 +48,7 @@ async fn bearer_token_file_is_reread_when_it_changes() {
 
     // A missing file is an export error that names the file, and is retried.
     std::fs::remove_file(&token_file).unwrap();
-    let mut settings = export_support::settings(
-        Transport::HttpProtobuf,
-        &format!("{}/v1/traces", server.uri()),
-    );
+    let mut settings = http_settings(&server);
     settings.bearer_token_file = Some(token_file.clone());
     settings.flush_timeout = Duration::from_millis(300);
     let missing = RunnerTelemetry::new(settings, runner());
@@ -87,23 +77,18 @@ async fn bearer_token_file_is_reread_when_it_changes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_echoed_by_the_collector_is_redacted() {
     // The collector refuses the token and quotes it back.
-    let (server, _collector) = scripted_collector(vec![(
+    let (server, _collector) = scripted_collector(vec![answer_with_body(
         401,
-        ResponseTemplate::new(401).set_body_string("invalid token echoed-SECRET-42"),
+        "invalid token echoed-SECRET-42",
     )])
     .await;
     let dir = tempfile::tempdir().unwrap();
     let token_file = dir.path().join("token");
     std::fs::write(&token_file, "echoed-SECRET-42").unwrap();
-    let mut settings = settings(
-        Transport::HttpProtobuf,
-        &format!("{}/v1/traces", server.uri()),
-    );
+    let mut settings = http_settings(&server);
     settings.bearer_token_file = Some(token_file);
     let telemetry = RunnerTelemetry::new(settings, runner());
-    let report = telemetry
-        .flush_job(run_job(&telemetry, 4, &v1_payload(), &[]))
-        .await;
+    let report = flush_v1_job(&telemetry, 4).await;
     assert_eq!(
         report.dropped_for(DropReason::PermanentError),
         1,
@@ -331,9 +316,7 @@ async fn https_and_grpcs_collectors_behind_a_private_ca() {
     let mut trusted = settings(Transport::HttpProtobuf, &url);
     trusted.ca_file = Some(ca_file.clone());
     let telemetry = RunnerTelemetry::new(trusted, runner());
-    let report = telemetry
-        .flush_job(run_job(&telemetry, 1, &v1_payload(), &[]))
-        .await;
+    let report = flush_v1_job(&telemetry, 1).await;
     assert_eq!(report.exported(), 1, "{report}");
     assert_eq!(names.lock().unwrap().clone(), ["job_execution"]);
     assert_invariant(&telemetry);
@@ -342,9 +325,7 @@ async fn https_and_grpcs_collectors_behind_a_private_ca() {
     let mut untrusted = settings(Transport::HttpProtobuf, &url);
     untrusted.flush_timeout = Duration::from_millis(400);
     let telemetry = RunnerTelemetry::new(untrusted, runner());
-    let report = telemetry
-        .flush_job(run_job(&telemetry, 2, &v1_payload(), &[]))
-        .await;
+    let report = flush_v1_job(&telemetry, 2).await;
     assert_eq!(report.buffered(), 1, "{report}");
     let error = report.endpoints[0].error.clone().unwrap();
     assert!(error.contains("certificate"), "{error}");

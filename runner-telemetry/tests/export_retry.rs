@@ -23,16 +23,6 @@ use runner_telemetry::negotiate::Transport;
 use runner_telemetry::{DropReason, RunnerTelemetry};
 use wiremock::ResponseTemplate;
 
-fn http_telemetry(server: &wiremock::MockServer) -> RunnerTelemetry {
-    RunnerTelemetry::new(
-        settings(
-            Transport::HttpProtobuf,
-            &format!("{}/v1/traces", server.uri()),
-        ),
-        runner(),
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retry_after_is_honoured_and_the_span_delivered_once() {
     let throttled = ResponseTemplate::new(503).insert_header("Retry-After", "1");
@@ -44,9 +34,7 @@ async fn retry_after_is_honoured_and_the_span_delivered_once() {
     .await;
     let telemetry = http_telemetry(&server);
 
-    let report = telemetry
-        .flush_job(run_job(&telemetry, 1, &v1_payload(), &[]))
-        .await;
+    let report = flush_v1_job(&telemetry, 1).await;
     assert_eq!(
         (report.spans, report.exported(), report.dropped()),
         (1, 1, 0),
@@ -80,18 +68,13 @@ async fn throttling_without_retry_after_backs_off_exponentially() {
     let mut script = vec![answer(429); 5];
     script.push(answer(200));
     let (server, collector) = scripted_collector(script).await;
-    let mut settings = settings(
-        Transport::HttpProtobuf,
-        &format!("{}/v1/traces", server.uri()),
-    );
+    let mut settings = http_settings(&server);
     settings.buffer.initial_backoff = Duration::from_millis(100);
     settings.buffer.max_backoff = Duration::from_secs(5);
     let telemetry = RunnerTelemetry::new(settings, runner());
 
     // `run_job` checks that the job itself did not wait.
-    let report = telemetry
-        .flush_job(run_job(&telemetry, 2, &v1_payload(), &[]))
-        .await;
+    let report = flush_v1_job(&telemetry, 2).await;
     assert_eq!((report.exported(), report.dropped()), (1, 0), "{report}");
     assert_report(&report);
 
@@ -113,15 +96,9 @@ async fn throttling_without_retry_after_backs_off_exponentially() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_request_is_permanent_and_not_retried() {
-    let (server, collector) = scripted_collector(vec![(
-        400,
-        ResponseTemplate::new(400).set_body_string("bad span"),
-    )])
-    .await;
+    let (server, collector) = scripted_collector(vec![answer_with_body(400, "bad span")]).await;
     let telemetry = http_telemetry(&server);
-    let report = telemetry
-        .flush_job(run_job(&telemetry, 3, &v1_payload(), &[]))
-        .await;
+    let report = flush_v1_job(&telemetry, 3).await;
     assert_eq!(
         (
             report.exported(),
@@ -312,10 +289,7 @@ async fn a_full_buffer_drops_new_spans_without_blocking() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spans_older_than_max_age_are_dropped_and_counted() {
     let (server, collector) = scripted_collector(vec![answer(503)]).await;
-    let mut settings = settings(
-        Transport::HttpProtobuf,
-        &format!("{}/v1/traces", server.uri()),
-    );
+    let mut settings = http_settings(&server);
     settings.buffer.max_age = Duration::from_millis(600);
     settings.flush_timeout = Duration::from_secs(5);
     let telemetry = RunnerTelemetry::new(settings, runner());
@@ -358,10 +332,7 @@ async fn spans_of_many_jobs_survive_an_outage_and_arrive_once() {
         })
         .mount(&server)
         .await;
-    let mut settings = settings(
-        Transport::HttpProtobuf,
-        &format!("{}/v1/traces", server.uri()),
-    );
+    let mut settings = http_settings(&server);
     settings.flush_timeout = Duration::from_millis(100);
     let telemetry = RunnerTelemetry::new(settings, runner());
 
@@ -473,9 +444,7 @@ async fn grpc_unavailable_is_retried_and_resource_exhausted_only_with_retry_info
     ])
     .await;
     let telemetry = RunnerTelemetry::new(settings(Transport::Grpc, &url), runner());
-    let report = telemetry
-        .flush_job(run_job(&telemetry, 20, &v1_payload(), &[]))
-        .await;
+    let report = flush_v1_job(&telemetry, 20).await;
     assert_eq!((report.exported(), report.dropped()), (1, 0), "{report}");
     assert_report(&report);
     let calls = collector.calls.lock().unwrap().clone();
@@ -489,9 +458,7 @@ async fn grpc_unavailable_is_retried_and_resource_exhausted_only_with_retry_info
     let (url, collector) =
         grpc_collector(vec![Some(tonic::Status::resource_exhausted("too big"))]).await;
     let telemetry = RunnerTelemetry::new(settings(Transport::Grpc, &url), runner());
-    let report = telemetry
-        .flush_job(run_job(&telemetry, 21, &v1_payload(), &[]))
-        .await;
+    let report = flush_v1_job(&telemetry, 21).await;
     assert_eq!(
         report.dropped_for(DropReason::PermanentError),
         1,
@@ -508,9 +475,7 @@ async fn grpc_unavailable_is_retried_and_resource_exhausted_only_with_retry_info
     // Other codes are permanent too.
     let (url, collector) = grpc_collector(vec![Some(tonic::Status::invalid_argument("bad"))]).await;
     let telemetry = RunnerTelemetry::new(settings(Transport::Grpc, &url), runner());
-    let report = telemetry
-        .flush_job(run_job(&telemetry, 22, &v1_payload(), &[]))
-        .await;
+    let report = flush_v1_job(&telemetry, 22).await;
     assert_eq!(report.dropped_for(DropReason::PermanentError), 1);
     assert_eq!(collector.calls.lock().unwrap().len(), 1);
     assert_invariant(&telemetry);

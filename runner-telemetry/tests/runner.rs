@@ -7,7 +7,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -17,12 +17,13 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{patch, post, put};
 use axum::Json;
+use common::job_api::{
+    git_commit, git_repo, job_token, range_not_satisfiable, range_start, runner_command, serve,
+    trace_text, verified, PARENT, RUNNER_TOKEN, TRACE_ID,
+};
 use common::{closed_port, grpc_collector, http_collector, stalled_server};
 use serde_json::{json, Value};
 
-const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
-const PARENT: &str = "00f067aa0ba902b7";
-const RUNNER_TOKEN: &str = "glrt-runner-token-SECRET";
 const DEADLINE: Duration = Duration::from_secs(30);
 
 /// What the job API received.
@@ -61,14 +62,7 @@ impl Api {
     }
 
     fn trace(&self, job: i64) -> String {
-        String::from_utf8_lossy(
-            self.lock()
-                .traces
-                .get(&job)
-                .map(Vec::as_slice)
-                .unwrap_or_default(),
-        )
-        .into_owned()
+        trace_text(&self.lock().traces, job)
     }
 
     fn handed_out(&self, job: i64) -> Option<Instant> {
@@ -81,11 +75,7 @@ async fn verify(State(api): State<Api>, Json(body): Json<Value>) -> Response {
     state.verifies.push(body);
     match state.verify_status {
         403 => StatusCode::FORBIDDEN.into_response(),
-        _ => (
-            StatusCode::OK,
-            Json(json!({"id": 99, "token": RUNNER_TOKEN})),
-        )
-            .into_response(),
+        _ => verified(),
     }
 }
 
@@ -112,10 +102,7 @@ async fn update_job(
     headers: HeaderMap,
     Json(body): Json<Value>,
 ) -> Response {
-    let token = headers
-        .get("JOB-TOKEN")
-        .and_then(|v| v.to_str().ok())
-        .map(String::from);
+    let token = job_token(&headers);
     api.lock().updates.push((id, body, token, Instant::now()));
     StatusCode::OK.into_response()
 }
@@ -127,11 +114,7 @@ async fn patch_trace(
     body: Bytes,
 ) -> Response {
     let mut state = api.lock();
-    let token = headers
-        .get("JOB-TOKEN")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_string();
+    let token = job_token(&headers).unwrap_or_default();
     if state.job_tokens.get(&id) != Some(&token) {
         return StatusCode::FORBIDDEN.into_response();
     }
@@ -142,20 +125,12 @@ async fn patch_trace(
     else {
         return StatusCode::BAD_REQUEST.into_response();
     };
-    let start: usize = range
-        .split('-')
-        .next()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(usize::MAX);
+    let start = range_start(&range);
     let trace = state.traces.entry(id).or_default();
     let size = trace.len();
     if start != size {
         state.patches.push((id, range, 416));
-        return (
-            StatusCode::RANGE_NOT_SATISFIABLE,
-            [("Range", format!("0-{size}"))],
-        )
-            .into_response();
+        return range_not_satisfiable(size);
     }
     trace.extend_from_slice(&body);
     let size = trace.len();
@@ -189,12 +164,7 @@ async fn start_api(jobs: Vec<Value>, configure: impl FnOnce(&mut ApiState)) -> (
         .route("/api/v4/jobs/{id}", put(update_job))
         .route("/api/v4/jobs/{id}/trace", patch(patch_trace))
         .with_state(api.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    (api, addr)
+    (api, serve(app).await)
 }
 
 /// A running `ci-runner` process and its stderr lines (with arrival time).
@@ -216,26 +186,8 @@ impl Runner {
         env: &[(&str, &str)],
     ) -> Runner {
         let builds = tempfile::tempdir().unwrap();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_ci-runner"));
-        command
-            .arg("run")
-            .args(["--url", &format!("http://{api}")])
-            .args(["--token", RUNNER_TOKEN])
-            .args(["--builds-dir", &builds.path().to_string_lossy()])
-            .args(["--max-jobs", &max_jobs.to_string()])
-            .args(["--check-interval", "100"])
-            .args(extra)
-            .env("HOME", builds.path())
-            .env_remove("CI_RUNNER_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        for (key, _) in std::env::vars() {
-            if key.starts_with("OTEL_") || key == "GITLAB_TRACING" {
-                command.env_remove(key);
-            }
-        }
-        command.envs(env.iter().copied());
+        let mut command = runner_command(api, builds.path(), builds.path(), max_jobs, 100);
+        command.args(extra).envs(env.iter().copied());
         let mut child = command.spawn().expect("ci-runner starts");
         let stderr = child.stderr.take().unwrap();
         let lines = Arc::new(Mutex::new(Vec::new()));
@@ -756,44 +708,9 @@ async fn spans_reach_the_collector_from_the_binary() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sources_are_cloned_at_the_sha_and_a_failed_clone_fails_the_job() {
     let repo = tempfile::tempdir().unwrap();
-    let git = |args: &[&str]| {
-        let out = Command::new("git")
-            .args(args)
-            .current_dir(repo.path())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "git {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap().trim().to_string()
-    };
-    git(&["init", "-q", "-b", "main"]);
-    std::fs::write(repo.path().join("README"), "first version\n").unwrap();
-    git(&["add", "README"]);
-    git(&[
-        "-c",
-        "user.email=t@example.com",
-        "-c",
-        "user.name=t",
-        "commit",
-        "-q",
-        "-m",
-        "one",
-    ]);
-    let sha = git(&["rev-parse", "HEAD"]);
+    let sha = git_repo(repo.path(), &[("README", "first version\n")]);
     std::fs::write(repo.path().join("README"), "second version\n").unwrap();
-    git(&[
-        "-c",
-        "user.email=t@example.com",
-        "-c",
-        "user.name=t",
-        "commit",
-        "-q",
-        "-am",
-        "two",
-    ]);
+    git_commit(repo.path(), &["-am", "two"]);
 
     let url = repo.path().to_string_lossy().into_owned();
     let cloned = with(
@@ -951,10 +868,7 @@ fn register_writes_a_gitlab_runner_shaped_config() {
                 }
             }),
         );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await });
-        (addr, seen)
+        (serve(app).await, seen)
     });
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("config.toml");

@@ -10,7 +10,6 @@ use std::collections::HashMap;
 use std::io::Read;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -20,12 +19,13 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{patch, post, put};
 use axum::Json;
+use common::job_api::{
+    git_repo, job_token, range_not_satisfiable, range_start, runner_command, serve, trace_text,
+    verified, PARENT, TRACE_ID,
+};
 use common::{http_collector, Collector, ReceivedSpan};
 use serde_json::{json, Value};
 
-const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
-const PARENT: &str = "00f067aa0ba902b7";
-const RUNNER_TOKEN: &str = "glrt-runner-token-SECRET";
 const DEADLINE: Duration = Duration::from_secs(60);
 
 /// An uploaded artifact: query parameters, file name, bytes.
@@ -54,14 +54,7 @@ impl Api {
     }
 
     fn trace(&self, job: i64) -> String {
-        String::from_utf8_lossy(
-            self.lock()
-                .traces
-                .get(&job)
-                .map(Vec::as_slice)
-                .unwrap_or_default(),
-        )
-        .into_owned()
+        trace_text(&self.lock().traces, job)
     }
 
     fn state(&self, job: i64) -> Option<String> {
@@ -73,11 +66,7 @@ impl Api {
 }
 
 async fn verify() -> Response {
-    (
-        StatusCode::OK,
-        Json(json!({"id": 99, "token": RUNNER_TOKEN})),
-    )
-        .into_response()
+    verified()
 }
 
 async fn request_job(State(api): State<Api>) -> Response {
@@ -104,21 +93,14 @@ async fn patch_trace(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let start: usize = headers
+    let start = headers
         .get("Content-Range")
         .and_then(|v| v.to_str().ok())
-        .and_then(|r| r.split('-').next())
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(usize::MAX);
+        .map_or(usize::MAX, range_start);
     let mut state = api.lock();
     let trace = state.traces.entry(id).or_default();
     if start != trace.len() {
-        let size = trace.len();
-        return (
-            StatusCode::RANGE_NOT_SATISFIABLE,
-            [("Range", format!("0-{size}"))],
-        )
-            .into_response();
+        return range_not_satisfiable(trace.len());
     }
     trace.extend_from_slice(&body);
     let size = trace.len();
@@ -170,10 +152,7 @@ async fn upload_artifacts(
     let Some((file_name, data)) = multipart_file(&headers, &body) else {
         return StatusCode::BAD_REQUEST.into_response();
     };
-    let token = headers
-        .get("JOB-TOKEN")
-        .and_then(|v| v.to_str().ok())
-        .map(String::from);
+    let token = job_token(&headers);
     api.lock().uploads.entry(id).or_default().push(Upload {
         params,
         file_name,
@@ -193,12 +172,7 @@ async fn start_api(jobs: Vec<Value>) -> (Api, SocketAddr) {
         .route("/api/v4/jobs/{id}/trace", patch(patch_trace))
         .route("/api/v4/jobs/{id}/artifacts", post(upload_artifacts))
         .with_state(api.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    (api, addr)
+    (api, serve(app).await)
 }
 
 /// Runs `ci-runner` for `max_jobs` jobs with one job at a time and waits for
@@ -210,25 +184,14 @@ async fn run_runner(
     work: &Path,
     extra: &[&str],
 ) -> String {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_ci-runner"));
+    let mut command = runner_command(api, &work.join("builds"), work, max_jobs, 50);
     command
-        .arg("run")
-        .args(["--url", &format!("http://{api}")])
-        .args(["--token", RUNNER_TOKEN])
-        .args(["--builds-dir", &work.join("builds").to_string_lossy()])
         .args(["--cache-dir", &work.join("cache").to_string_lossy()])
-        .args(["--max-jobs", &max_jobs.to_string()])
-        .args(["--check-interval", "50"])
         .args(["--concurrent", "1"])
         .args(["--otlp-endpoint", &collector.http_endpoint()])
-        .args(extra)
-        .env("HOME", work)
-        .env_remove("CI_RUNNER_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+        .args(extra);
     for (key, _) in std::env::vars() {
-        if key.starts_with("OTEL_") || key == "GITLAB_TRACING" || key.starts_with("CI_RUNNER_") {
+        if key.starts_with("CI_RUNNER_") {
             command.env_remove(key);
         }
     }
@@ -258,43 +221,6 @@ async fn run_runner(
     .unwrap();
     assert_eq!(output.0, Some(0), "ci-runner did not exit 0:\n{}", output.1);
     output.1
-}
-
-/// A git repository with `files` committed on `main`; returns its path and
-/// the commit.
-fn git_repo(dir: &Path, files: &[(&str, &str)]) -> String {
-    let git = |args: &[&str]| {
-        let out = Command::new("git")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "git {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap().trim().to_string()
-    };
-    std::fs::create_dir_all(dir).unwrap();
-    git(&["init", "-q", "-b", "main"]);
-    for (name, content) in files {
-        let path = dir.join(name);
-        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        std::fs::write(path, content).unwrap();
-    }
-    git(&["add", "."]);
-    git(&[
-        "-c",
-        "user.email=t@example.com",
-        "-c",
-        "user.name=t",
-        "commit",
-        "-q",
-        "-m",
-        "one",
-    ]);
-    git(&["rev-parse", "HEAD"])
 }
 
 /// A traced (contract v1) job payload.
@@ -392,6 +318,13 @@ fn tree(spans: &[ReceivedSpan]) -> (ReceivedSpan, Vec<ReceivedSpan>) {
         );
     }
     (root, children)
+}
+
+/// Checks `span`'s attributes: each (key, rendered value) of `expected`.
+fn assert_attrs(span: &ReceivedSpan, expected: &[(&str, &str)]) {
+    for (key, value) in expected {
+        assert_eq!(span.attr(key), Some(*value), "{} {key}", span.name);
+    }
 }
 
 fn names(children: &[ReceivedSpan]) -> Vec<&str> {
@@ -519,31 +452,61 @@ async fn stages_clone_then_fetch_cache_miss_then_hit_and_artifacts() {
         );
         assert_eq!(child.status_code, 1, "{child:#?}");
     }
-    assert_eq!(root.attr("ci.job.queued_duration"), Some("double:2.5"));
-    assert_eq!(root.attr("ci.telemetry.dropped_spans"), Some("int:0"));
+    assert_attrs(
+        &root,
+        &[
+            ("ci.job.queued_duration", "double:2.5"),
+            ("ci.telemetry.dropped_spans", "int:0"),
+        ],
+    );
     let prepare = find(&children, "prepare_executor");
-    assert_eq!(prepare.attr("ci.runner.executor"), Some("str:shell"));
-    assert_eq!(prepare.attr("ci.executor.shell"), Some("str:bash"));
+    assert_attrs(
+        prepare,
+        &[
+            ("ci.runner.executor", "str:shell"),
+            ("ci.executor.shell", "str:bash"),
+        ],
+    );
     let sources = find(&children, "get_sources");
-    assert_eq!(sources.attr("ci.git.strategy"), Some("str:clone"));
-    assert_eq!(sources.attr("ci.git.operation"), Some("str:clone"));
-    assert_eq!(sources.attr("ci.git.depth"), Some("int:5"));
+    assert_attrs(
+        sources,
+        &[
+            ("ci.git.strategy", "str:clone"),
+            ("ci.git.operation", "str:clone"),
+            ("ci.git.depth", "int:5"),
+        ],
+    );
     let restore = find(&children, "restore_cache");
-    assert_eq!(restore.attr("ci.cache.key"), Some("str:deps-main"));
-    assert_eq!(restore.attr("ci.cache.hit"), Some("bool:false"));
-    assert_eq!(restore.attr("ci.cache.policy"), Some("str:pull-push"));
+    assert_attrs(
+        restore,
+        &[
+            ("ci.cache.key", "str:deps-main"),
+            ("ci.cache.hit", "bool:false"),
+            ("ci.cache.policy", "str:pull-push"),
+        ],
+    );
     assert_eq!(
         find(&children, "step_script").attr("ci.script.exit_code"),
         Some("int:0")
     );
     let archive = find(&children, "archive_cache");
-    assert_eq!(archive.attr("ci.cache.key"), Some("str:deps-main"));
-    assert_eq!(archive.attr("ci.cache.count"), Some("int:2"));
+    assert_attrs(
+        archive,
+        &[
+            ("ci.cache.key", "str:deps-main"),
+            ("ci.cache.count", "int:2"),
+        ],
+    );
     let upload = find(&children, "upload_artifacts");
-    assert_eq!(upload.attr("ci.artifact.name"), Some("str:out-1"));
-    assert_eq!(upload.attr("ci.artifact.type"), Some("str:archive"));
-    assert_eq!(upload.attr("ci.artifact.format"), Some("str:zip"));
-    assert_eq!(upload.attr("ci.artifact.count"), Some("int:2"));
+    assert_attrs(
+        upload,
+        &[
+            ("ci.artifact.name", "str:out-1"),
+            ("ci.artifact.type", "str:archive"),
+            ("ci.artifact.format", "str:zip"),
+            ("ci.artifact.count", "int:2"),
+        ],
+    );
     let uploads = api.lock().uploads.get(&1).cloned().unwrap_or_default();
     assert_eq!(uploads.len(), 1);
     assert_eq!(
@@ -574,8 +537,13 @@ async fn stages_clone_then_fetch_cache_miss_then_hit_and_artifacts() {
         ]
     );
     let sources = find(&children, "get_sources");
-    assert_eq!(sources.attr("ci.git.strategy"), Some("str:fetch"));
-    assert_eq!(sources.attr("ci.git.operation"), Some("str:fetch"));
+    assert_attrs(
+        sources,
+        &[
+            ("ci.git.strategy", "str:fetch"),
+            ("ci.git.operation", "str:fetch"),
+        ],
+    );
     let restore = find(&children, "restore_cache");
     assert_eq!(restore.attr("ci.cache.hit"), Some("bool:true"));
     assert!(
@@ -634,8 +602,13 @@ async fn failing_script_runs_after_script_and_the_on_failure_stages() {
     let script = find(&children, "step_script");
     assert_eq!(script.status_code, 2);
     assert_eq!(script.status_message, "exit code 4");
-    assert_eq!(script.attr("ci.stage.status"), Some("str:failed"));
-    assert_eq!(script.attr("ci.script.exit_code"), Some("int:4"));
+    assert_attrs(
+        script,
+        &[
+            ("ci.stage.status", "str:failed"),
+            ("ci.script.exit_code", "int:4"),
+        ],
+    );
     assert_eq!(
         find(&children, "after_script").attr("ci.stage.status"),
         Some("str:success")
@@ -727,20 +700,30 @@ async fn ci_functions_run_in_order_and_a_failure_stops_the_job() {
         ]
     );
     let (hello, greet) = (&children[2], &children[3]);
-    assert_eq!(hello.attr("ci.function.name"), Some("str:hello"));
-    assert_eq!(hello.attr("ci.function.kind"), Some("str:script"));
-    assert_eq!(hello.attr("ci.function.version"), Some("str:local"));
-    assert_eq!(hello.attr("ci.function.status"), Some("str:success"));
-    assert_eq!(hello.attr("ci.script.exit_code"), Some("int:0"));
+    assert_attrs(
+        hello,
+        &[
+            ("ci.function.name", "str:hello"),
+            ("ci.function.kind", "str:script"),
+            ("ci.function.version", "str:local"),
+            ("ci.function.status", "str:success"),
+            ("ci.script.exit_code", "int:0"),
+        ],
+    );
     assert!(
         hello
             .attr("ci.function.inputs")
             .is_some_and(|v| v.contains("name")),
         "{hello:#?}"
     );
-    assert_eq!(greet.attr("ci.function.name"), Some("str:greet"));
-    assert_eq!(greet.attr("ci.function.kind"), Some("str:step"));
-    assert_eq!(greet.attr("ci.function.ref"), Some("str:./fns/greet"));
+    assert_attrs(
+        greet,
+        &[
+            ("ci.function.name", "str:greet"),
+            ("ci.function.kind", "str:step"),
+            ("ci.function.ref", "str:./fns/greet"),
+        ],
+    );
     assert_eq!(greet.status_code, 1);
     for span in spans_of(&collector, 4).await {
         let all = format!(

@@ -14,7 +14,6 @@ use sha2::{Digest, Sha256};
 use super::{entities, lenient, ApiError, ApiResult, Params, QueryPairs};
 use crate::ci_config::{self, CacheKey, CiConfig};
 use crate::git;
-use crate::ids::RailsSpan;
 use crate::server::{now, AppState};
 use crate::state::{CommitInfo, JobStatus, PipelineVariable, Project, Store};
 
@@ -369,15 +368,9 @@ pub async fn get_pipeline(
 ) -> ApiResult<Response> {
     state.require_admin(&headers)?;
     let store = state.lock();
-    let project_id = project_id(&store, &project)?;
-    let pipeline_id = super::parse_id(&pipeline, "Pipeline")?;
-    let pipeline = store
-        .pipelines
-        .get(&pipeline_id)
-        .filter(|p| p.project_id == project_id)
-        .ok_or_else(|| ApiError::not_found("Pipeline"))?;
+    let pipeline_id = pipeline_of_project(&store, &project, &pipeline)?;
     Ok(Json(entities::pipeline(
-        pipeline,
+        &store.pipelines[&pipeline_id],
         &store,
         state.settings(),
         now(),
@@ -395,14 +388,8 @@ pub async fn cancel_pipeline(
     let now = now();
     let (body, exports) = {
         let mut store = state.lock();
-        let project_id = project_id(&store, &project)?;
-        let pipeline_id = super::parse_id(&pipeline, "Pipeline")?;
-        let job_ids = store
-            .pipelines
-            .get(&pipeline_id)
-            .filter(|p| p.project_id == project_id)
-            .map(|p| p.job_ids.clone())
-            .ok_or_else(|| ApiError::not_found("Pipeline"))?;
+        let pipeline_id = pipeline_of_project(&store, &project, &pipeline)?;
+        let job_ids = store.pipelines[&pipeline_id].job_ids.clone();
         let running: Vec<u64> = job_ids
             .iter()
             .copied()
@@ -416,13 +403,7 @@ pub async fn cancel_pipeline(
         store.cancel_pipeline(pipeline_id, now);
         let exports: Vec<_> = running
             .into_iter()
-            .filter_map(|id| {
-                super::runners::rails_spans_of(
-                    &store,
-                    id,
-                    vec![RailsSpan::Lifecycle, RailsSpan::Running],
-                )
-            })
+            .filter_map(|id| super::runners::ended_job_spans(&store, id))
             .collect();
         (
             entities::pipeline(
@@ -438,6 +419,18 @@ pub async fn cancel_pipeline(
         state.export(Some(item));
     }
     Ok(Json(body).into_response())
+}
+
+/// The id of `pipeline` when it is one of `project`'s pipelines.
+fn pipeline_of_project(store: &Store, project: &str, pipeline: &str) -> ApiResult<u64> {
+    let project_id = project_id(store, project)?;
+    let pipeline_id = super::parse_id(pipeline, "Pipeline")?;
+    store
+        .pipelines
+        .get(&pipeline_id)
+        .filter(|p| p.project_id == project_id)
+        .map(|p| p.id)
+        .ok_or_else(|| ApiError::not_found("Pipeline"))
 }
 
 fn scope_filter(query: &HashMap<String, String>) -> Vec<String> {
@@ -457,13 +450,7 @@ pub async fn pipeline_jobs(
 ) -> ApiResult<Response> {
     state.require_admin(&headers)?;
     let store = state.lock();
-    let project_id = project_id(&store, &project)?;
-    let pipeline_id = super::parse_id(&pipeline, "Pipeline")?;
-    let pipeline = store
-        .pipelines
-        .get(&pipeline_id)
-        .filter(|p| p.project_id == project_id)
-        .ok_or_else(|| ApiError::not_found("Pipeline"))?;
+    let pipeline = &store.pipelines[&pipeline_of_project(&store, &project, &pipeline)?];
     let scopes = scope_filter(&query);
     let now = now();
     let list: Vec<_> = pipeline
@@ -595,11 +582,7 @@ pub async fn cancel_job(
             return Err(ApiError::forbidden_because("Job is not cancelable"));
         }
         let export = if was_running {
-            super::runners::rails_spans_of(
-                &store,
-                job_id,
-                vec![RailsSpan::Lifecycle, RailsSpan::Running],
-            )
+            super::runners::ended_job_spans(&store, job_id)
         } else {
             None
         };

@@ -57,6 +57,26 @@ pub(crate) fn rails_spans_of(
     })
 }
 
+/// The Rails spans of a job that ended after it ran: its lifecycle and its
+/// running time.
+pub(crate) fn ended_job_spans(store: &Store, job_id: u64) -> Option<ExportItem> {
+    rails_spans_of(
+        store,
+        job_id,
+        vec![RailsSpan::Lifecycle, RailsSpan::Running],
+    )
+}
+
+/// A registration, verify, unregister or job request without a `token`.
+fn required_token(token: Option<String>) -> ApiResult<String> {
+    token.ok_or_else(|| ApiError::bad_request("400 Bad request - token is missing"))
+}
+
+/// The answer naming a runner and its token.
+fn runner_token_body(id: u64, token: &str) -> serde_json::Value {
+    serde_json::json!({"id": id, "token": token, "token_expires_at": null})
+}
+
 fn job_not_running(status: JobStatus) -> ApiError {
     ApiError::forbidden_because("Job is not processing on runner")
         .with_header(JOB_STATUS.clone(), status.as_str())
@@ -103,10 +123,7 @@ pub async fn register(
     State(state): State<AppState>,
     Params(p): Params<RegisterParams>,
 ) -> ApiResult<Response> {
-    let token = p
-        .token
-        .clone()
-        .ok_or_else(|| ApiError::bad_request("400 Bad request - token is missing"))?;
+    let token = required_token(p.token.clone())?;
     if token != state.settings().registration_token {
         return Err(ApiError::forbidden());
     }
@@ -178,7 +195,7 @@ fn create_runner(state: &AppState, p: RegisterParams) -> ApiResult<Response> {
         id
     };
     tracing::debug!(runner_id = id, "Registered runner {id}");
-    let body = serde_json::json!({"id": id, "token": runner_token, "token_expires_at": null});
+    let body = runner_token_body(id, &runner_token);
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }
 
@@ -193,9 +210,7 @@ pub async fn verify(
     State(state): State<AppState>,
     Params(p): Params<TokenParams>,
 ) -> ApiResult<Response> {
-    let token = p
-        .token
-        .ok_or_else(|| ApiError::bad_request("400 Bad request - token is missing"))?;
+    let token = required_token(p.token)?;
     let mut store = state.lock();
     let id = store
         .runner_tokens
@@ -205,10 +220,7 @@ pub async fn verify(
     if let Some(runner) = store.runners.get_mut(&id) {
         runner.contacted_at = Some(now());
     }
-    Ok(
-        Json(serde_json::json!({"id": id, "token": token, "token_expires_at": null}))
-            .into_response(),
-    )
+    Ok(Json(runner_token_body(id, &token)).into_response())
 }
 
 /// `DELETE /api/v4/runners`.
@@ -216,9 +228,7 @@ pub async fn unregister(
     State(state): State<AppState>,
     Params(p): Params<TokenParams>,
 ) -> ApiResult<StatusCode> {
-    let token = p
-        .token
-        .ok_or_else(|| ApiError::bad_request("400 Bad request - token is missing"))?;
+    let token = required_token(p.token)?;
     let mut store = state.lock();
     let id = store
         .runner_tokens
@@ -241,9 +251,7 @@ pub async fn request_job(
     State(state): State<AppState>,
     Params(p): Params<JobRequestParams>,
 ) -> ApiResult<Response> {
-    let token = p
-        .token
-        .ok_or_else(|| ApiError::bad_request("400 Bad request - token is missing"))?;
+    let token = required_token(p.token)?;
     let settings = state.settings();
     let now = now();
     let (payload, export) = {
@@ -370,8 +378,7 @@ pub async fn update_job(
             None => (JobStatus::Running, None),
             Some(status) => {
                 store.finish_job(id, status, p.failure_reason, p.exit_code, now);
-                let export =
-                    rails_spans_of(&store, id, vec![RailsSpan::Lifecycle, RailsSpan::Running]);
+                let export = ended_job_spans(&store, id);
                 (status, export)
             }
         }

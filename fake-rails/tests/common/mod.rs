@@ -211,17 +211,42 @@ impl Gitlab {
             .await
     }
 
+    /// `POST /projects/:id/jobs/:job_id/play` as the admin.
+    pub async fn play_job(&self, project: u64, job: u64) -> Response {
+        self.admin(
+            reqwest::Method::POST,
+            &format!("/projects/{project}/jobs/{job}/play"),
+        )
+        .send()
+        .await
+        .unwrap()
+    }
+
+    /// The jobs of a pipeline, as `GET .../pipelines/:id/jobs` lists them.
+    pub async fn pipeline_jobs(&self, project: u64, pipeline: u64) -> Vec<Value> {
+        let jobs = self
+            .get_json(&format!("/projects/{project}/pipelines/{pipeline}/jobs"))
+            .await;
+        jobs.as_array().unwrap().clone()
+    }
+
+    /// The job of `pipeline` named `name` (it must exist).
+    pub async fn pipeline_job(&self, project: u64, pipeline: u64, name: &str) -> Value {
+        let jobs = self.pipeline_jobs(project, pipeline).await;
+        jobs.iter()
+            .find(|j| j["name"] == name)
+            .unwrap_or_else(|| panic!("no job {name} in {jobs:?}"))
+            .clone()
+    }
+
     /// `{job name: status}` of a pipeline.
     pub async fn job_statuses(
         &self,
         project: u64,
         pipeline: u64,
     ) -> std::collections::BTreeMap<String, String> {
-        let jobs = self
-            .get_json(&format!("/projects/{project}/pipelines/{pipeline}/jobs"))
-            .await;
-        jobs.as_array()
-            .unwrap()
+        self.pipeline_jobs(project, pipeline)
+            .await
             .iter()
             .map(|j| {
                 (

@@ -393,15 +393,11 @@ pub fn write_registration(
         .map_err(|e| format!("cannot write `{}`: {e}", path.display()))
 }
 
+/// Writes `path` as 0600, also when it existed with a wider mode.
 fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)?;
+    use std::os::unix::fs::PermissionsExt;
+    let mut file = super::shell::create_private(path)?;
     file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
     file.write_all(data)
 }

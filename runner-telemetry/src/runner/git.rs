@@ -251,78 +251,85 @@ mod tests {
 
     #[test]
     fn plans() {
-        check(
-            &[],
-            20,
-            false,
-            r#"clone op=clone depth=20 filter=None clean=Some(["-ffdx"]) fetch=["--prune", "--quiet"]"#,
-        );
-        check(
-            &[("GIT_DEPTH", "3")],
-            20,
-            false,
-            r#"clone op=clone depth=3 filter=None clean=Some(["-ffdx"]) fetch=["--prune", "--quiet"]"#,
-        );
-        check(
-            &[("GIT_DEPTH", "0")],
-            20,
-            false,
-            r#"clone op=clone depth=0 filter=None clean=Some(["-ffdx"]) fetch=["--prune", "--quiet"]"#,
-        );
-        check(
-            &[("GIT_STRATEGY", "fetch")],
-            0,
-            true,
-            r#"fetch op=fetch depth=0 filter=None clean=Some(["-ffdx"]) fetch=["--prune", "--quiet"]"#,
-        );
-        check(
-            &[("GIT_STRATEGY", "fetch")],
-            0,
-            false,
-            r#"fetch op=clone depth=0 filter=None clean=Some(["-ffdx"]) fetch=["--prune", "--quiet"]"#,
-        );
-        check(
-            &[("GIT_STRATEGY", "none")],
-            0,
-            true,
-            r#"none op=none depth=0 filter=None clean=Some(["-ffdx"]) fetch=["--prune", "--quiet"]"#,
-        );
-        check(
-            &[("GIT_STRATEGY", "empty")],
-            0,
-            true,
-            r#"empty op=none depth=0 filter=None clean=Some(["-ffdx"]) fetch=["--prune", "--quiet"]"#,
-        );
-        check(
-            &[("GIT_CLEAN_FLAGS", "none")],
-            1,
-            false,
-            r#"clone op=clone depth=1 filter=None clean=None fetch=["--prune", "--quiet"]"#,
-        );
-        check(
-            &[("GIT_CLEAN_FLAGS", "-ffdx -e vendor/")],
-            1,
-            false,
-            r#"clone op=clone depth=1 filter=None clean=Some(["-ffdx", "-e", "vendor/"]) fetch=["--prune", "--quiet"]"#,
-        );
-        check(
-            &[("GIT_CLONE_EXTRA_FLAGS", "--filter=blob:none")],
-            0,
-            false,
-            r#"clone op=clone depth=0 filter=Some("blob:none") clean=Some(["-ffdx"]) fetch=["--prune", "--quiet", "--filter=blob:none"]"#,
-        );
-        check(
-            &[("GIT_FETCH_EXTRA_FLAGS", "--no-tags")],
-            0,
-            false,
-            r#"clone op=clone depth=0 filter=None clean=Some(["-ffdx"]) fetch=["--no-tags"]"#,
-        );
-        check(
-            &[("GIT_STRATEGY", "rsync")],
-            0,
-            false,
-            "error: unknown GIT_STRATEGY `rsync` (expected clone, fetch, none or empty)",
-        );
+        /// Variables, payload depth, whether a checkout exists, the plan.
+        type Case<'a> = (&'a [(&'a str, &'a str)], i64, bool, &'a str);
+        let cases: &[Case] = &[
+            (
+                &[],
+                20,
+                false,
+                r#"clone op=clone depth=20 filter=None clean=Some(["-ffdx"]) fetch=["--prune", "--quiet"]"#,
+            ),
+            (
+                &[("GIT_DEPTH", "3")],
+                20,
+                false,
+                r#"clone op=clone depth=3 filter=None clean=Some(["-ffdx"]) fetch=["--prune", "--quiet"]"#,
+            ),
+            (
+                &[("GIT_DEPTH", "0")],
+                20,
+                false,
+                r#"clone op=clone depth=0 filter=None clean=Some(["-ffdx"]) fetch=["--prune", "--quiet"]"#,
+            ),
+            (
+                &[("GIT_STRATEGY", "fetch")],
+                0,
+                true,
+                r#"fetch op=fetch depth=0 filter=None clean=Some(["-ffdx"]) fetch=["--prune", "--quiet"]"#,
+            ),
+            (
+                &[("GIT_STRATEGY", "fetch")],
+                0,
+                false,
+                r#"fetch op=clone depth=0 filter=None clean=Some(["-ffdx"]) fetch=["--prune", "--quiet"]"#,
+            ),
+            (
+                &[("GIT_STRATEGY", "none")],
+                0,
+                true,
+                r#"none op=none depth=0 filter=None clean=Some(["-ffdx"]) fetch=["--prune", "--quiet"]"#,
+            ),
+            (
+                &[("GIT_STRATEGY", "empty")],
+                0,
+                true,
+                r#"empty op=none depth=0 filter=None clean=Some(["-ffdx"]) fetch=["--prune", "--quiet"]"#,
+            ),
+            (
+                &[("GIT_CLEAN_FLAGS", "none")],
+                1,
+                false,
+                r#"clone op=clone depth=1 filter=None clean=None fetch=["--prune", "--quiet"]"#,
+            ),
+            (
+                &[("GIT_CLEAN_FLAGS", "-ffdx -e vendor/")],
+                1,
+                false,
+                r#"clone op=clone depth=1 filter=None clean=Some(["-ffdx", "-e", "vendor/"]) fetch=["--prune", "--quiet"]"#,
+            ),
+            (
+                &[("GIT_CLONE_EXTRA_FLAGS", "--filter=blob:none")],
+                0,
+                false,
+                r#"clone op=clone depth=0 filter=Some("blob:none") clean=Some(["-ffdx"]) fetch=["--prune", "--quiet", "--filter=blob:none"]"#,
+            ),
+            (
+                &[("GIT_FETCH_EXTRA_FLAGS", "--no-tags")],
+                0,
+                false,
+                r#"clone op=clone depth=0 filter=None clean=Some(["-ffdx"]) fetch=["--no-tags"]"#,
+            ),
+            (
+                &[("GIT_STRATEGY", "rsync")],
+                0,
+                false,
+                "error: unknown GIT_STRATEGY `rsync` (expected clone, fetch, none or empty)",
+            ),
+        ];
+        for (vars, depth, has_checkout, expected) in cases {
+            check(vars, *depth, *has_checkout, expected);
+        }
     }
 
     #[test]

@@ -45,7 +45,7 @@ use super::artifacts::{self, Preparation};
 use super::cache;
 use super::functions::{self, FunctionCall};
 use super::git;
-use super::payload::{JobPayload, PayloadError};
+use super::payload::{CacheEntry, JobPayload, PayloadError};
 use super::shell::{self, ExportVar, ScriptResult};
 use super::trace::{self, JobLog, StopRequest};
 use crate::job::{ChildSpan, JobOutcome, JobSpanInfo, JobTelemetry, PendingFlush, SpanOutcome};
@@ -111,36 +111,41 @@ impl Ending {
         }
     }
 
-    fn script_failure(code: i32) -> Self {
+    /// A failure for `failure_reason`, ending the log with `message`.
+    fn failed(failure_reason: &str, exit_code: Option<i32>, message: String) -> Self {
         Ending {
             outcome: JobOutcome::Failed {
-                failure_reason: "script_failure".into(),
-                exit_code: Some(code),
+                failure_reason: failure_reason.into(),
+                exit_code,
             },
-            message: format!("\x1b[31;1mERROR: Job failed: exit code {code}\x1b[0;m"),
+            message,
         }
+    }
+
+    fn script_failure(code: i32) -> Self {
+        Self::failed(
+            "script_failure",
+            Some(code),
+            format!("\x1b[31;1mERROR: Job failed: exit code {code}\x1b[0;m"),
+        )
     }
 
     /// A `script_failure` that is not a script's exit code (a CI Function
     /// that cannot be resolved, an artifact upload that failed).
     fn script_failure_because(why: &str) -> Self {
-        Ending {
-            outcome: JobOutcome::Failed {
-                failure_reason: "script_failure".into(),
-                exit_code: None,
-            },
-            message: format!("\x1b[31;1mERROR: Job failed: {why}\x1b[0;m"),
-        }
+        Self::failed(
+            "script_failure",
+            None,
+            format!("\x1b[31;1mERROR: Job failed: {why}\x1b[0;m"),
+        )
     }
 
     fn system_failure(why: &str) -> Self {
-        Ending {
-            outcome: JobOutcome::Failed {
-                failure_reason: "runner_system_failure".into(),
-                exit_code: None,
-            },
-            message: format!("\x1b[31;1mERROR: Job failed (system failure): {why}\x1b[0;m"),
-        }
+        Self::failed(
+            "runner_system_failure",
+            None,
+            format!("\x1b[31;1mERROR: Job failed (system failure): {why}\x1b[0;m"),
+        )
     }
 
     fn timed_out(timeout: Duration) -> Self {
@@ -378,6 +383,27 @@ struct Workspace {
 }
 
 impl Workspace {
+    /// Writes `script` to `file_name` in the temporary directory and runs it
+    /// in the build directory.
+    async fn run_script(
+        &self,
+        file_name: impl AsRef<Path>,
+        script: &str,
+        deadline: tokio::time::Instant,
+        log: &JobLog,
+        stop: &mut watch::Receiver<bool>,
+    ) -> ScriptResult {
+        shell::run_script(
+            &self.tmp.join(file_name),
+            script,
+            self.dir(),
+            deadline,
+            log,
+            stop,
+        )
+        .await
+    }
+
     fn dir(&self) -> &Path {
         &self.slot.dir
     }
@@ -585,15 +611,9 @@ impl Job<'_> {
         let commands = git::commands(&plan, &self.payload.git_info);
         // Quiet: the clone URL may hold the job token (masked anyway).
         let script = build_quiet_script(&ws.exports, ws.dir(), &commands);
-        let result = shell::run_script(
-            &ws.tmp.join("get_sources.sh"),
-            &script,
-            ws.dir(),
-            deadline,
-            log,
-            stop,
-        )
-        .await;
+        let result = ws
+            .run_script("get_sources.sh", &script, deadline, log, stop)
+            .await;
         log.section_end("get_sources");
         let (end, _) = script_stage_end(&result, self.timeout());
         end_stage(
@@ -604,6 +624,35 @@ impl Job<'_> {
             },
         );
         self.ending_of(&result)
+    }
+
+    /// Opens a cache stage span for `entry` (with its policy) and resolves
+    /// the entry's key onto it. When the key does not resolve, logs a
+    /// warning ending in `not_done`, fails the span and returns `None`.
+    fn cache_stage(
+        &mut self,
+        name: &'static str,
+        entry: &CacheEntry,
+        ws: &Workspace,
+        not_done: &str,
+    ) -> Option<(ChildSpan, String)> {
+        let mut span = self.telemetry.child(
+            name,
+            vec![KeyValue::new(keys::CI_CACHE_POLICY, entry.policy.clone())],
+        );
+        match cache::resolve_key(&entry.key, &ws.exports) {
+            Ok(key) => {
+                span.set_attribute(KeyValue::new(keys::CI_CACHE_KEY, key.clone()));
+                Some((span, key))
+            }
+            Err(why) => {
+                self.log
+                    .line(&format!("\x1b[0;33mWARNING: {why}: {not_done}\x1b[0;m"));
+                span.set_attribute(KeyValue::new(keys::CI_CACHE_KEY, entry.key.clone()));
+                end_stage(span, StageEnd::Failed(why));
+                None
+            }
+        }
     }
 
     /// `restore_cache`: one span per entry that pulls. Never fails the job.
@@ -621,22 +670,11 @@ impl Job<'_> {
         let log = self.log;
         log.section_start("restore_cache", "Restoring cache");
         for entry in entries {
-            let mut span = self.telemetry.child(
-                stages::RESTORE_CACHE,
-                vec![KeyValue::new(keys::CI_CACHE_POLICY, entry.policy.clone())],
-            );
-            let key = match cache::resolve_key(&entry.key, &ws.exports) {
-                Ok(key) => key,
-                Err(why) => {
-                    log.line(&format!(
-                        "\x1b[0;33mWARNING: {why}: cache not restored\x1b[0;m"
-                    ));
-                    span.set_attribute(KeyValue::new(keys::CI_CACHE_KEY, entry.key.clone()));
-                    end_stage(span, StageEnd::Failed(why));
-                    continue;
-                }
+            let Some((mut span, key)) =
+                self.cache_stage(stages::RESTORE_CACHE, &entry, ws, "cache not restored")
+            else {
+                continue;
             };
-            span.set_attribute(KeyValue::new(keys::CI_CACHE_KEY, key.clone()));
             let (candidates, warnings) = cache::restore_candidates(
                 &entry,
                 &key,
@@ -700,15 +738,9 @@ impl Job<'_> {
             "Executing \"step_script\" stage of the job script",
         );
         let script = shell::build_script(&ws.exports, ws.dir(), &commands);
-        let result = shell::run_script(
-            &ws.tmp.join("step_script.sh"),
-            &script,
-            ws.dir(),
-            deadline,
-            self.log,
-            stop,
-        )
-        .await;
+        let result = ws
+            .run_script("step_script.sh", &script, deadline, self.log, stop)
+            .await;
         self.log.section_end("step_script");
         let (end, code) = script_stage_end(&result, self.timeout());
         if let Some(code) = code {
@@ -758,15 +790,9 @@ impl Job<'_> {
                 }
             };
             let script = resolved.script(&ws.exports, ws.dir());
-            let result = shell::run_script(
-                &ws.tmp.join(format!("function_{index}.sh")),
-                &script,
-                ws.dir(),
-                deadline,
-                log,
-                stop,
-            )
-            .await;
+            let result = ws
+                .run_script(format!("function_{index}.sh"), &script, deadline, log, stop)
+                .await;
             let (end, code) = script_stage_end(&result, self.timeout());
             if let Some(code) = code {
                 span.set_attribute(KeyValue::new(keys::CI_SCRIPT_EXIT_CODE, i64::from(code)));
@@ -825,15 +851,9 @@ impl Job<'_> {
         });
         let script = shell::build_script(&exports, ws.dir(), &step.script);
         let after_deadline = tokio::time::Instant::now() + limit;
-        let result = shell::run_script(
-            &ws.tmp.join("after_script.sh"),
-            &script,
-            ws.dir(),
-            after_deadline,
-            log,
-            stop,
-        )
-        .await;
+        let result = ws
+            .run_script("after_script.sh", &script, after_deadline, log, stop)
+            .await;
         match &result {
             ScriptResult::Exited(0) => {}
             ScriptResult::Exited(code) => log.line(&format!(
@@ -880,22 +900,10 @@ impl Job<'_> {
         let log = self.log;
         log.section_start(name, section);
         for entry in entries {
-            let mut span = self.telemetry.child(
-                name,
-                vec![KeyValue::new(keys::CI_CACHE_POLICY, entry.policy.clone())],
-            );
-            let key = match cache::resolve_key(&entry.key, &ws.exports) {
-                Ok(key) => key,
-                Err(why) => {
-                    log.line(&format!(
-                        "\x1b[0;33mWARNING: {why}: cache not saved\x1b[0;m"
-                    ));
-                    span.set_attribute(KeyValue::new(keys::CI_CACHE_KEY, entry.key.clone()));
-                    end_stage(span, StageEnd::Failed(why));
-                    continue;
-                }
+            let Some((mut span, key)) = self.cache_stage(name, &entry, ws, "cache not saved")
+            else {
+                continue;
             };
-            span.set_attribute(KeyValue::new(keys::CI_CACHE_KEY, key.clone()));
             let cache_dir = self.ctx.cache_dir.clone();
             let project = self.payload.job_info.project_full_path.clone();
             let dir = ws.dir().to_path_buf();

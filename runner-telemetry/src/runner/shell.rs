@@ -134,16 +134,21 @@ pub fn prepare_variables(
     Ok((exports, skipped))
 }
 
-fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
+/// Creates (or truncates) `path` for writing; a file it creates is
+/// private (0600).
+pub(crate) fn create_private(path: &Path) -> std::io::Result<std::fs::File> {
     use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new()
+    std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
-        .open(path)?;
-    file.write_all(data)
+        .open(path)
+}
+
+fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    create_private(path)?.write_all(data)
 }
 
 /// How a command is shown in the log: its first line, marked when collapsed.

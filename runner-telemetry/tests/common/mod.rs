@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod job_api;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};

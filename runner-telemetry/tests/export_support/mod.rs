@@ -43,6 +43,19 @@ pub fn settings(transport: Transport, url: &str) -> ExportSettings {
     }
 }
 
+/// `settings` for OTLP/HTTP to the wiremock collector `server`.
+pub fn http_settings(server: &wiremock::MockServer) -> ExportSettings {
+    settings(
+        Transport::HttpProtobuf,
+        &format!("{}/v1/traces", server.uri()),
+    )
+}
+
+/// Telemetry exporting with `http_settings` to `server`.
+pub fn http_telemetry(server: &wiremock::MockServer) -> RunnerTelemetry {
+    RunnerTelemetry::new(http_settings(server), runner())
+}
+
 pub fn runner() -> RunnerIdentity {
     RunnerIdentity {
         id: Some(17),
@@ -102,6 +115,13 @@ pub fn run_job(
         started.elapsed()
     );
     pending
+}
+
+/// Runs a v1 job without child spans (see `run_job`) and flushes it.
+pub async fn flush_v1_job(telemetry: &RunnerTelemetry, job_id: i64) -> FlushReport {
+    telemetry
+        .flush_job(run_job(telemetry, job_id, &v1_payload(), &[]))
+        .await
 }
 
 /// Per process: `spans = exported + dropped + buffered`.
@@ -198,6 +218,14 @@ impl Recorder {
 /// A plain answer with `status`.
 pub fn answer(status: u16) -> (u16, wiremock::ResponseTemplate) {
     (status, wiremock::ResponseTemplate::new(status))
+}
+
+/// An answer with `status` and a text `body`.
+pub fn answer_with_body(status: u16, body: &str) -> (u16, wiremock::ResponseTemplate) {
+    (
+        status,
+        wiremock::ResponseTemplate::new(status).set_body_string(body),
+    )
 }
 
 /// A wiremock collector at `/v1/traces` answering from `script`.
