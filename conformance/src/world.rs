@@ -50,6 +50,14 @@ impl World {
         self.create_project_with_files(name, &[])
     }
 
+    /// A project on a real repository with the `ci_job_telemetry` flag set
+    /// for it; returns its id.
+    pub fn create_project_with_flag(&self, name: &str, telemetry: bool) -> Result<u64> {
+        let (project, path) = self.create_project(name)?;
+        self.rails.set_telemetry_flag(telemetry, Some(&path))?;
+        Ok(project)
+    }
+
     /// [`World::create_project`] with `files` committed to the repository.
     pub fn create_project_with_files(
         &self,

@@ -48,8 +48,7 @@ fn expand(sql: &str, trace_id: &str) -> String {
 #[test]
 fn every_panel_query_runs_and_the_job_panels_have_data() {
     let mut world = World::new(FakeRailsOptions::default()).unwrap();
-    let (project, path) = world.create_project("dashboards").unwrap();
-    world.rails.set_telemetry_flag(true, Some(&path)).unwrap();
+    let project = world.create_project_with_flag("dashboards", true).unwrap();
     world.start_runner(world.to_collector()).unwrap();
     let (pipeline, jobs) = world.run_pipeline(project, PIPELINE).unwrap();
     for job in &jobs {

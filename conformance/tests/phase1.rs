@@ -46,8 +46,7 @@ fn check_job_execution(contract: Contract) {
         ..FakeRailsOptions::default()
     })
     .unwrap();
-    let (project, path) = world.create_project("phase-one").unwrap();
-    world.rails.set_telemetry_flag(true, Some(&path)).unwrap();
+    let project = world.create_project_with_flag("phase-one", true).unwrap();
     let runner_options = match contract {
         // v1: the endpoint is static runner configuration.
         Contract::V1 => world.to_collector(),
@@ -161,8 +160,7 @@ fn job_execution_span_lands_with_the_payload_trace_context_contract_v2() {
 #[test]
 fn a_failed_job_has_status_failed_and_an_error_span() {
     let mut world = World::new(FakeRailsOptions::default()).unwrap();
-    let (project, path) = world.create_project("failing").unwrap();
-    world.rails.set_telemetry_flag(true, Some(&path)).unwrap();
+    let project = world.create_project_with_flag("failing", true).unwrap();
     world.start_runner(world.to_collector()).unwrap();
     let (_, jobs) = world.run_pipeline(project, PASS_AND_FAIL).unwrap();
     let failed = job_named(&jobs, "fails");
@@ -191,8 +189,7 @@ fn a_failed_job_has_status_failed_and_an_error_span() {
 /// a status update that waited for telemetry would fail the test.
 fn check_jobs_unaffected(endpoint: String) {
     let mut world = World::new(FakeRailsOptions::default()).unwrap();
-    let (project, path) = world.create_project("unaffected").unwrap();
-    world.rails.set_telemetry_flag(true, Some(&path)).unwrap();
+    let project = world.create_project_with_flag("unaffected", true).unwrap();
     world
         .start_runner(RunnerOptions {
             otlp_endpoint: Some(endpoint),
@@ -250,16 +247,8 @@ fn jobs_are_unaffected_when_the_collector_stalls() {
 #[test]
 fn jobs_without_the_flag_produce_no_telemetry() {
     let mut world = World::new(FakeRailsOptions::default()).unwrap();
-    let (on, on_path) = world.create_project("flag-on").unwrap();
-    let (off, off_path) = world.create_project("flag-off").unwrap();
-    world
-        .rails
-        .set_telemetry_flag(true, Some(&on_path))
-        .unwrap();
-    world
-        .rails
-        .set_telemetry_flag(false, Some(&off_path))
-        .unwrap();
+    let on = world.create_project_with_flag("flag-on", true).unwrap();
+    let off = world.create_project_with_flag("flag-off", false).unwrap();
     world.start_runner(world.to_collector()).unwrap();
 
     let off_pipeline = world.rails.create_pipeline(off, ONE_JOB).unwrap();
@@ -324,8 +313,9 @@ const BROKEN_PAYLOADS: [&str; 7] = [
 #[test]
 fn jobs_with_a_missing_or_malformed_trace_context_run_normally_without_telemetry() {
     let mut world = World::new(FakeRailsOptions::default()).unwrap();
-    let (project, path) = world.create_project("broken-payloads").unwrap();
-    world.rails.set_telemetry_flag(true, Some(&path)).unwrap();
+    let project = world
+        .create_project_with_flag("broken-payloads", true)
+        .unwrap();
     let proxy = PayloadProxy::start(&world.rails.url, break_payload).unwrap();
     world
         .start_runner_via(&proxy.url, world.to_collector())
@@ -388,15 +378,11 @@ fn results(world: &World, project: u64, jobs: &[Value]) -> Vec<String> {
 #[test]
 fn a_jobs_result_is_identical_with_telemetry_on_off_and_the_collector_down() {
     let mut world = World::new(FakeRailsOptions::default()).unwrap();
-    let (on, on_path) = world.create_project("telemetry-on").unwrap();
-    let (off, off_path) = world.create_project("telemetry-off").unwrap();
-    world
-        .rails
-        .set_telemetry_flag(true, Some(&on_path))
+    let on = world
+        .create_project_with_flag("telemetry-on", true)
         .unwrap();
-    world
-        .rails
-        .set_telemetry_flag(false, Some(&off_path))
+    let off = world
+        .create_project_with_flag("telemetry-off", false)
         .unwrap();
     world.start_runner(world.to_collector()).unwrap();
 
