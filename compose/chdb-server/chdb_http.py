@@ -658,8 +658,7 @@ class Handler(BaseHTTPRequestHandler):
                 headers["X-ClickHouse-Summary"] = _summary(EngineResult(b""))
                 return Response(200, b"", headers)
             if plan.data_path is not None:
-                sql = plan.insert_sql()
-                result = self.engine.execute(sql, database, settings, "TabSeparated", query_params)
+                result = self.run_insert(plan, database, settings, query_params)
                 headers["Content-Type"] = "text/plain; charset=UTF-8"
             else:
                 result = self.engine.execute(plan.sql, database, settings, default_format, query_params)
@@ -670,6 +669,10 @@ class Handler(BaseHTTPRequestHandler):
             return Response(200, result.body, headers)
         finally:
             plan.cleanup()
+
+    def run_insert(self, plan: "Plan", database: str, settings, query_params) -> EngineResult:
+        """Executes an INSERT whose data sits in the file `plan.data_path`."""
+        return self.engine.execute(plan.insert_sql(), database, settings, "TabSeparated", query_params)
 
     # -- request body -----------------------------------------------------
 
