@@ -73,8 +73,20 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Optional
 from urllib.parse import parse_qsl, urlsplit
 
+import form_data
+import http_compression
+
 PASSWORD_ENV = "CHDB_HTTP_PASSWORD"
+# A request body as sent (possibly compressed) goes to a temporary file and may
+# be at most this large; decoded (content encoding, compressed blocks) at most
+# MAX_DECODED_BODY_BYTES. Only max_query_size bytes of it are ever read into
+# memory as query text; the rest is INSERT data, inserted from the file.
 MAX_BODY_BYTES = 256 * 1024 * 1024
+MAX_DECODED_BODY_BYTES = 1024 * 1024 * 1024
+# ClickHouse's default for the max_query_size setting.
+DEFAULT_MAX_QUERY_SIZE = 256 * 1024
+# A form field (a parameter value, the query) read into memory at most.
+MAX_FORM_FIELD_BYTES = 16 * 1024 * 1024
 MAX_CHUNK_LINE_BYTES = 4096
 MAX_TRAILER_LINES = 64
 READ_PIECE_BYTES = 1024 * 1024
@@ -89,7 +101,10 @@ CODE_SYNTAX_ERROR = 62
 CODE_BAD_ARGUMENTS = 36
 CODE_UNKNOWN_FORMAT = 73
 CODE_READONLY = 164
-CODE_QUERY_IS_TOO_LARGE = 202
+CODE_QUERY_IS_TOO_LARGE = 229
+CODE_HTTP_LENGTH_REQUIRED = 381
+CODE_NOT_IMPLEMENTED = 48
+CODE_UNKNOWN_COMPRESSION_METHOD = 89
 CODE_CANNOT_READ_ALL_DATA = 33
 CODE_UNKNOWN_SETTING = 115
 CODE_AUTHENTICATION_FAILED = 516
@@ -100,57 +115,66 @@ AUTH_FAILED_MESSAGE = (
     "or there is no user with such name. (AUTHENTICATION_FAILED)"
 )
 
-# HTTP status per ClickHouse error code. ClickHouse's own table
-# (HTTPHandler.cpp, exceptionCodeToHTTPStatus) with one deliberate change:
-# UNKNOWN_IDENTIFIER (47) is a client mistake in the query text and answers
-# 400 here, where ClickHouse answers 404. Everything not listed is 500.
+# HTTP status per ClickHouse error code: ClickHouse's own table
+# (src/Server/HTTP/exceptionCodeToHTTPStatus.cpp), code for code. Everything
+# not listed is 500, as there.
+_STATUS_BY_CODE = {
+    194: 401,  # REQUIRED_PASSWORD
+    192: 403,  # UNKNOWN_USER
+    193: 403,  # WRONG_PASSWORD
+    516: 403,  # AUTHENTICATION_FAILED
+    512: 403,  # SET_NON_GRANTED_ROLE
+    497: 403,  # ACCESS_DENIED
+    229: 413,  # QUERY_IS_TOO_LARGE
+    48: 501,  # NOT_IMPLEMENTED
+    209: 503,  # SOCKET_TIMEOUT
+    76: 503,  # CANNOT_OPEN_FILE
+    439: 503,  # CANNOT_SCHEDULE_TASK
+    381: 411,  # HTTP_LENGTH_REQUIRED
+    159: 408,  # TIMEOUT_EXCEEDED
+    779: 415,  # UNSUPPORTED_MEDIA_TYPE
+}
 _BAD_REQUEST_CODES = {
+    36,  # BAD_ARGUMENTS
+    427,  # CANNOT_COMPILE_REGEXP
     6,  # CANNOT_PARSE_TEXT
-    8,  # THERE_IS_NO_COLUMN
-    15,  # DUPLICATE_COLUMN
-    16,  # NO_SUCH_COLUMN_IN_TABLE
     25,  # CANNOT_PARSE_ESCAPE_SEQUENCE
     26,  # CANNOT_PARSE_QUOTED_STRING
-    27,  # CANNOT_PARSE_INPUT_ASSERTION_FAILED
-    33,  # CANNOT_READ_ALL_DATA (truncated RowBinary and the like)
-    36,  # BAD_ARGUMENTS
     38,  # CANNOT_PARSE_DATE
     41,  # CANNOT_PARSE_DATETIME
-    42,  # NUMBER_OF_ARGUMENTS_DOESNT_MATCH
-    43,  # ILLEGAL_TYPE_OF_ARGUMENT
-    44,  # ILLEGAL_COLUMN
-    47,  # UNKNOWN_IDENTIFIER
-    53,  # TYPE_MISMATCH
-    62,  # SYNTAX_ERROR
     72,  # CANNOT_PARSE_NUMBER
-    117,  # INCORRECT_DATA
+    441,  # CANNOT_PARSE_DOMAIN_VALUE_FROM_STRING
+    675,  # CANNOT_PARSE_IPV4
+    676,  # CANNOT_PARSE_IPV6
+    27,  # CANNOT_PARSE_INPUT_ASSERTION_FAILED
+    376,  # CANNOT_PARSE_UUID
+    15,  # DUPLICATE_COLUMN
+    44,  # ILLEGAL_COLUMN
+    37,  # UNKNOWN_ELEMENT_IN_AST
+    123,  # UNKNOWN_TYPE_OF_AST_NODE
+    8,  # THERE_IS_NO_COLUMN
     167,  # TOO_DEEP_AST
     168,  # TOO_BIG_AST
     223,  # UNEXPECTED_AST_STRUCTURE
+    62,  # SYNTAX_ERROR
+    117,  # INCORRECT_DATA
+    53,  # TYPE_MISMATCH
     321,  # VALUE_IS_OUT_OF_RANGE_OF_DATA_TYPE
-    376,  # CANNOT_PARSE_UUID
-    441,  # CANNOT_PARSE_IPV4
-    442,  # CANNOT_PARSE_IPV6
 }
 _NOT_FOUND_CODES = {
+    60,  # UNKNOWN_TABLE
     46,  # UNKNOWN_FUNCTION
+    47,  # UNKNOWN_IDENTIFIER
     50,  # UNKNOWN_TYPE
     56,  # UNKNOWN_STORAGE
-    60,  # UNKNOWN_TABLE
-    63,  # UNKNOWN_AGGREGATE_FUNCTION
-    73,  # UNKNOWN_FORMAT
     81,  # UNKNOWN_DATABASE
     115,  # UNKNOWN_SETTING
+    152,  # UNKNOWN_DIRECTION_OF_SORTING
+    63,  # UNKNOWN_AGGREGATE_FUNCTION
+    73,  # UNKNOWN_FORMAT
     336,  # UNKNOWN_DATABASE_ENGINE
-}
-_STATUS_BY_CODE = {
-    192: 403,  # UNKNOWN_USER
-    193: 403,  # WRONG_PASSWORD
-    194: 401,  # REQUIRED_PASSWORD
-    516: 403,  # AUTHENTICATION_FAILED
-    202: 413,  # QUERY_IS_TOO_LARGE
-    48: 501,  # NOT_IMPLEMENTED
-    209: 503,  # SOCKET_TIMEOUT
+    78,  # UNKNOWN_TYPE_OF_QUERY
+    511,  # UNKNOWN_ROLE
 }
 
 
@@ -547,8 +571,13 @@ class Handler(BaseHTTPRequestHandler):
         started = time.monotonic()
         self._preview = ""
         self._body_consumed = False
+        self._temp_paths = []
         try:
-            response = self._route()
+            try:
+                response = self._route()
+            finally:
+                for path in self._temp_paths:
+                    _unlink(path)
         except MalformedRequest as error:
             self.close_connection = True
             response = self._error_response(QueryError.ours(error.code, _code_name(error.code), error.message, 400))
@@ -563,9 +592,14 @@ class Handler(BaseHTTPRequestHandler):
             response = self._error_response(
                 QueryError.ours(CODE_UNKNOWN_EXCEPTION, "UNKNOWN_EXCEPTION", f"Internal error in chdb-http: {exc!r}", 500)
             )
-        if self._has_body() and not self._body_consumed:
-            # Answered without reading the body: the connection cannot be reused.
-            self.close_connection = True
+        if self._has_body() and not self._body_consumed and not self.close_connection:
+            # Answering before the body was read (an error): read it to its
+            # end first, as ClickHouse does, so the client sees the answer and
+            # not a connection closed under its upload.
+            try:
+                self._read_body(lambda _piece: None)
+            except (MalformedRequest, QueryError, OSError):
+                self.close_connection = True
         try:
             self._send(response)
         except (BrokenPipeError, ConnectionResetError):
@@ -618,8 +652,22 @@ class Handler(BaseHTTPRequestHandler):
             return ok
         self._preview = param.get("query", "")
 
+        self._check_framing()
+        body_path = self._spool_body()
         self._authenticate(param)
-        self._refuse_compression(param)
+        body_path = self._decode_body(param, body_path)
+        content_type = self.headers.get("Content-Type") or ""
+        try:
+            boundary = form_data.boundary_of(content_type)
+        except form_data.FormError as error:
+            raise QueryError.ours(CODE_BAD_ARGUMENTS, "BAD_ARGUMENTS", f"Cannot parse the request body: {error}") from None
+        if boundary is not None:
+            # Form fields are parameters like the URL's (query, param_*,
+            # settings); the body holds no query text then.
+            params = params + self._form_fields(body_path, boundary)
+            param = dict(params)
+            body_path = None
+            self._preview = param.get("query", "")
 
         database = param.get("database") or self.headers.get("X-ClickHouse-Database") or "default"
         default_format = param.get("default_format") or self.headers.get("X-ClickHouse-Format") or "TabSeparated"
@@ -636,7 +684,10 @@ class Handler(BaseHTTPRequestHandler):
                 raise QueryError.ours(CODE_BAD_ARGUMENTS, "BAD_ARGUMENTS", f"Invalid URL parameter name {name!r}")
             settings.append((name, value))
 
-        plan = self._plan(param.get("query"))
+        max_query_size = DEFAULT_MAX_QUERY_SIZE
+        if param.get("max_query_size", "").isdigit():
+            max_query_size = int(param["max_query_size"])
+        plan = self._plan(param.get("query"), body_path, max_query_size)
         self._preview = plan.preview
         try:
             if plan.keyword == "":
@@ -666,13 +717,27 @@ class Handler(BaseHTTPRequestHandler):
                 headers["Content-Type"] = content_type_for(effective)
                 headers["X-ClickHouse-Format"] = effective
             headers["X-ClickHouse-Summary"] = _summary(result)
-            return Response(200, result.body, headers)
+            return Response(200, self._encode_result(result.body, param, headers), headers)
         finally:
             plan.cleanup()
 
     def run_insert(self, plan: "Plan", database: str, settings, query_params) -> EngineResult:
         """Executes an INSERT whose data sits in the file `plan.data_path`."""
         return self.engine.execute(plan.insert_sql(), database, settings, "TabSeparated", query_params)
+
+    def _encode_result(self, body: bytes, param: dict, headers: dict) -> bytes:
+        """`compress=1` wraps the result in ClickHouse's compressed blocks (LZ4);
+        with `enable_http_compression=1` an `Accept-Encoding` ClickHouse knows
+        is applied on top, as ClickHouse does."""
+        if param.get("compress", "0") not in ("", "0"):
+            body = http_compression.compress_blocks(body)
+        if param.get("enable_http_compression", "0") in ("", "0"):
+            return body
+        encoding = http_compression.choose_response_encoding(self.headers.get("Accept-Encoding") or "")
+        if encoding is None:
+            return body
+        headers["Content-Encoding"] = encoding
+        return http_compression.encode_content(encoding, body)
 
     # -- request body -----------------------------------------------------
 
@@ -761,33 +826,120 @@ class Handler(BaseHTTPRequestHandler):
 
     # -- query planning ---------------------------------------------------
 
-    def _plan(self, url_query: Optional[str]) -> "Plan":
-        """Decide what to run: a query text, or an INSERT whose data is in a file."""
+    def _plan(self, url_query: Optional[str], body_path: Optional[str], max_query_size: int) -> "Plan":
+        """Decide what to run: a query text, or an INSERT whose data is in a file.
+
+        `body_path` is the decoded request body (or None). Only the first
+        `max_query_size` bytes of URL query and body are read as query text.
+        """
+        tmp_dir = self.config.tmp_dir
         if url_query is not None:
             analysis = analyze(url_query)
             inline_data = url_query[analysis.data_start:] if analysis.insert_format else ""
             if analysis.insert_format and not inline_data.strip() and not analysis.multi_statement:
                 # The common case (rotel, the clickhouse crate): the body is
-                # the data. Stream it to a file, never into memory.
-                plan = Plan.for_insert(url_query, analysis, self.config.tmp_dir)
-                try:
-                    with open(plan.data_path, "wb") as data_file:
-                        self._read_body(data_file.write)
-                except BaseException:
-                    plan.cleanup()
-                    raise
+                # the data, already in a file.
+                plan = Plan.for_insert(url_query, analysis, tmp_dir)
+                if body_path is not None:
+                    os.replace(body_path, plan.data_path)
                 return plan
-            if not self._has_body():
-                return Plan.for_text(url_query, self.config.tmp_dir)
             # ClickHouse concatenates the URL query, a newline and the body.
-            body = self._read_body_bytes()
-            return Plan.for_bytes(url_query.encode("utf-8") + b"\n" + body, self.config.tmp_dir)
-        return Plan.for_bytes(self._read_body_bytes(), self.config.tmp_dir)
+            prefix = url_query.encode("utf-8") + (b"\n" if body_path is not None else b"")
+            return Plan.from_source(prefix, body_path, max_query_size, tmp_dir)
+        return Plan.from_source(b"", body_path, max_query_size, tmp_dir)
 
-    def _read_body_bytes(self) -> bytes:
-        pieces = []
-        self._read_body(pieces.append)
-        return b"".join(pieces)
+    def _new_temp_path(self, kind: str) -> str:
+        fd, path = tempfile.mkstemp(prefix=f"{kind}-", suffix=".body", dir=self.config.tmp_dir)
+        os.close(fd)
+        self._temp_paths.append(path)
+        return path
+
+    def _check_framing(self) -> None:
+        """Header checks ClickHouse (Poco) makes before reading a body."""
+        lengths = self.headers.get_all("Content-Length") or []
+        if len(lengths) > 1 and len(set(v.strip() for v in lengths)) > 1:
+            self.close_connection = True
+            raise MalformedRequest(CODE_BAD_ARGUMENTS, "Conflicting Content-Length headers")
+        if lengths and not lengths[0].strip().isdigit():
+            self.close_connection = True
+            raise MalformedRequest(CODE_BAD_ARGUMENTS, f"Invalid Content-Length: {lengths[0][:64]!r}")
+        if lengths and self.headers.get("Transfer-Encoding"):
+            self.close_connection = True
+            raise MalformedRequest(CODE_BAD_ARGUMENTS, "Both Content-Length and Transfer-Encoding are set")
+        if (
+            self.command == "POST"
+            and self.request_version == "HTTP/1.1"
+            and not lengths
+            and not self.headers.get("Transfer-Encoding")
+        ):
+            raise QueryError.ours(
+                CODE_HTTP_LENGTH_REQUIRED,
+                "HTTP_LENGTH_REQUIRED",
+                "The Transfer-Encoding is not chunked and there is no Content-Length header for POST request",
+            )
+
+    def _spool_body(self) -> Optional[str]:
+        """The request body as sent, in a temporary file (None when empty)."""
+        if not self._has_body():
+            self._body_consumed = True
+            return None
+        path = self._new_temp_path("request")
+        with open(path, "wb") as sink:
+            size = self._read_body(sink.write)
+        return path if size else None
+
+    def _decode_body(self, param: dict, body_path: Optional[str]) -> Optional[str]:
+        """Undoes the request's Content-Encoding, then `decompress=1` blocks."""
+        encoding_header = (self.headers.get("Content-Encoding") or "identity").strip()
+        encoding = http_compression.known_encoding(encoding_header)
+        if encoding is None:
+            raise QueryError.ours(
+                CODE_UNKNOWN_COMPRESSION_METHOD,
+                "UNKNOWN_COMPRESSION_METHOD",
+                f"Unknown compression method '{one_line(encoding_header, 64)}' in Content-Encoding",
+            )
+        blocks = param.get("decompress", "0") not in ("", "0")
+        if body_path is None:
+            return None
+        verify = param.get("http_native_compression_disable_checksumming_on_decompress", "0") in ("", "0")
+        try:
+            if encoding != "identity":
+                decoded = self._new_temp_path("decoded")
+                with open(body_path, "rb") as source, open(decoded, "wb") as sink:
+                    http_compression.decode_content(encoding, source, sink.write, MAX_DECODED_BODY_BYTES)
+                body_path = decoded
+            if blocks:
+                decoded = self._new_temp_path("decompressed")
+                with open(body_path, "rb") as source, open(decoded, "wb") as sink:
+                    http_compression.decompress_blocks(source, sink.write, verify, MAX_DECODED_BODY_BYTES)
+                body_path = decoded
+        except http_compression.TransferError as error:
+            raise QueryError.ours(error.code, error.name, error.text) from None
+        return body_path if os.path.getsize(body_path) else None
+
+    def _form_fields(self, body_path: Optional[str], boundary: str):
+        """The fields of a multipart/form-data body as (name, value) pairs."""
+        if body_path is None:
+            return []
+        try:
+            with open(body_path, "rb") as source:
+                parts = form_data.parse(source, boundary, self.config.tmp_dir)
+            try:
+                fields = []
+                for part in parts:
+                    if part.filename is not None:
+                        raise QueryError.ours(
+                            CODE_NOT_IMPLEMENTED,
+                            "NOT_IMPLEMENTED",
+                            f"External data (form part `{one_line(part.name, 64)}` with a file) is not supported by chdb-http",
+                        )
+                    fields.append((part.name, part.text(MAX_FORM_FIELD_BYTES)))
+                return fields
+            finally:
+                for part in parts:
+                    part.close()
+        except form_data.FormError as error:
+            raise QueryError.ours(CODE_BAD_ARGUMENTS, "BAD_ARGUMENTS", f"Cannot parse the request body: {error}") from None
 
     # -- auth and compression -----------------------------------------------
 
@@ -820,25 +972,6 @@ class Handler(BaseHTTPRequestHandler):
         password_ok = hmac.compare_digest(password.encode("utf-8"), expected_password.encode("utf-8"))
         if not (user_ok and password_ok):
             raise QueryError(CODE_AUTHENTICATION_FAILED, AUTH_FAILED_MESSAGE.format(user=one_line(user, 64)), 403)
-
-    def _refuse_compression(self, param: dict) -> None:
-        encoding = (self.headers.get("Content-Encoding") or "identity").strip().lower()
-        wants = []
-        if param.get("compress", "0") not in ("", "0"):
-            wants.append("compress=1 (compressed response)")
-        if param.get("decompress", "0") not in ("", "0"):
-            wants.append("decompress=1 (compressed request body)")
-        if encoding != "identity":
-            wants.append(f"Content-Encoding: {encoding}")
-        if wants:
-            raise QueryError.ours(
-                CODE_BAD_ARGUMENTS,
-                "BAD_ARGUMENTS",
-                "chdb-http does not implement compressed transfer, the request asked for "
-                + ", ".join(wants)
-                + ". Configure the client with compression off",
-                400,
-            )
 
 
 def _summary(result: EngineResult) -> str:
@@ -880,10 +1013,6 @@ class Plan:
         self._format = ""
 
     @classmethod
-    def for_text(cls, text: str, tmp_dir: str) -> "Plan":
-        return cls.for_bytes(text.encode("utf-8"), tmp_dir)
-
-    @classmethod
     def for_insert(cls, text: str, analysis: Analysis, tmp_dir: str) -> "Plan":
         plan = cls()
         plan.keyword = analysis.keyword
@@ -896,26 +1025,49 @@ class Plan:
         return plan
 
     @classmethod
-    def for_bytes(cls, raw: bytes, tmp_dir: str) -> "Plan":
+    def from_source(cls, prefix: bytes, body_path: Optional[str], max_query_size: int, tmp_dir: str) -> "Plan":
+        """The query text is `prefix` followed by the file `body_path`.
+
+        At most `max_query_size` bytes are read as query text, as ClickHouse
+        does: an INSERT's data may follow them (it is copied to a file), any
+        other query longer than that fails with "Max query size exceeded".
+        """
+        head = prefix
+        body_size = 0
+        if body_path is not None:
+            body_size = os.path.getsize(body_path)
+            with open(body_path, "rb") as body:
+                head += body.read(max(0, max_query_size + 1 - len(prefix)))
+        total = len(prefix) + body_size
         # latin-1 maps bytes 1:1 to characters: offsets stay byte offsets, and
         # binary INSERT data after the FORMAT clause survives the lexer.
-        analysis = analyze(raw.decode("latin-1"))
-        if analysis.insert_format and not analysis.multi_statement:
-            head = _decode_query(raw[: analysis.data_start])
-            head_analysis = analyze(head)
-            plan = cls.for_insert(head, head_analysis, tmp_dir)
+        analysis = analyze(head[: max_query_size + 1].decode("latin-1"))
+        if analysis.insert_format and not analysis.multi_statement and analysis.data_start <= max_query_size:
+            head_text = _decode_query(head[: analysis.data_start])
+            plan = cls.for_insert(head_text, analyze(head_text), tmp_dir)
             try:
                 with open(plan.data_path, "wb") as data_file:
-                    data_file.write(raw[analysis.data_start:])
+                    data_file.write(head[analysis.data_start :])
+                    if body_path is not None:
+                        with open(body_path, "rb") as body:
+                            body.seek(len(head) - len(prefix))
+                            shutil.copyfileobj(body, data_file, 1024 * 1024)
             except BaseException:
                 plan.cleanup()
                 raise
             return plan
+        if total > max_query_size:
+            raise QueryError.ours(
+                CODE_SYNTAX_ERROR,
+                "SYNTAX_ERROR",
+                f"Syntax error: failed at position {max_query_size + 1}: Max query size exceeded "
+                f"(the query is {total} bytes, max_query_size is {max_query_size})",
+            )
         plan = cls()
         plan.keyword = analysis.keyword
         plan.multi_statement = analysis.multi_statement
         plan.output_format = analysis.output_format
-        plan.sql = _decode_query(raw)
+        plan.sql = _decode_query(head)
         plan.preview = plan.sql
         return plan
 
@@ -929,11 +1081,15 @@ class Plan:
 
     def cleanup(self) -> None:
         if self.data_path is not None:
-            try:
-                os.unlink(self.data_path)
-            except FileNotFoundError:
-                pass
+            _unlink(self.data_path)
             self.data_path = None
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _decode_query(raw: bytes) -> str:

@@ -344,9 +344,10 @@ class HttpInterfaceTest(ServerTestCase):
         self.assertTrue(body.startswith(b"Code: 62. DB::Exception: Syntax error"), body)
         self.assertTrue(body.endswith(b"\n"))
 
-    def test_unknown_identifier_is_400_and_unknown_table_404(self):
+    def test_unknown_identifier_and_unknown_table_are_404(self):
+        # As ClickHouse's exceptionCodeToHTTPStatus: UNKNOWN_IDENTIFIER is 404.
         status, headers, _ = self.server.request("POST", body="SELECT no_such_column")
-        self.assertEqual((status, headers["x-clickhouse-exception-code"]), (400, "47"))
+        self.assertEqual((status, headers["x-clickhouse-exception-code"]), (404, "47"))
         status, headers, body = self.server.request("POST", body="SELECT * FROM no_such_table")
         self.assertEqual((status, headers["x-clickhouse-exception-code"]), (404, "60"))
         self.assertIn(b"UNKNOWN_TABLE", body)
@@ -362,7 +363,8 @@ class HttpInterfaceTest(ServerTestCase):
         self.server.query("CREATE TABLE IF NOT EXISTS bad_data (a UInt32, s String) ENGINE = MergeTree ORDER BY a")
         query = urllib.parse.urlencode({"query": "INSERT INTO bad_data (a, s) FORMAT RowBinary"})
         status, headers, body = self.server.request("POST", query, body=b"\x01\x02")  # truncated UInt32
-        self.assertEqual(status, 400, body)
+        # CANNOT_READ_ALL_DATA is not in ClickHouse's table of client errors: 500 there too.
+        self.assertEqual(status, 500, body)
         self.assertEqual(headers["x-clickhouse-exception-code"], "33")
         query = urllib.parse.urlencode({"query": "INSERT INTO bad_data FORMAT JSONEachRow"})
         status, headers, _ = self.server.request("POST", query, body=b'{"a": "not a number"}\n')
@@ -497,13 +499,6 @@ class HttpInterfaceTest(ServerTestCase):
         status, headers, _ = self.server.request("GET", query)
         self.assertNotEqual(status, 200)
         self.assertEqual(headers["x-clickhouse-exception-code"], "164")
-
-    def test_compressed_transfer_is_refused_clearly(self):
-        for query_string, headers in (("decompress=1", {}), ("compress=1", {}), ("", {"Content-Encoding": "gzip"})):
-            status, response_headers, body = self.server.request("POST", query_string, body="SELECT 1", headers=headers)
-            self.assertEqual(status, 400, query_string)
-            self.assertEqual(response_headers["x-clickhouse-exception-code"], "36")
-            self.assertIn(b"compression off", body)
 
     def test_keep_alive_survives_errors(self):
         connection = http.client.HTTPConnection("127.0.0.1", self.server.port, timeout=30)
