@@ -26,8 +26,27 @@ What goes over the wire (the subset of ClickHouse's HTTP interface we speak):
   TabSeparated; a FORMAT clause in the query wins), `param_<name>` (query
   parameters `{name:Type}`), `user`/`password`, and ClickHouse settings,
   which are applied to the one query (see `Engine.execute`).
+- `multipart/form-data` bodies: their fields are parameters like the URL's
+  (`query`, `param_<name>`, settings), as the `clickhouse` crate sends
+  `.param()` values. External data (parts with a file) answers 501.
+- Compressed transfer (module `http_compression`): a request
+  `Content-Encoding` (gzip, deflate, br, zstd, lz4, xz), `decompress=1`
+  bodies in ClickHouse's compressed blocks (LZ4, ZSTD, none; CityHash128
+  checksums verified), `compress=1` answers in blocks (LZ4), and with
+  `enable_http_compression=1` answers in an `Accept-Encoding` ClickHouse
+  knows.
+- Bodies go to a temporary file as they arrive (at most MAX_BODY_BYTES on
+  the wire, MAX_DECODED_BODY_BYTES decoded); only `max_query_size` bytes
+  (ClickHouse's default 262144, or the URL setting) are read as query text.
+  INSERT data beyond them is inserted from the file; any other query longer
+  than that fails with ClickHouse's "Max query size exceeded" (code 62).
 - Errors never answer 200: the body is ClickHouse's message, the header
-  `X-ClickHouse-Exception-Code` carries the code.
+  `X-ClickHouse-Exception-Code` carries the code, and the status is the one
+  ClickHouse gives that code (`http_status_for_code`). The request body is
+  read to its end before an error is answered, so keep-alive clients get
+  the error instead of a closed connection. POST over HTTP/1.1 without
+  Content-Length or chunked encoding answers 411 (HTTP_LENGTH_REQUIRED);
+  a malformed or conflicting Content-Length 400.
 
 **Architecture Invariant:** one process owns the data directory, and it owns
 exactly one chDB session, used under one lock. Requests are served by
@@ -47,10 +66,8 @@ requested database for every statement kind, with no SQL rewriting.
 Security: queries run with this process's privileges (`file()`, `INFILE`,
 `INTO OUTFILE` reach the whole file system). Bind to localhost, set a password.
 
-Not implemented: ClickHouse's compressed transfer (`compress=1`,
-`decompress=1`, a request `Content-Encoding`) is refused with a clear error,
-so clients must be built with compression off. Responses are never
-compressed. HTTP sessions (`session_id`) are ignored.
+Not implemented: external data tables, HTTP sessions (`session_id` is
+ignored), progress headers (`send_progress_in_http_headers`).
 """
 
 import argparse
@@ -580,7 +597,8 @@ class Handler(BaseHTTPRequestHandler):
                     _unlink(path)
         except MalformedRequest as error:
             self.close_connection = True
-            response = self._error_response(QueryError.ours(error.code, _code_name(error.code), error.message, 400))
+            status = 413 if error.code == CODE_QUERY_IS_TOO_LARGE else 400
+            response = self._error_response(QueryError.ours(error.code, _code_name(error.code), error.message, status))
         except QueryError as error:
             response = self._error_response(error)
         except (BrokenPipeError, ConnectionResetError):

@@ -7,7 +7,7 @@ Two layers, both streamed file to file so a request never sits in memory:
   response: gzip, deflate (zlib), br, zstd, lz4 (the LZ4 frame format), xz.
 - ClickHouse's own compressed blocks (`decompress=1` request bodies,
   `compress=1` responses), which the `clickhouse` Rust crate uses by default.
-  A block is: 16 bytes of CityHash128 (version 1.0.2, low 64 bits first) of
+  A block is: 16 bytes of CityHash128 (version 1.0.2) of
   the rest of the block; one method byte (0x82 LZ4, 0x90 ZSTD, 0x02 none); the
   compressed size including the 9-byte header and the decompressed size, both
   little-endian uint32; the payload. Checksums are verified, as ClickHouse
@@ -35,7 +35,7 @@ try:
 except ImportError:  # pragma: no cover - pinned in requirements.txt
     brotli = None
 
-PIECE_BYTES = 1024 * 1024
+DECODE_PIECE_BYTES = 64 * 1024
 # ClickHouse refuses blocks larger than 1 GiB (TOO_LARGE_SIZE_COMPRESSED); we
 # hold one block in memory at a time, so the bound is tighter.
 MAX_BLOCK_BYTES = 64 * 1024 * 1024
@@ -71,8 +71,11 @@ class TransferError(Exception):
 
 
 def checksum(data: bytes) -> bytes:
+    # clickhouse-cityhash returns the 128-bit value with CityHash's `first`
+    # word in the high bits; ClickHouse writes `first` then `second`, each
+    # little-endian (checked against a block made by the `clickhouse` crate).
     value = CityHash128(data)
-    return struct.pack("<QQ", value & 0xFFFFFFFFFFFFFFFF, value >> 64)
+    return struct.pack("<QQ", value >> 64, value & 0xFFFFFFFFFFFFFFFF)
 
 
 def compress_block(data: bytes, method: int = METHOD_LZ4) -> bytes:
@@ -189,31 +192,44 @@ def known_encoding(name: str):
 
 
 def _decoder(encoding: str):
-    """An object with `decompress(bytes) -> bytes` and `flush() -> bytes`."""
+    """An object with `decompress(bytes) -> bytes` and `flush() -> bytes`.
+
+    Clients send several frames (or gzip members) one after the other, one
+    per block of rows, and so does ClickHouse: each decoder starts a new
+    frame where the previous one ended."""
     if encoding == "gzip":
-        return zlib.decompressobj(16 + zlib.MAX_WBITS)
+        return _Frames(lambda: zlib.decompressobj(16 + zlib.MAX_WBITS))
     if encoding == "deflate":
-        return zlib.decompressobj()
+        return _Frames(zlib.decompressobj)
     if encoding == "xz":
-        return _Flushless(lzma.LZMADecompressor())
+        return _Frames(lzma.LZMADecompressor)
     if encoding == "zstd":
-        return _Flushless(zstandard.ZstdDecompressor().decompressobj())
+        return _Frames(lambda: zstandard.ZstdDecompressor().decompressobj())
     if encoding == "lz4":
-        return _Flushless(lz4.frame.LZ4FrameDecompressor())
+        return _Frames(lz4.frame.LZ4FrameDecompressor)
     if encoding == "br":
         return _Brotli(brotli.Decompressor())
     raise ValueError(encoding)
 
 
-class _Flushless:
-    def __init__(self, inner):
-        self._inner = inner
+class _Frames:
+    def __init__(self, make):
+        self._make = make
+        self._inner = make()
 
     def decompress(self, data: bytes) -> bytes:
-        return self._inner.decompress(data)
+        out = []
+        while data:
+            out.append(self._inner.decompress(data))
+            if not getattr(self._inner, "eof", False):
+                break
+            data = self._inner.unused_data
+            self._inner = self._make()
+        return b"".join(out)
 
     def flush(self) -> bytes:
-        return b""
+        flush = getattr(self._inner, "flush", None)
+        return flush() if flush is not None and not isinstance(self._inner, lzma.LZMADecompressor) else b""
 
 
 class _Brotli:
@@ -233,7 +249,8 @@ def decode_content(encoding: str, source, sink, limit: int = 0) -> int:
     total = 0
     try:
         while True:
-            piece = source.read(PIECE_BYTES)
+            # Small pieces bound what one call can expand to in memory.
+            piece = source.read(DECODE_PIECE_BYTES)
             if not piece:
                 break
             data = decoder.decompress(piece)

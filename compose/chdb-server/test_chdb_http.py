@@ -529,7 +529,8 @@ class HttpInterfaceTest(ServerTestCase):
         self.assertIn(b"Invalid chunk size", response)
         too_large = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 999999999999\r\n" + auth + b"\r\n"
         response = self.raw_exchange(too_large)
-        self.assertTrue(response.startswith(b"HTTP/1.1 400"), response[:200])
+        self.assertTrue(response.startswith(b"HTTP/1.1 413"), response[:200])
+        self.assertIn(b"X-ClickHouse-Exception-Code: 229", response)
         self.assertIn(b"larger than the limit", response)
         truncated = b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n" + auth + b"\r\n8\r\nSELECT"
         with socket.create_connection(("127.0.0.1", self.server.port), timeout=30) as sock:
