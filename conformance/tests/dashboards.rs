@@ -70,7 +70,7 @@ fn every_panel_query_runs_and_the_job_panels_have_data() {
             let title = panel["title"].as_str().unwrap_or("?");
             for target in panel["targets"].as_array().unwrap() {
                 let sql = expand(target["rawSql"].as_str().unwrap(), &trace_id);
-                let rows = clickhouse.rows(&sql).unwrap_or_else(|e| {
+                let rows = clickhouse.json_rows(&sql).unwrap_or_else(|e| {
                     panic!("panel `{title}` of {}: {e:#}\n{sql}", path.display())
                 });
                 ran += 1;

@@ -5,6 +5,7 @@
 use std::time::{Duration, SystemTime};
 
 use conformance::process::{self, wait_for};
+use conformance::trace::{self, StoredSpan};
 use conformance::{ClickHouse, Stack, StackOptions};
 use opentelemetry::trace::{
     SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState,
@@ -13,7 +14,6 @@ use opentelemetry::{InstrumentationScope, KeyValue};
 use opentelemetry_otlp::{Protocol, WithExportConfig};
 use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanExporter as _, SpanLinks};
 use opentelemetry_sdk::Resource;
-use serde_json::Value;
 
 const LANDING_DEADLINE: Duration = Duration::from_secs(20);
 
@@ -95,17 +95,13 @@ fn export(stack: &Stack, transport: Transport, resource: &Resource, spans: Vec<S
     });
 }
 
-fn rows_of_trace(clickhouse: &ClickHouse, trace_id: TraceId, expected: usize) -> Vec<Value> {
+fn spans_of_trace(clickhouse: &ClickHouse, trace_id: TraceId, expected: usize) -> Vec<StoredSpan> {
     wait_for(
         "the spans to land in otel.otel_traces",
         LANDING_DEADLINE,
         || {
-            let rows = clickhouse.rows(&format!(
-                "SELECT TraceId, SpanId, ParentSpanId, SpanName, ServiceName, ScopeName, \
-             SpanAttributes, ResourceAttributes, Duration, StatusCode \
-             FROM otel.otel_traces WHERE TraceId = '{trace_id}' ORDER BY SpanName"
-            ))?;
-            Ok((rows.len() >= expected).then_some(rows))
+            let spans = trace::spans_of_trace(clickhouse, &trace_id.to_string())?;
+            Ok((spans.len() >= expected).then_some(spans))
         },
     )
     .unwrap()
@@ -133,22 +129,18 @@ fn check_span_lands(transport: Transport) {
         vec![sent],
     );
 
-    let rows = rows_of_trace(&clickhouse, trace_id, 1);
-    assert_eq!(rows.len(), 1, "{rows:#?}");
-    let row = &rows[0];
-    assert_eq!(row["TraceId"], trace_id.to_string());
-    assert_eq!(row["SpanId"], span_id.to_string());
-    assert_eq!(row["ParentSpanId"], parent.to_string());
-    assert_eq!(row["SpanName"], "job_execution");
-    assert_eq!(row["ServiceName"], "gitlab-ci-runner");
-    assert_eq!(row["ScopeName"], "conformance");
-    assert_eq!(row["SpanAttributes"]["ci.job.id"], "4242");
-    assert_eq!(row["SpanAttributes"]["ci.job.status"], "success");
-    assert_eq!(
-        text(&row["Duration"]),
-        "250000000",
-        "Duration is in nanoseconds"
-    );
+    let spans = spans_of_trace(&clickhouse, trace_id, 1);
+    assert_eq!(spans.len(), 1, "{spans:#?}");
+    let span = &spans[0];
+    assert_eq!(span.trace_id, trace_id.to_string());
+    assert_eq!(span.span_id, span_id.to_string());
+    assert_eq!(span.parent_span_id, parent.to_string());
+    assert_eq!(span.name, "job_execution");
+    assert_eq!(span.service, "gitlab-ci-runner");
+    assert_eq!(span.scope, "conformance");
+    assert_eq!(span.attribute("ci.job.id"), Some("4242"));
+    assert_eq!(span.attribute("ci.job.status"), Some("success"));
+    assert_eq!(span.duration_ns, 250_000_000, "Duration is in nanoseconds");
 
     // The trace-id lookup table is fed by its materialized view.
     let lookups = wait_for("otel_traces_trace_id_ts", LANDING_DEADLINE, || {
@@ -207,27 +199,19 @@ fn ci_job_telemetry_traces_holds_the_ci_services_spans_only() {
     );
 
     // All three are in otel_traces: from here on, absence means something.
-    rows_of_trace(&clickhouse, trace_id, 3);
+    spans_of_trace(&clickhouse, trace_id, 3);
     let rows = wait_for("ci_job_telemetry_traces", LANDING_DEADLINE, || {
-        let rows = clickhouse.rows(&format!(
-            "SELECT build_id, pipeline_id, project_id, span_name, service_name \
-             FROM otel.ci_job_telemetry_traces WHERE trace_id = '{trace_id}' ORDER BY build_id"
-        ))?;
+        let rows = trace::ci_rows(&clickhouse, &format!("trace_id = '{trace_id}'"))?;
         Ok((rows.len() >= 2).then_some(rows))
     })
     .unwrap();
     let summary: Vec<String> = rows
         .iter()
         .map(|r| {
-            [
-                "build_id",
-                "pipeline_id",
-                "project_id",
-                "span_name",
-                "service_name",
-            ]
-            .map(|c| text(&r[c]))
-            .join(" ")
+            format!(
+                "{} {} {} {} {}",
+                r.build_id, r.pipeline_id, r.project_id, r.span_name, r.service_name
+            )
         })
         .collect();
     assert_eq!(
@@ -237,14 +221,6 @@ fn ci_job_telemetry_traces_holds_the_ci_services_spans_only() {
             "1002 777 12 get_sources gitlab-ci-runner",
         ]
     );
-}
-
-/// A JSONEachRow value as text (64-bit integers may come quoted or not).
-fn text(value: &Value) -> String {
-    match value {
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    }
 }
 
 #[test]
