@@ -44,8 +44,8 @@ What goes over the wire (the subset of ClickHouse's HTTP interface we speak):
   `X-ClickHouse-Exception-Code` carries the code, and the status is the one
   ClickHouse gives that code (`http_status_for_code`). The request body is
   read to its end before an error is answered, so keep-alive clients get
-  the error instead of a closed connection. POST over HTTP/1.1 without
-  Content-Length or chunked encoding answers 411 (HTTP_LENGTH_REQUIRED);
+  the error instead of a closed connection. POST without Content-Length
+  or chunked encoding answers 411 (HTTP_LENGTH_REQUIRED);
   a malformed or conflicting Content-Length 400.
 
 **Architecture Invariant:** one process owns the data directory, and it owns
@@ -884,12 +884,7 @@ class Handler(BaseHTTPRequestHandler):
         if lengths and self.headers.get("Transfer-Encoding"):
             self.close_connection = True
             raise MalformedRequest(CODE_BAD_ARGUMENTS, "Both Content-Length and Transfer-Encoding are set")
-        if (
-            self.command == "POST"
-            and self.request_version == "HTTP/1.1"
-            and not lengths
-            and not self.headers.get("Transfer-Encoding")
-        ):
+        if self.command == "POST" and not lengths and not self.headers.get("Transfer-Encoding"):
             raise QueryError.ours(
                 CODE_HTTP_LENGTH_REQUIRED,
                 "HTTP_LENGTH_REQUIRED",

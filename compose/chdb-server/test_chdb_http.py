@@ -657,20 +657,22 @@ class SchemaAndCollectorTest(ServerTestCase):
             self.traces_query(f"SELECT count() FROM otel_traces_trace_id_ts WHERE TraceId = '{trace_id}'"), "1\n"
         )
 
-    def start_rotel(self):
+    def start_rotel(self, compression="none"):
+        """Starts rotel-agent; `compression=None` leaves its default (lz4 blocks)."""
         agent = rotel_agent_path()
         if agent is None:
             self.fail("rotel-agent not found: install rotel==0.0.1a15 into this Python (compose/requirements.txt)")
         grpc_port, http_port = free_port(), free_port()
-        log_path = os.path.join(self.tmp, "rotel.log")
+        log_path = os.path.join(self.tmp, f"rotel-{grpc_port}.log")
         log = open(log_path, "ab")
         self.addCleanup(log.close)
+        compression_args = [] if compression is None else ["--clickhouse-exporter-compression", compression]
         proc = subprocess.Popen(
             [
                 agent, "start",
                 "--exporter", "clickhouse",
                 "--clickhouse-exporter-endpoint", self.server.url,
-                "--clickhouse-exporter-compression", "none",
+                *compression_args,
                 "--clickhouse-exporter-async-insert", "false",
                 "--clickhouse-exporter-user", "default",
                 "--clickhouse-exporter-password", PASSWORD,
@@ -713,6 +715,32 @@ class SchemaAndCollectorTest(ServerTestCase):
             return response.status, response.read()
         finally:
             connection.close()
+
+    def test_rotel_at_its_default_compression(self):
+        # rotel sends lz4 by default: ClickHouse's compressed blocks, decompress=1.
+        port, rotel_log = self.start_rotel(compression=None)
+        trace_id = random_hex(16)
+        now = time.time_ns()
+        span = {
+            "traceId": trace_id,
+            "spanId": random_hex(8),
+            "name": "compressed",
+            "kind": 1,
+            "startTimeUnixNano": str(now),
+            "endTimeUnixNano": str(now + 1000),
+        }
+        resource = {"attributes": [{"key": "service.name", "value": {"stringValue": "lz4-check"}}]}
+        payload = {"resourceSpans": [{"resource": resource, "scopeSpans": [{"scope": {"name": "t"}, "spans": [span]}]}]}
+        status, body = self.post_otlp(port, "/v1/traces", payload)
+        self.assertEqual(status, 200, body)
+
+        def landed():
+            return self.traces_query(f"SELECT ServiceName FROM otel_traces WHERE TraceId = '{trace_id}'") == "lz4-check\n"
+
+        try:
+            poll(landed, ROTEL_DEADLINE_SECONDS, interval=0.1, what="the span sent with lz4 in ClickHouse")
+        except AssertionError as error:
+            raise AssertionError(f"{error}\nrotel log: {open(rotel_log, 'rb').read()[-3000:]!r}") from None
 
     def test_end_to_end_through_rotel(self):
         port, rotel_log = self.start_rotel()
