@@ -139,8 +139,13 @@ class StatusCodeTest(unittest.TestCase):
             159: 408,  # TIMEOUT_EXCEEDED
             48: 501,  # NOT_IMPLEMENTED
             209: 503,  # SOCKET_TIMEOUT
-            164: 500,  # READONLY: not in ClickHouse's table
-            33: 500,  # CANNOT_READ_ALL_DATA: not in ClickHouse's table
+            # Not in ClickHouse's table, so 500 there too: READONLY, TOO_DEEP_RECURSION,
+            # TOO_LARGE_STRING_SIZE, BAD_QUERY_PARAMETER, CANNOT_READ_ALL_DATA.
+            164: 500,
+            306: 500,
+            131: 500,
+            457: 500,
+            33: 500,
             1002: 500,
         }
         self.assertEqual({code: chdb_http.http_status_for_code(code) for code in cases}, cases)
@@ -302,6 +307,21 @@ class TransferTest(ServerTestCase):
         self.assertEqual(status, 200, body)
         self.assertEqual(self.count("s = 'big insert'"), 2_000_000)
         print(f"\n  peak RSS growth for a {len(rows) >> 20} MiB insert: {(rss_high_water_mark_kib(pid) - before) / 1024:.0f} MiB")
+
+    def test_engine_errors_answer_with_their_own_code(self):
+        deep = "SELECT " + "(" * 2000 + "1" + ")" * 2000
+        cases = (
+            ("GET", urllib.parse.urlencode({"query": "CREATE TABLE via_get (a UInt8) ENGINE = Memory"}), None, "164"),
+            ("POST", "", deep, "306"),
+            ("POST", "", "SELECT repeat('a', 2000000000)", "131"),
+            ("POST", "param_x=abc", "SELECT {x:UInt8}", "457"),
+            ("POST", "", "SELECT * FROM no_such_table", "60"),
+        )
+        for method, query, body, code in cases:
+            status, headers, answer = self.server.request(method, query, body=body)
+            self.assertEqual(headers["x-clickhouse-exception-code"], code, answer[:200])
+            self.assertEqual(status, chdb_http.http_status_for_code(int(code)))
+            self.assertTrue(answer.startswith(f"Code: {code}. DB::Exception:".encode()), answer[:200])
 
     def test_max_query_size_is_honoured(self):
         status, headers, _ = self.server.request("POST", "max_query_size=10", body="SELECT 1 + 1 + 1")
