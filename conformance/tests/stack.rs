@@ -300,3 +300,48 @@ fn a_detached_stack_keeps_its_data_across_down_and_up() {
         "the row written before `down` is still there after `up`"
     );
 }
+
+#[test]
+fn a_log_record_lands_in_otel_logs() {
+    let stack = Stack::start(StackOptions::isolated()).unwrap();
+    let trace_id = random_trace_id();
+    let now_ns = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let text =
+        |key: &str, value: &str| serde_json::json!({"key": key, "value": {"stringValue": value}});
+    let payload = serde_json::json!({"resourceLogs": [{
+        "resource": {"attributes": [text("service.name", "gitlab-ci-runner")]},
+        "scopeLogs": [{"scope": {"name": "conformance"}, "logRecords": [{
+            "timeUnixNano": now_ns.to_string(),
+            "severityText": "WARN",
+            "severityNumber": 13,
+            "body": {"stringValue": "a log line"},
+            "traceId": trace_id.to_string(),
+            "attributes": [text("ci.job.id", "77")],
+        }]}],
+    }]});
+    let response = ureq::post(format!("{}/v1/logs", stack.endpoints().otlp_http))
+        .header("Content-Type", "application/json")
+        .send(payload.to_string())
+        .unwrap();
+    assert_eq!(response.status(), 200);
+
+    let clickhouse = stack.clickhouse();
+    let records = wait_for("the log record in otel.otel_logs", LANDING_DEADLINE, || {
+        let records = trace::log_records(&clickhouse, &format!("TraceId = '{trace_id}'"))?;
+        Ok((!records.is_empty()).then_some(records))
+    })
+    .unwrap();
+    let record = &records[0];
+    assert_eq!(
+        (
+            record.severity_text.as_str(),
+            record.service_name.as_str(),
+            record.body.as_str()
+        ),
+        ("WARN", "gitlab-ci-runner", "a log line")
+    );
+    assert_eq!(record.log_attributes, [("ci.job.id".into(), "77".into())]);
+}
