@@ -28,7 +28,9 @@ What goes over the wire (the subset of ClickHouse's HTTP interface we speak):
   which are applied to the one query (see `Engine.execute`).
 - `multipart/form-data` bodies: their fields are parameters like the URL's
   (`query`, `param_<name>`, settings), as the `clickhouse` crate sends
-  `.param()` values. External data (parts with a file) answers 501.
+  `.param()` values. Parts with a file are external data: a temporary table
+  named like the part, for this query only (`<name>_structure` or
+  `<name>_types`, `<name>_format`).
 - Compressed transfer (module `http_compression`): a request
   `Content-Encoding` (gzip, deflate, br, zstd, lz4, xz), `decompress=1`
   bodies in ClickHouse's compressed blocks (LZ4, ZSTD, none; CityHash128
@@ -66,7 +68,7 @@ requested database for every statement kind, with no SQL rewriting.
 Security: queries run with this process's privileges (`file()`, `INFILE`,
 `INTO OUTFILE` reach the whole file system). Bind to localhost, set a password.
 
-Not implemented: external data tables, HTTP sessions (`session_id` is
+Not implemented: HTTP sessions (`session_id` is
 ignored), progress headers (`send_progress_in_http_headers`).
 """
 
@@ -120,7 +122,6 @@ CODE_UNKNOWN_FORMAT = 73
 CODE_READONLY = 164
 CODE_QUERY_IS_TOO_LARGE = 229
 CODE_HTTP_LENGTH_REQUIRED = 381
-CODE_NOT_IMPLEMENTED = 48
 CODE_UNKNOWN_COMPRESSION_METHOD = 89
 CODE_CANNOT_READ_ALL_DATA = 33
 CODE_UNKNOWN_SETTING = 115
@@ -454,7 +455,7 @@ class Engine:
                 self._session.close()
                 self._session = None
 
-    def execute(self, sql: str, database: str, settings, output_format: str, params) -> EngineResult:
+    def execute(self, sql: str, database: str, settings, output_format: str, params, external_tables=()) -> EngineResult:
         """Run one query with `database` current and `settings` applied.
 
         chDB 26.9 keeps `USE` and `SET` in the session (a ClickHouse server
@@ -463,13 +464,22 @@ class Engine:
         `SET x = DEFAULT` afterwards, all under the lock. This works for every
         statement kind (no SQL rewriting). An unknown setting is ignored with
         a warning; a bad value fails the query like ClickHouse does.
+
+        `external_tables` (ExternalTable) become temporary tables for this
+        query only, created from their files and dropped afterwards.
         """
         with self._lock:
             if self._session is None:
                 raise QueryError.ours(CODE_UNKNOWN_EXCEPTION, "UNKNOWN_EXCEPTION", "Server is shutting down", 503)
             self._query_locked(f"USE {quote_identifier(database)}")
             applied = []
+            created = []
             try:
+                for table in external_tables:
+                    name = quote_identifier(table.name)
+                    self._query_locked(f"CREATE TEMPORARY TABLE {name} ({table.structure}) ENGINE = Memory")
+                    created.append(name)
+                    self._query_locked(f"INSERT INTO {name} FROM INFILE {quote_string(table.path)} FORMAT {table.format}")
                 for name, value in settings:
                     try:
                         self._query_locked(f"SET {name} = {quote_string(value)}")
@@ -485,6 +495,11 @@ class Engine:
                 result = self._query_locked(sql, output_format, params)
                 elapsed = time.monotonic_ns() - started
             finally:
+                for name in created:
+                    try:
+                        self._query_locked(f"DROP TEMPORARY TABLE IF EXISTS {name}")
+                    except QueryError as error:
+                        self._log(f"Could not drop external table {name}: {error.message}")
                 for name in applied:
                     try:
                         self._query_locked(f"SET {name} = DEFAULT")
@@ -526,6 +541,16 @@ class Config:
     password: Optional[str]
     tmp_dir: str
     display_name: str
+
+
+@dataclass
+class ExternalTable:
+    """A table sent with the query as a file part of a form (external data)."""
+
+    name: str
+    structure: str  # column list, `a UInt32, b String`
+    format: str
+    path: str
 
 
 @dataclass
@@ -674,6 +699,7 @@ class Handler(BaseHTTPRequestHandler):
         body_path = self._spool_body()
         self._authenticate(param)
         body_path = self._decode_body(param, body_path)
+        external_files = []
         content_type = self.headers.get("Content-Type") or ""
         try:
             boundary = form_data.boundary_of(content_type)
@@ -682,7 +708,8 @@ class Handler(BaseHTTPRequestHandler):
         if boundary is not None:
             # Form fields are parameters like the URL's (query, param_*,
             # settings); the body holds no query text then.
-            params = params + self._form_fields(body_path, boundary)
+            fields, external_files = self._form_fields(body_path, boundary)
+            params = params + fields
             param = dict(params)
             body_path = None
             self._preview = param.get("query", "")
@@ -694,9 +721,13 @@ class Handler(BaseHTTPRequestHandler):
         query_id = param.get("query_id") or str(uuid.uuid4())
         read_only = self.command in ("GET", "HEAD") or param.get("readonly", "0") not in ("", "0")
         query_params = {name[len("param_"):]: value for name, value in params if name.startswith("param_")}
+        external_tables = [_external_table(name, path, param) for name, path in external_files]
+        external_params = {f"{t.name}_{suffix}" for t in external_tables for suffix in ("format", "structure", "types")}
         settings = []
         for name, value in params:
             if name in _NON_SETTING_PARAMS or name.startswith("param_") or name.startswith("async_insert"):
+                continue
+            if name in external_params:
                 continue
             if not _SETTING_NAME_RE.fullmatch(name):
                 raise QueryError.ours(CODE_BAD_ARGUMENTS, "BAD_ARGUMENTS", f"Invalid URL parameter name {name!r}")
@@ -730,7 +761,7 @@ class Handler(BaseHTTPRequestHandler):
                 result = self.run_insert(plan, database, settings, query_params)
                 headers["Content-Type"] = "text/plain; charset=UTF-8"
             else:
-                result = self.engine.execute(plan.sql, database, settings, default_format, query_params)
+                result = self.engine.execute(plan.sql, database, settings, default_format, query_params, external_tables)
                 effective = plan.output_format or default_format
                 headers["Content-Type"] = content_type_for(effective)
                 headers["X-ClickHouse-Format"] = effective
@@ -931,23 +962,25 @@ class Handler(BaseHTTPRequestHandler):
         return body_path if os.path.getsize(body_path) else None
 
     def _form_fields(self, body_path: Optional[str], boundary: str):
-        """The fields of a multipart/form-data body as (name, value) pairs."""
+        """The fields of a multipart/form-data body as (name, value) pairs, and
+        its file parts (external data) as (table name, path of a copy)."""
         if body_path is None:
-            return []
+            return [], []
         try:
             with open(body_path, "rb") as source:
                 parts = form_data.parse(source, boundary, self.config.tmp_dir)
             try:
-                fields = []
+                fields, files = [], []
                 for part in parts:
-                    if part.filename is not None:
-                        raise QueryError.ours(
-                            CODE_NOT_IMPLEMENTED,
-                            "NOT_IMPLEMENTED",
-                            f"External data (form part `{one_line(part.name, 64)}` with a file) is not supported by chdb-http",
-                        )
-                    fields.append((part.name, part.text(MAX_FORM_FIELD_BYTES)))
-                return fields
+                    if part.filename is None:
+                        fields.append((part.name, part.text(MAX_FORM_FIELD_BYTES)))
+                        continue
+                    path = self._new_temp_path("external")
+                    with open(path, "wb") as sink:
+                        part.file.seek(0)
+                        shutil.copyfileobj(part.file, sink, 1024 * 1024)
+                    files.append((part.name, path))
+                return fields, files
             finally:
                 for part in parts:
                     part.close()
@@ -1096,6 +1129,43 @@ class Plan:
         if self.data_path is not None:
             _unlink(self.data_path)
             self.data_path = None
+
+
+def _external_table(name: str, path: str, param: dict) -> ExternalTable:
+    """ClickHouse's parameters for external data: `<name>_format` (default
+    TabSeparated), and `<name>_structure` (`a UInt32, b String`) or
+    `<name>_types` (`UInt32,String`, columns named _1, _2, ...)."""
+    if not _SETTING_NAME_RE.fullmatch(name):
+        raise QueryError.ours(CODE_BAD_ARGUMENTS, "BAD_ARGUMENTS", f"Invalid external table name {one_line(name, 64)!r}")
+    structure = param.get(f"{name}_structure")
+    if not structure and param.get(f"{name}_types"):
+        types = _split_top_level(param[f"{name}_types"])
+        structure = ", ".join(f"_{i} {t}" for i, t in enumerate(types, 1))
+    if not structure:
+        raise QueryError.ours(
+            CODE_BAD_ARGUMENTS,
+            "BAD_ARGUMENTS",
+            f"Neither structure nor types have been provided for external table {name}. "
+            f"Use fields {name}_structure or {name}_types to do so",
+        )
+    fmt = param.get(f"{name}_format") or "TabSeparated"
+    if not _SETTING_NAME_RE.fullmatch(fmt):
+        raise QueryError.ours(CODE_UNKNOWN_FORMAT, "UNKNOWN_FORMAT", f"Unknown format {one_line(fmt, 64)}")
+    return ExternalTable(name, structure, fmt, path)
+
+
+def _split_top_level(text: str):
+    """`UInt32,Map(String,String)` -> ['UInt32', 'Map(String,String)']."""
+    items, depth, current = [], 0, []
+    for char in text:
+        if char == "," and depth == 0:
+            items.append("".join(current).strip())
+            current = []
+            continue
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        current.append(char)
+    items.append("".join(current).strip())
+    return [item for item in items if item]
 
 
 def _unlink(path: str) -> None:

@@ -10,6 +10,7 @@ import datetime
 import unittest
 
 import clickhouse_connect
+import clickhouse_connect.driver.external
 
 from test_chdb_http import PASSWORD, ServerTestCase
 
@@ -59,6 +60,13 @@ class ClickHouseConnectTest(ServerTestCase):
         self.assertEqual(summary.written_rows, total)
         result = self.client.query("SELECT count(), sum(id), uniqExact(label) FROM connect_large").result_rows
         self.assertEqual(result, [(total, total * (total - 1) // 2, 1000)])
+
+    def test_external_data(self):
+        data = clickhouse_connect.driver.external.ExternalData(
+            file_name="ext_rows.csv", data=b"1,one\n2,two\n", fmt="CSV", structure=["id UInt32", "name String"]
+        )
+        result = self.client.query("SELECT sum(id), groupArray(name) FROM ext_rows", external_data=data)
+        self.assertEqual(result.result_rows, [(3, ["one", "two"])])
 
     def test_errors_keep_their_code(self):
         with self.assertRaises(clickhouse_connect.driver.exceptions.DatabaseError) as caught:

@@ -249,9 +249,35 @@ class TransferTest(ServerTestCase):
         # Values are in escaped form, as in ClickHouse: a raw line break is refused.
         status, headers, _ = self.server.request("POST", "param_x=a%0D%0Ab", body="SELECT {x:String}")
         self.assertEqual(headers["x-clickhouse-exception-code"], "457")
-        file_part = f'--{boundary}\r\nContent-Disposition: form-data; name="ext"; filename="ext.tsv"\r\n\r\n1\r\n--{boundary}--\r\n'
-        status, headers, _ = self.server.request("POST", "query=SELECT+1", body=file_part, headers=content_type)
-        self.assertEqual((status, headers["x-clickhouse-exception-code"]), (501, "48"))
+
+    def test_external_data_is_a_table_for_one_query(self):
+        boundary = "chdb-http-ext"
+        content_type = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+        def file_part(name, data):
+            return (
+                f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{name}.tsv"\r\n'
+                f"Content-Type: application/octet-stream\r\n\r\n{data}\r\n"
+            )
+
+        body = file_part("ext", "1\ta\n2\tb\n") + file_part("pairs", "5,6\n") + f"--{boundary}--\r\n"
+        query = urllib.parse.urlencode(
+            {
+                "query": "SELECT sum(id), groupArray(s), (SELECT _1 * _2 FROM pairs) FROM ext",
+                "ext_structure": "id UInt32, s String",
+                "pairs_types": "UInt8,UInt8",
+                "pairs_format": "CSV",
+                "database": "system",
+            }
+        )
+        status, _, answer = self.server.request("POST", query, body=body, headers=content_type)
+        self.assertEqual((status, answer), (200, b"3\t['a','b']\t30\n"))
+        # The tables were for that query only.
+        status, headers, _ = self.server.request("POST", body="SELECT * FROM ext")
+        self.assertEqual(headers["x-clickhouse-exception-code"], "60")
+        status, headers, answer = self.server.request("POST", "query=SELECT+1", body=file_part("ext", "1") + f"--{boundary}--\r\n", headers=content_type)
+        self.assertEqual((status, headers["x-clickhouse-exception-code"]), (400, "36"))
+        self.assertIn(b"ext_structure", answer)
 
     def test_an_error_is_answered_after_the_body_was_read(self):
         connection = http.client.HTTPConnection("127.0.0.1", self.server.port, timeout=30)
