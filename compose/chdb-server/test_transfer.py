@@ -324,6 +324,7 @@ class TransferTest(ServerTestCase):
         self.assertEqual((status, headers["x-clickhouse-exception-code"]), (400, "62"), body[:300])
         self.assertIn(b"Max query size exceeded", body)
         grown_mib = (rss_high_water_mark_kib(pid) - before) / 1024
+        print(f"\n  peak RSS growth for a 32 MiB query: {grown_mib:.0f} MiB")
         self.assertLess(grown_mib, 24, "peak RSS grew by this many MiB for one 32 MiB query")
         # The same size as INSERT data is fine: it goes to a file, not to memory.
         rows = b"".join(b"%d\tbig insert\n" % (100_000 + i) for i in range(2_000_000))
