@@ -2,7 +2,7 @@
 //!
 //! - `cargo xtask demo`           the main demo (stack + fake-rails + runner)
 //! - `cargo xtask test`           every check and test CI runs
-//! - `cargo xtask e2e`            the conformance suite only
+//! - `cargo xtask e2e [--stack embedded|docker]`  the conformance suite only
 //! - `cargo xtask bench`          telemetry on vs off, side by side
 //! - `cargo xtask stack up|down|status [--dir DIR]`
 
@@ -19,7 +19,8 @@ Usage: cargo xtask <command>
 Commands:
   demo [--contract v1|v2]       run the demo: stack, fake-rails, runner, traces
   test                          run every check and test (what CI runs)
-  e2e                           run the conformance suite against a real stack
+  e2e [--stack embedded|docker] run the conformance suite against a real stack:
+                                the embedded one (default) or Docker's (official images)
   bench                         measure telemetry's cost side by side (ratios)
   stack up|down|status [--dir DIR]
                                 control the embedded stack (default target/stack)
