@@ -9,6 +9,7 @@
 //! in `tests/`.
 
 pub mod clickhouse;
+pub mod cluster;
 pub mod docker;
 pub mod gitlab;
 pub mod paths;

@@ -5,8 +5,10 @@
 //! - `cargo xtask e2e [--stack embedded|docker]`  the conformance suite only
 //! - `cargo xtask bench`          telemetry on vs off, side by side
 //! - `cargo xtask stack up|down|status [--dir DIR]`
+//! - `cargo xtask cluster-schema [--cluster NAME]`  the schema for a cluster
 
 mod bench;
+mod cluster;
 mod demo;
 mod stack;
 mod test;
@@ -24,6 +26,8 @@ Commands:
   bench                         measure telemetry's cost side by side (ratios)
   stack up|down|status [--dir DIR]
                                 control the embedded stack (default target/stack)
+  cluster-schema [--cluster NAME]
+                                print compose/sql for a sharded, replicated cluster
 ";
 
 fn main() -> ExitCode {
@@ -34,6 +38,7 @@ fn main() -> ExitCode {
         Some("bench") => bench::run(&args[1..]),
         Some("test") => test::run_all(&args[1..]),
         Some("e2e") => test::run_e2e(&args[1..]),
+        Some("cluster-schema") => cluster::run(&args[1..]),
         Some("-h" | "--help" | "help") | None => {
             print!("{USAGE}");
             return ExitCode::SUCCESS;
