@@ -4,12 +4,14 @@
 //! - `cargo xtask test`           every check and test CI runs
 //! - `cargo xtask e2e [--stack embedded|docker]`  the conformance suite only
 //! - `cargo xtask bench`          telemetry on vs off, side by side
+//! - `cargo xtask bench-scaling`  the figures docs/scaling.md sizes from
 //! - `cargo xtask stack up|down|status [--dir DIR]`
 //! - `cargo xtask cluster-schema [--cluster NAME]`  the schema for a cluster
 
 mod bench;
 mod cluster;
 mod demo;
+mod scaling;
 mod stack;
 mod test;
 
@@ -24,6 +26,7 @@ Commands:
   e2e [--stack embedded|docker] run the conformance suite against a real stack:
                                 the embedded one (default) or Docker's (official images)
   bench                         measure telemetry's cost side by side (ratios)
+  bench-scaling                 measure the inputs of docs/scaling.md on this machine
   stack up|down|status [--dir DIR]
                                 control the embedded stack (default target/stack)
   cluster-schema [--cluster NAME]
@@ -39,6 +42,7 @@ fn main() -> ExitCode {
         Some("test") => test::run_all(&args[1..]),
         Some("e2e") => test::run_e2e(&args[1..]),
         Some("cluster-schema") => cluster::run(&args[1..]),
+        Some("bench-scaling") => scaling::run(&args[1..]),
         Some("-h" | "--help" | "help") | None => {
             print!("{USAGE}");
             return ExitCode::SUCCESS;
