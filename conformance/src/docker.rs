@@ -44,6 +44,9 @@ const CONFIG_DIR: &str = "/etc/otelcol-contrib/ci";
 /// Names the configurations use for the other services.
 const BACKEND_HOSTS: [&str; 2] = ["otel-backend-1", "otel-backend-2"];
 const ISSUER_HOST: &str = "host.docker.internal";
+/// Docker's default bridge, named: containers then report their address on
+/// it (`get_bridge_ip_address` inspects the network the container names).
+const NETWORK: &str = "bridge";
 
 /// Which stack the harness runs against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -187,6 +190,7 @@ impl DockerStack {
 
         let clickhouse = GenericImage::new(&clickhouse_image.name, &clickhouse_image.tag)
             .with_exposed_port(8123.tcp())
+            .with_network(NETWORK)
             .with_env_var("CLICKHOUSE_USER", CLICKHOUSE_USER)
             .with_env_var("CLICKHOUSE_PASSWORD", password)
             .with_env_var("CLICKHOUSE_DEFAULT_ACCESS_MANAGEMENT", "1")
@@ -215,6 +219,7 @@ impl DockerStack {
         let mut gateway_hosts = vec![(ISSUER_HOST.to_string(), Host::HostGateway)];
         for name in BACKEND_HOSTS {
             let backend = collector(&collector_image, "backend.yaml", timeout)
+                .with_mapped_port(process::free_port()?, 13133.tcp())
                 .with_env_var("CLICKHOUSE_HOST", "clickhouse")
                 .with_env_var("CLICKHOUSE_PASSWORD", password)
                 .with_env_var("TAIL_SAMPLING_SLOW_MS", "2000")
@@ -350,7 +355,7 @@ fn collector(
     timeout: Duration,
 ) -> testcontainers::ContainerRequest<GenericImage> {
     GenericImage::new(&image.name, &image.tag)
-        .with_exposed_port(13133.tcp())
+        .with_network(NETWORK)
         .with_cmd([format!("--config={CONFIG_DIR}/{config}")])
         .with_mount(read_only(
             &paths::compose_dir().join("collector"),
