@@ -55,7 +55,7 @@ pub fn run_e2e(args: &[String]) -> Result<()> {
             // never look like one that passed.
             if let Err(e) = conformance::docker::engine_answers() {
                 bail!(
-                    "{} (the Docker stack needs one); run the suite on the embedded stack instead: cargo xtask e2e",
+                    "{}; `--stack docker` needs a Docker engine, run the embedded default instead: cargo xtask e2e",
                     one_line(&e)
                 );
             }
