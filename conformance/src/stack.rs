@@ -9,6 +9,10 @@
 //!   when the test panics, and by the kernel if the test process dies);
 //! - `cargo xtask stack up` starts a detached stack in `target/stack/` and
 //!   records PID files that [`down`] uses to stop exactly those processes.
+//!
+//! With `CONFORMANCE_STACK=docker` ([`StackOptions::isolated`] reads it), the
+//! same handle holds the Docker stack of `compose/` instead
+//! ([`crate::docker`]): the tests run unchanged against either.
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
