@@ -9,6 +9,10 @@
 //!   when the test panics, and by the kernel if the test process dies);
 //! - `cargo xtask stack up` starts a detached stack in `target/stack/` and
 //!   records PID files that [`down`] uses to stop exactly those processes.
+//!
+//! With `CONFORMANCE_STACK=docker` ([`StackOptions::isolated`] reads it), the
+//! same handle holds the Docker stack of `compose/` instead
+//! ([`crate::docker`]): the tests run unchanged against either.
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -20,6 +24,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context, Result};
 
 use crate::clickhouse::ClickHouse;
+use crate::docker::{Backend, DockerStack};
 use crate::paths;
 use crate::process::{self, Lifetime, ManagedProcess};
 use crate::venv::{self, Venv};
@@ -40,6 +45,8 @@ pub struct StackOptions {
     pub start_timeout: Duration,
     /// The collector's batch timeout: how long it holds spans before writing.
     pub batch_timeout: Duration,
+    /// Embedded processes or the Docker images (`CONFORMANCE_STACK`).
+    pub backend: Backend,
 }
 
 impl StackOptions {
@@ -61,6 +68,7 @@ impl StackOptions {
             lifetime: Lifetime::Owned,
             start_timeout: Duration::from_secs(60),
             batch_timeout: Duration::from_millis(100),
+            backend: Backend::from_env().unwrap_or(Backend::Embedded),
         }
     }
 
@@ -71,6 +79,7 @@ impl StackOptions {
             lifetime: Lifetime::Detached,
             start_timeout: Duration::from_secs(60),
             batch_timeout: Duration::from_millis(200),
+            backend: Backend::Embedded,
         }
     }
 }
@@ -134,10 +143,12 @@ impl Endpoints {
 #[derive(Debug)]
 pub struct Stack {
     options: StackOptions,
-    venv: Venv,
+    /// None for the Docker backend.
+    venv: Option<Venv>,
     endpoints: Endpoints,
     chdb: Option<ManagedProcess>,
     collector: Option<ManagedProcess>,
+    docker: Option<DockerStack>,
 }
 
 impl Stack {
@@ -153,6 +164,11 @@ impl Stack {
         options: StackOptions,
         progress: &mut dyn FnMut(&str),
     ) -> Result<Stack> {
+        // A mistyped CONFORMANCE_STACK is an error, not the default.
+        Backend::from_env()?;
+        if options.backend == Backend::Docker {
+            return Stack::start_docker(options, progress);
+        }
         let venv = venv::ensure(progress)?;
         fs::create_dir_all(options.dir.join("logs"))
             .with_context(|| format!("creating {}", options.dir.display()))?;
@@ -177,9 +193,10 @@ impl Stack {
                 otlp_grpc: String::new(),
             },
             options,
-            venv,
+            venv: Some(venv),
             chdb: Some(chdb),
             collector: None,
+            docker: None,
         };
         progress("Starting the collector (rotel)");
         stack.start_collector_on(None)?;
@@ -192,6 +209,29 @@ impl Stack {
             fs::Permissions::from_mode(0o600),
         )?;
         Ok(stack)
+    }
+
+    /// The Docker stack of `compose/` on the official images (see
+    /// [`crate::docker`]), behind the same handle.
+    fn start_docker(options: StackOptions, progress: &mut dyn FnMut(&str)) -> Result<Stack> {
+        fs::create_dir_all(options.dir.join("logs"))
+            .with_context(|| format!("creating {}", options.dir.display()))?;
+        let password = stack_password(&options.dir)?;
+        progress("Starting the Docker stack (ClickHouse, two backend collectors, the gateway)");
+        let docker = DockerStack::start(&options, &password)?;
+        Ok(Stack {
+            endpoints: docker.endpoints().clone(),
+            options,
+            venv: None,
+            chdb: None,
+            collector: None,
+            docker: Some(docker),
+        })
+    }
+
+    /// The Docker backend's handle, when the stack runs on Docker.
+    pub fn docker(&self) -> Option<&DockerStack> {
+        self.docker.as_ref()
     }
 
     pub fn endpoints(&self) -> &Endpoints {
@@ -209,12 +249,18 @@ impl Stack {
     /// Stops the collector only (an outage); [`Stack::start_collector`] brings
     /// it back on the same ports.
     pub fn stop_collector(&mut self) {
+        if let Some(docker) = &mut self.docker {
+            return docker.stop_gateway();
+        }
         if let Some(mut collector) = self.collector.take() {
             collector.stop(Duration::from_secs(5));
         }
     }
 
     pub fn start_collector(&mut self) -> Result<()> {
+        if let Some(docker) = &mut self.docker {
+            return docker.start_gateway();
+        }
         let ports = (
             Endpoints::port_of(&self.endpoints.otlp_grpc),
             Endpoints::port_of(&self.endpoints.otlp_http),
@@ -235,7 +281,11 @@ impl Stack {
                 Some(p) => p,
                 None => (process::free_port()?, process::free_port()?),
             };
-            match start_collector(&self.options, &self.venv, &self.endpoints, grpc, http) {
+            let venv = self
+                .venv
+                .as_ref()
+                .context("the embedded stack has a venv")?;
+            match start_collector(&self.options, venv, &self.endpoints, grpc, http) {
                 Ok(collector) => {
                     self.collector = Some(collector);
                     self.endpoints.otlp_grpc = format!("http://127.0.0.1:{grpc}");
@@ -251,6 +301,9 @@ impl Stack {
     /// Leaves the processes running (for `stack up`), recording their PIDs in
     /// `<dir>/pids/`.
     pub fn detach(mut self) -> Result<Endpoints> {
+        if self.docker.is_some() {
+            bail!("the Docker stack is not detached: run `docker compose up` in compose/");
+        }
         let pids = self.options.dir.join("pids");
         fs::create_dir_all(&pids)?;
         for process in [self.chdb.take(), self.collector.take()]

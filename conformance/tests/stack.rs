@@ -345,3 +345,235 @@ fn a_log_record_lands_in_otel_logs() {
     );
     assert_eq!(record.log_attributes, [("ci.job.id".into(), "77".into())]);
 }
+
+/// The columns (name, type, default kind) and keys the contrib ClickHouse
+/// exporter's DDL gives a table, at the collector version the Docker stack
+/// pins. Source: open-telemetry/opentelemetry-collector-contrib v0.159.0,
+/// `exporter/clickhouseexporter/internal/sqltemplates/traces_table.sql` and
+/// `logs_table.sql` (Nested columns as ClickHouse lists them, one array per
+/// field).
+struct ExporterTable {
+    name: &'static str,
+    columns: &'static [(&'static str, &'static str, &'static str)],
+    partition_key: &'static str,
+    sorting_key: &'static str,
+}
+
+const MAP: &str = "Map(LowCardinality(String), String)";
+const LC: &str = "LowCardinality(String)";
+
+const EXPORTER_TABLES: &[ExporterTable] = &[
+    ExporterTable {
+        name: "otel_traces",
+        columns: &[
+            ("Timestamp", "DateTime64(9)", ""),
+            ("TraceId", "String", ""),
+            ("SpanId", "String", ""),
+            ("ParentSpanId", "String", ""),
+            ("TraceState", "String", ""),
+            ("SpanName", LC, ""),
+            ("SpanKind", LC, ""),
+            ("ServiceName", LC, ""),
+            ("ResourceAttributes", MAP, ""),
+            ("ScopeName", "String", ""),
+            ("ScopeVersion", "String", ""),
+            ("SpanAttributes", MAP, ""),
+            ("Duration", "UInt64", ""),
+            ("StatusCode", LC, ""),
+            ("StatusMessage", "String", ""),
+            ("Events.Timestamp", "Array(DateTime64(9))", ""),
+            ("Events.Name", "Array(LowCardinality(String))", ""),
+            (
+                "Events.Attributes",
+                "Array(Map(LowCardinality(String), String))",
+                "",
+            ),
+            ("Links.TraceId", "Array(String)", ""),
+            ("Links.SpanId", "Array(String)", ""),
+            ("Links.TraceState", "Array(String)", ""),
+            (
+                "Links.Attributes",
+                "Array(Map(LowCardinality(String), String))",
+                "",
+            ),
+            ("ResourceAttributeItems", "Array(String)", "ALIAS"),
+            ("SpanAttributeItems", "Array(String)", "ALIAS"),
+        ],
+        partition_key: "toDate(Timestamp)",
+        sorting_key: "ServiceName, SpanName, toDateTime(Timestamp), Timestamp",
+    },
+    ExporterTable {
+        name: "otel_traces_trace_id_ts",
+        columns: &[
+            ("TraceId", "String", ""),
+            ("Start", "SimpleAggregateFunction(min, DateTime)", ""),
+            ("End", "SimpleAggregateFunction(max, DateTime)", ""),
+        ],
+        partition_key: "toStartOfWeek(Start)",
+        sorting_key: "TraceId",
+    },
+    // Changed in v0.151.0: no TimestampTime, a time-bucketed sort key and
+    // materialized Kubernetes attributes.
+    ExporterTable {
+        name: "otel_logs",
+        columns: &[
+            ("Timestamp", "DateTime64(9)", ""),
+            ("TraceId", "String", ""),
+            ("SpanId", "String", ""),
+            ("TraceFlags", "UInt8", ""),
+            ("SeverityText", LC, ""),
+            ("SeverityNumber", "UInt8", ""),
+            ("ServiceName", LC, ""),
+            ("Body", "String", ""),
+            ("ResourceSchemaUrl", LC, ""),
+            ("ResourceAttributes", MAP, ""),
+            ("ScopeSchemaUrl", LC, ""),
+            ("ScopeName", "String", ""),
+            ("ScopeVersion", LC, ""),
+            ("ScopeAttributes", MAP, ""),
+            ("LogAttributes", MAP, ""),
+            ("EventName", "String", ""),
+            ("__otel_materialized_k8s.cluster.name", LC, "MATERIALIZED"),
+            ("__otel_materialized_k8s.container.name", LC, "MATERIALIZED"),
+            (
+                "__otel_materialized_k8s.deployment.name",
+                LC,
+                "MATERIALIZED",
+            ),
+            ("__otel_materialized_k8s.namespace.name", LC, "MATERIALIZED"),
+            ("__otel_materialized_k8s.node.name", LC, "MATERIALIZED"),
+            ("__otel_materialized_k8s.pod.name", LC, "MATERIALIZED"),
+            ("__otel_materialized_k8s.pod.uid", LC, "MATERIALIZED"),
+            (
+                "__otel_materialized_deployment.environment.name",
+                LC,
+                "MATERIALIZED",
+            ),
+        ],
+        partition_key: "toDate(Timestamp)",
+        sorting_key: "toStartOfFiveMinutes(Timestamp), ServiceName, Timestamp",
+    },
+];
+
+#[test]
+fn the_schema_has_the_pinned_exporter_versions_columns_and_keys() {
+    let stack = Stack::start(StackOptions::isolated()).unwrap();
+    let clickhouse = stack.clickhouse();
+    for table in EXPORTER_TABLES {
+        let columns: Vec<String> = clickhouse
+            .json_rows(&format!(
+                "SELECT name, type, default_kind FROM system.columns \
+                 WHERE database = 'otel' AND table = '{}' ORDER BY position",
+                table.name
+            ))
+            .unwrap()
+            .iter()
+            .map(|r| {
+                format!(
+                    "{} {} {}",
+                    text(&r["name"]),
+                    text(&r["type"]),
+                    text(&r["default_kind"])
+                )
+            })
+            .collect();
+        let expected: Vec<String> = table
+            .columns
+            .iter()
+            .map(|(name, kind, default)| format!("{name} {kind} {default}"))
+            .collect();
+        assert_eq!(columns, expected, "columns of otel.{}", table.name);
+        let keys = clickhouse
+            .json_rows(&format!(
+                "SELECT partition_key, sorting_key FROM system.tables \
+                 WHERE database = 'otel' AND name = '{}'",
+                table.name
+            ))
+            .unwrap();
+        assert_eq!(
+            key(&keys[0]["partition_key"]),
+            table.partition_key,
+            "{}",
+            table.name
+        );
+        assert_eq!(
+            key(&keys[0]["sorting_key"]),
+            table.sorting_key,
+            "{}",
+            table.name
+        );
+    }
+}
+
+/// A table key as ClickHouse lists it, without the parentheses some versions
+/// keep around a one-column key (`(TraceId)`).
+fn key(value: &Value) -> String {
+    let key = text(value);
+    match key.strip_prefix('(').and_then(|k| k.strip_suffix(')')) {
+        Some(inner) if !inner.contains(',') => inner.to_string(),
+        _ => key,
+    }
+}
+
+/// rotel writes logs with a fixed column list (the 15 columns of the
+/// exporter's `logs_insert.sql`): they must all exist in the pinned schema.
+#[test]
+fn a_log_record_exported_over_otlp_lands_in_otel_logs() {
+    let stack = Stack::start(StackOptions::isolated()).unwrap();
+    let clickhouse = stack.clickhouse();
+    let trace_id = random_trace_id();
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let payload = serde_json::json!({
+        "resourceLogs": [{
+            "resource": { "attributes": [
+                { "key": "service.name", "value": { "stringValue": "gitlab-ci-runner" } },
+                { "key": "k8s.namespace.name", "value": { "stringValue": "runners" } }
+            ]},
+            "scopeLogs": [{
+                "scope": { "name": "gitlab-ci-runner" },
+                "logRecords": [{
+                    "timeUnixNano": now.to_string(),
+                    "severityText": "WARN",
+                    "severityNumber": 13,
+                    "body": { "stringValue": "cache miss" },
+                    "traceId": trace_id.to_string(),
+                    "attributes": [{ "key": "ci.job.id", "value": { "intValue": "4242" } }]
+                }]
+            }]
+        }]
+    });
+    let response = ureq::post(&format!("{}/v1/logs", stack.endpoints().otlp_http))
+        .header("Content-Type", "application/json")
+        .send(payload.to_string())
+        .expect("the collector accepted the log record");
+    assert_eq!(response.status(), 200);
+
+    let rows = wait_for(
+        "the log record to land in otel.otel_logs",
+        LANDING_DEADLINE,
+        || {
+            let rows = clickhouse.json_rows(&format!(
+            "SELECT ServiceName, SeverityText, SeverityNumber, Body, LogAttributes, EventName, \
+             `__otel_materialized_k8s.namespace.name` AS namespace \
+             FROM otel.otel_logs WHERE TraceId = '{trace_id}'"
+        ))?;
+            Ok((!rows.is_empty()).then_some(rows))
+        },
+    )
+    .unwrap();
+    assert_eq!(rows.len(), 1, "{rows:#?}");
+    let row = &rows[0];
+    assert_eq!(row["ServiceName"], "gitlab-ci-runner");
+    assert_eq!(row["SeverityText"], "WARN");
+    assert_eq!(text(&row["SeverityNumber"]), "13");
+    assert_eq!(row["Body"], "cache miss");
+    assert_eq!(row["LogAttributes"]["ci.job.id"], "4242");
+    assert_eq!(row["EventName"], "", "filled by its default");
+    assert_eq!(
+        row["namespace"], "runners",
+        "materialized from the resource"
+    );
+}

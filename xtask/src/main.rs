@@ -2,12 +2,16 @@
 //!
 //! - `cargo xtask demo`           the main demo (stack + fake-rails + runner)
 //! - `cargo xtask test`           every check and test CI runs
-//! - `cargo xtask e2e`            the conformance suite only
+//! - `cargo xtask e2e [--stack embedded|docker]`  the conformance suite only
 //! - `cargo xtask bench`          telemetry on vs off, side by side
+//! - `cargo xtask bench-scaling`  the figures docs/scaling.md sizes from
 //! - `cargo xtask stack up|down|status [--dir DIR]`
+//! - `cargo xtask cluster-schema [--cluster NAME]`  the schema for a cluster
 
 mod bench;
+mod cluster;
 mod demo;
+mod scaling;
 mod stack;
 mod test;
 
@@ -19,10 +23,14 @@ Usage: cargo xtask <command>
 Commands:
   demo [--contract v1|v2]       run the demo: stack, fake-rails, runner, traces
   test                          run every check and test (what CI runs)
-  e2e                           run the conformance suite against a real stack
+  e2e [--stack embedded|docker] run the conformance suite against a real stack:
+                                the embedded one (default) or Docker's (official images)
   bench                         measure telemetry's cost side by side (ratios)
+  bench-scaling                 measure the inputs of docs/scaling.md on this machine
   stack up|down|status [--dir DIR]
                                 control the embedded stack (default target/stack)
+  cluster-schema [--cluster NAME]
+                                print compose/sql for a sharded, replicated cluster
 ";
 
 fn main() -> ExitCode {
@@ -33,6 +41,8 @@ fn main() -> ExitCode {
         Some("bench") => bench::run(&args[1..]),
         Some("test") => test::run_all(&args[1..]),
         Some("e2e") => test::run_e2e(&args[1..]),
+        Some("cluster-schema") => cluster::run(&args[1..]),
+        Some("bench-scaling") => scaling::run(&args[1..]),
         Some("-h" | "--help" | "help") | None => {
             print!("{USAGE}");
             return ExitCode::SUCCESS;
