@@ -14,6 +14,7 @@ use opentelemetry::{InstrumentationScope, KeyValue};
 use opentelemetry_otlp::{Protocol, WithExportConfig};
 use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanExporter as _, SpanLinks};
 use opentelemetry_sdk::Resource;
+use serde_json::Value;
 
 const LANDING_DEADLINE: Duration = Duration::from_secs(20);
 
@@ -576,4 +577,12 @@ fn a_log_record_exported_over_otlp_lands_in_otel_logs() {
         row["namespace"], "runners",
         "materialized from the resource"
     );
+}
+
+/// A JSON value as text (strings unquoted).
+fn text(value: &Value) -> String {
+    match value {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
 }
