@@ -73,6 +73,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Optional
 from urllib.parse import parse_qsl, urlsplit
 
+import ingest
+
 PASSWORD_ENV = "CHDB_HTTP_PASSWORD"
 MAX_BODY_BYTES = 256 * 1024 * 1024
 MAX_CHUNK_LINE_BYTES = 4096
@@ -517,6 +519,7 @@ class Handler(BaseHTTPRequestHandler):
     # Set by make_server.
     engine: Engine = None
     config: Config = None
+    committer: Optional[ingest.GroupCommitter] = None
 
     # -- logging ----------------------------------------------------------
 
@@ -658,8 +661,7 @@ class Handler(BaseHTTPRequestHandler):
                 headers["X-ClickHouse-Summary"] = _summary(EngineResult(b""))
                 return Response(200, b"", headers)
             if plan.data_path is not None:
-                sql = plan.insert_sql()
-                result = self.engine.execute(sql, database, settings, "TabSeparated", query_params)
+                result = self._insert(plan, database, settings, query_params)
                 headers["Content-Type"] = "text/plain; charset=UTF-8"
             else:
                 result = self.engine.execute(plan.sql, database, settings, default_format, query_params)
@@ -670,6 +672,21 @@ class Handler(BaseHTTPRequestHandler):
             return Response(200, result.body, headers)
         finally:
             plan.cleanup()
+
+    def _insert(self, plan: "Plan", database: str, settings, query_params) -> EngineResult:
+        """An INSERT whose data is in a file; grouped with concurrent ones when it can be (ingest.py)."""
+
+        def run(sql, extra_settings):
+            return self.engine.execute(sql, database, settings + extra_settings, "TabSeparated", query_params)
+
+        if self.committer is None or not ingest.GroupCommitter.groupable(plan._format, bool(query_params)):
+            return run(plan.insert_sql(), [])
+        key = (database, plan._head, plan._settings_at, plan._format, tuple(settings))
+        insert = ingest.Insert(key, plan.data_path, os.path.getsize(plan.data_path), plan.insert_sql, run)
+        try:
+            return self.committer.submit(insert)
+        except ingest.Busy as busy:
+            raise QueryError(busy.code, busy.message, 503) from None
 
     # -- request body -----------------------------------------------------
 
@@ -916,8 +933,8 @@ class Plan:
         plan.preview = plan.sql
         return plan
 
-    def insert_sql(self) -> str:
-        infile = f" FROM INFILE {quote_string(self.data_path)} "
+    def insert_sql(self, data_path: Optional[str] = None) -> str:
+        infile = f" FROM INFILE {quote_string(data_path or self.data_path)} "
         if self._settings_at is not None:
             head = self._head[: self._settings_at] + infile + self._head[self._settings_at:]
         else:
@@ -993,6 +1010,12 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--password", default=None, help=f"password clients must present (prefer the {PASSWORD_ENV} environment variable)"
     )
+    parser.add_argument(
+        "--max-pending-insert-mb",
+        type=int,
+        default=ingest.DEFAULT_MAX_PENDING_BYTES // (1024 * 1024),
+        help="refuse inserts with 503 while more than this many MiB of inserts wait to be committed (0: no group commit)",
+    )
     args = parser.parse_args(argv)
 
     password = args.password if args.password is not None else os.environ.get(PASSWORD_ENV)
@@ -1022,6 +1045,8 @@ def main(argv=None) -> int:
 
     tmp_dir = tempfile.mkdtemp(prefix="chdb-http-")
     Handler.engine = engine
+    if args.max_pending_insert_mb > 0:
+        Handler.committer = ingest.GroupCommitter(tmp_dir, log, max_pending_bytes=args.max_pending_insert_mb * 1024 * 1024)
     Handler.config = Config(
         user=args.user,
         password=password,
@@ -1052,6 +1077,8 @@ def main(argv=None) -> int:
         server.serve_forever(poll_interval=0.2)
     finally:
         server.server_close()
+        if Handler.committer is not None:
+            Handler.committer.close()  # commits what is queued
         engine.close()  # waits for a running query, then releases the data directory
         shutil.rmtree(tmp_dir, ignore_errors=True)
         log("Stopped")

@@ -1,0 +1,195 @@
+"""Tests of ingest.py, the group commit of chdb-http.
+
+The engine is scripted here (a `run` function that records what it was asked
+to insert), so each test can hold the committer busy and decide what fails.
+The real engine behind it is covered by test_chdb_http.py (concurrent writers)
+and by the conformance volume tests.
+"""
+
+import os
+import sys
+import tempfile
+import threading
+import unittest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import ingest  # noqa: E402
+
+DEADLINE_SECONDS = 10
+
+
+class EngineError(Exception):
+    def __init__(self, code):
+        super().__init__(f"Code: {code}. DB::Exception: scripted")
+        self.code = code
+
+
+class ScriptedEngine:
+    """Records each insert's data; the first insert waits until released."""
+
+    def __init__(self, fail=None):
+        self.inserts = []  # (data, extra settings)
+        self.started = threading.Event()
+        self.release = threading.Event()
+        self.fail = fail or (lambda data: None)
+        self.lock = threading.Lock()
+
+    def run(self, sql, extra):
+        path = sql.split("INFILE ", 1)[1]
+        with open(path, "rb") as f:
+            data = f.read()
+        self.started.set()
+        if not self.release.wait(DEADLINE_SECONDS):
+            raise AssertionError("the test never released the engine")
+        with self.lock:
+            self.inserts.append((data, extra))
+        error = self.fail(data)
+        if error is not None:
+            raise error
+        return f"inserted {len(data)} bytes"
+
+
+class GroupCommitTest(unittest.TestCase):
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="ingest-test-")
+        self.log = []
+
+    def tearDown(self):
+        for name in os.listdir(self.tmp):
+            os.unlink(os.path.join(self.tmp, name))
+        os.rmdir(self.tmp)
+
+    def committer(self, **kwargs):
+        committer = ingest.GroupCommitter(self.tmp, self.log.append, **kwargs)
+        self.addCleanup(committer.close)
+        return committer
+
+    def insert(self, engine, data: bytes, key=("otel", "INSERT INTO otel_traces", None, "RowBinary", ())):
+        fd, path = tempfile.mkstemp(dir=self.tmp, prefix="req-")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return ingest.Insert(key, path, len(data), lambda p: f"INSERT FROM INFILE {p}", engine.run)
+
+    def submit_all(self, committer, inserts):
+        """Submits each insert on its own thread; returns {index: result or error}."""
+        outcomes = {}
+
+        def submit(i, insert):
+            try:
+                outcomes[i] = committer.submit(insert)
+            except Exception as error:  # noqa: BLE001 - recorded for the assertions
+                outcomes[i] = error
+
+        threads = [threading.Thread(target=submit, args=(i, x)) for i, x in enumerate(inserts)]
+        for t in threads:
+            t.start()
+        return threads, outcomes
+
+    def wait_queued(self, committer, size):
+        deadline = threading.Event()
+        for _ in range(DEADLINE_SECONDS * 100):
+            if committer.pending_bytes() >= size:
+                return
+            deadline.wait(0.01)
+        self.fail(f"{size} bytes never queued (pending {committer.pending_bytes()})")
+
+    def test_concurrent_inserts_of_one_kind_become_one_engine_insert(self):
+        engine = ScriptedEngine()
+        committer = self.committer()
+        first_threads, first = self.submit_all(committer, [self.insert(engine, b"first")])
+        self.assertTrue(engine.started.wait(DEADLINE_SECONDS))
+        # While the engine is busy with the first, three more arrive.
+        rest = [self.insert(engine, d) for d in (b"-a", b"-b", b"-c")]
+        threads, outcomes = self.submit_all(committer, rest)
+        self.wait_queued(committer, len(b"first-a-b-c"))
+        engine.release.set()
+        for t in first_threads + threads:
+            t.join(DEADLINE_SECONDS)
+        self.assertEqual([d for d, _ in engine.inserts], [b"first", b"-a-b-c"])
+        self.assertEqual(engine.inserts[1][1], [("max_insert_block_size", ingest.GROUP_BLOCK_ROWS)])
+        self.assertEqual(first[0], "inserted 5 bytes")
+        self.assertEqual(sorted(outcomes.values()), ["inserted 6 bytes"] * 3)
+        self.assertEqual(committer.stats.largest_group, 3)
+
+    def test_inserts_of_different_kinds_are_not_mixed(self):
+        engine = ScriptedEngine()
+        committer = self.committer()
+        blocker, _ = self.submit_all(committer, [self.insert(engine, b"x")])
+        self.assertTrue(engine.started.wait(DEADLINE_SECONDS))
+        other_table = ("otel", "INSERT INTO otel_logs", None, "RowBinary", ())
+        threads, outcomes = self.submit_all(
+            committer, [self.insert(engine, b"t1"), self.insert(engine, b"l1", other_table), self.insert(engine, b"t2")]
+        )
+        self.wait_queued(committer, 7)
+        engine.release.set()
+        for t in blocker + threads:
+            t.join(DEADLINE_SECONDS)
+        self.assertEqual(sorted(d for d, _ in engine.inserts), [b"l1", b"t1t2", b"x"])
+
+    def test_malformed_data_fails_only_its_own_request(self):
+        engine = ScriptedEngine(fail=lambda data: EngineError(33) if b"bad" in data else None)
+        committer = self.committer()
+        blocker, _ = self.submit_all(committer, [self.insert(engine, b"x")])
+        self.assertTrue(engine.started.wait(DEADLINE_SECONDS))
+        threads, outcomes = self.submit_all(
+            committer, [self.insert(engine, b"good1"), self.insert(engine, b"bad"), self.insert(engine, b"good2")]
+        )
+        self.wait_queued(committer, 14)
+        engine.release.set()
+        for t in blocker + threads:
+            t.join(DEADLINE_SECONDS)
+        self.assertEqual(outcomes[0], "inserted 5 bytes")
+        self.assertIsInstance(outcomes[1], EngineError)
+        self.assertEqual(outcomes[2], "inserted 5 bytes")
+        # The group failed whole (one block), then each went alone.
+        self.assertEqual([d for d, _ in engine.inserts][1:], [b"good1badgood2", b"good1", b"bad", b"good2"])
+
+    def test_an_engine_failure_is_answered_to_every_request_of_the_group(self):
+        engine = ScriptedEngine(fail=lambda data: EngineError(241) if data != b"x" else None)
+        committer = self.committer()
+        blocker, _ = self.submit_all(committer, [self.insert(engine, b"x")])
+        self.assertTrue(engine.started.wait(DEADLINE_SECONDS))
+        threads, outcomes = self.submit_all(committer, [self.insert(engine, b"a"), self.insert(engine, b"b")])
+        self.wait_queued(committer, 3)
+        engine.release.set()
+        for t in blocker + threads:
+            t.join(DEADLINE_SECONDS)
+        self.assertEqual([type(o) for o in outcomes.values()], [EngineError, EngineError])
+        self.assertEqual(len(engine.inserts), 2, "not retried one by one: memory errors are not input errors")
+
+    def test_overload_is_refused_before_anything_is_queued(self):
+        engine = ScriptedEngine()
+        committer = self.committer(max_pending_bytes=10)
+        blocker, _ = self.submit_all(committer, [self.insert(engine, b"12345678")])
+        self.assertTrue(engine.started.wait(DEADLINE_SECONDS))
+        threads, outcomes = self.submit_all(committer, [self.insert(engine, b"abc")])
+        for t in threads:
+            t.join(DEADLINE_SECONDS)
+        self.assertIsInstance(outcomes[0], ingest.Busy)
+        self.assertIn("TOO_MANY_SIMULTANEOUS_QUERIES", outcomes[0].message)
+        self.assertEqual(committer.stats.refused, 1)
+        engine.release.set()
+        for t in blocker:
+            t.join(DEADLINE_SECONDS)
+        self.assertEqual([d for d, _ in engine.inserts], [b"12345678"])
+
+    def test_close_commits_what_is_queued(self):
+        engine = ScriptedEngine()
+        engine.release.set()
+        committer = ingest.GroupCommitter(self.tmp, self.log.append)
+        threads, outcomes = self.submit_all(committer, [self.insert(engine, b"last")])
+        for t in threads:
+            t.join(DEADLINE_SECONDS)
+        committer.close()
+        self.assertEqual(outcomes[0], "inserted 4 bytes")
+
+    def test_only_rowbinary_without_parameters_is_grouped(self):
+        self.assertTrue(ingest.GroupCommitter.groupable("RowBinary", False))
+        self.assertFalse(ingest.GroupCommitter.groupable("RowBinary", True))
+        self.assertFalse(ingest.GroupCommitter.groupable("JSONEachRow", False))
+        self.assertFalse(ingest.GroupCommitter.groupable("RowBinaryWithNamesAndTypes", False))
+
+
+if __name__ == "__main__":
+    unittest.main()
