@@ -9,6 +9,7 @@
 
 pub mod clickhouse;
 pub mod gitlab;
+pub mod load;
 pub mod paths;
 pub mod process;
 pub mod proxy;

@@ -202,6 +202,15 @@ impl Stack {
         self.endpoints.clickhouse()
     }
 
+    /// (component, PID) of the running components, e.g. to sample their memory.
+    pub fn pids(&self) -> Vec<(&str, u32)> {
+        [&self.chdb, &self.collector]
+            .into_iter()
+            .flatten()
+            .map(|p| (p.name.as_str(), p.pid()))
+            .collect()
+    }
+
     /// Stops the collector only (an outage); [`Stack::start_collector`] brings
     /// it back on the same ports.
     pub fn stop_collector(&mut self) {

@@ -4,9 +4,11 @@
 //! - `cargo xtask test`           every check and test CI runs
 //! - `cargo xtask e2e`            the conformance suite only
 //! - `cargo xtask bench`          telemetry on vs off, side by side
+//! - `cargo xtask bench ingest`   landed spans/s, engine ceiling, 5x overload
 //! - `cargo xtask stack up|down|status [--dir DIR]`
 
 mod bench;
+mod bench_ingest;
 mod demo;
 mod stack;
 mod test;
@@ -21,6 +23,7 @@ Commands:
   test                          run every check and test (what CI runs)
   e2e                           run the conformance suite against a real stack
   bench                         measure telemetry's cost side by side (ratios)
+  bench ingest [--no-ceiling]   landed spans/s vs the engine's ceiling, and a 5x overload
   stack up|down|status [--dir DIR]
                                 control the embedded stack (default target/stack)
 ";
