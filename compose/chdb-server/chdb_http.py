@@ -520,6 +520,7 @@ class Handler(BaseHTTPRequestHandler):
     engine: Engine = None
     config: Config = None
     committer: Optional[ingest.GroupCommitter] = None
+    wait_for_async_insert = "1"  # the server's default, as in a ClickHouse profile
 
     # -- logging ----------------------------------------------------------
 
@@ -674,16 +675,26 @@ class Handler(BaseHTTPRequestHandler):
             plan.cleanup()
 
     def _insert(self, plan: "Plan", database: str, settings, query_params) -> EngineResult:
-        """An INSERT whose data is in a file; grouped with concurrent ones when it can be (ingest.py)."""
+        """An INSERT whose data is in a file; grouped with concurrent ones when it can be (ingest.py).
 
-        def run(sql, extra_settings):
-            return self.engine.execute(sql, database, settings + extra_settings, "TabSeparated", query_params)
-
+        An asynchronous insert that does not wait (`async_insert=1`, and
+        `wait_for_async_insert=0` in the URL or as the server's default) is
+        answered once it is in the spool, when the server has one.
+        """
         if self.committer is None or not ingest.GroupCommitter.groupable(plan._format, bool(query_params)):
-            return run(plan.insert_sql(), [])
-        key = (database, plan._head, plan._settings_at, plan._format, tuple(settings))
-        insert = ingest.Insert(key, plan.data_path, os.path.getsize(plan.data_path), plan.insert_sql, run)
+            return self.engine.execute(plan.insert_sql(), database, settings, "TabSeparated", query_params)
+        template = plan.insert_sql(ingest.PATH_MARKER)
+        insert = grouped_insert(self.engine, database, settings, template, plan.data_path)
+        param = dict(parse_qsl(urlsplit(self.path).query))
+        no_wait = (
+            param.get("async_insert", "0") == "1"
+            and param.get("wait_for_async_insert", self.wait_for_async_insert) == "0"
+        )
         try:
+            if no_wait and self.committer.spool_dir is not None:
+                record = {"database": database, "settings": settings, "template": template}
+                self.committer.spool(insert, record)
+                return EngineResult(b"")
             return self.committer.submit(insert)
         except ingest.Busy as busy:
             raise QueryError(busy.code, busy.message, 503) from None
@@ -950,6 +961,23 @@ class Plan:
             self.data_path = None
 
 
+def grouped_insert(engine: Engine, database: str, settings, template: str, data_path: str) -> ingest.Insert:
+    """An insert for the group committer; `template` has ingest.PATH_MARKER where the data file goes."""
+    settings = [tuple(s) for s in settings]
+    marker = quote_string(ingest.PATH_MARKER)
+
+    def run(sql, extra_settings):
+        return engine.execute(sql, database, settings + extra_settings, "TabSeparated", {})
+
+    return ingest.Insert(
+        key=(database, template, tuple(settings)),
+        data_path=data_path,
+        size=os.path.getsize(data_path),
+        sql_for=lambda path: template.replace(marker, quote_string(path)),
+        run=run,
+    )
+
+
 def _decode_query(raw: bytes) -> str:
     try:
         return raw.decode("utf-8")
@@ -1016,6 +1044,18 @@ def main(argv=None) -> int:
         default=ingest.DEFAULT_MAX_PENDING_BYTES // (1024 * 1024),
         help="refuse inserts with 503 while more than this many MiB of inserts wait to be committed (0: no group commit)",
     )
+    parser.add_argument(
+        "--insert-spool",
+        default=None,
+        help="directory where inserts with async_insert=1 and wait_for_async_insert=0 are kept until committed "
+        "(answered once there; committed again after a restart)",
+    )
+    parser.add_argument(
+        "--wait-for-async-insert",
+        choices=["0", "1"],
+        default="1",
+        help="the default of wait_for_async_insert for requests that do not set it (ClickHouse's is 1)",
+    )
     args = parser.parse_args(argv)
 
     password = args.password if args.password is not None else os.environ.get(PASSWORD_ENV)
@@ -1045,8 +1085,19 @@ def main(argv=None) -> int:
 
     tmp_dir = tempfile.mkdtemp(prefix="chdb-http-")
     Handler.engine = engine
+    Handler.wait_for_async_insert = args.wait_for_async_insert
     if args.max_pending_insert_mb > 0:
-        Handler.committer = ingest.GroupCommitter(tmp_dir, log, max_pending_bytes=args.max_pending_insert_mb * 1024 * 1024)
+        Handler.committer = ingest.GroupCommitter(
+            tmp_dir,
+            log,
+            max_pending_bytes=args.max_pending_insert_mb * 1024 * 1024,
+            spool_dir=os.path.abspath(args.insert_spool) if args.insert_spool else None,
+        )
+        Handler.committer.recover(
+            lambda record, path, _size: grouped_insert(
+                engine, record["database"], record["settings"], record["template"], path
+            )
+        )
     Handler.config = Config(
         user=args.user,
         password=password,

@@ -35,10 +35,27 @@ How:
   read, so collectors back off and retry; memory stays bounded because data
   waits in files, never in memory.
 
+Durable acknowledgement (`spool`): ClickHouse's asynchronous inserts with
+`wait_for_async_insert=0` are answered before they are flushed, and lost if
+the server dies first. Here such an insert is answered once its data and
+what to run are in the spool directory and fsynced; the committer inserts it
+with later ones (waiting up to `linger_seconds` for more, so groups grow past
+what concurrent requests alone give), then deletes the files. A server
+started on a spool with files left in it commits them first (`recover`). A
+crash between an engine commit and the deletion of its files replays that
+group once (at least once, never zero times). Spooled data the engine
+refuses as malformed cannot be answered any more: it is moved to
+`<spool>/rejected/` and logged as an error with its size; any other failure
+is retried after a pause. Overload: more than `max_spooled_bytes` waiting is
+refused with 503 like above.
+
 **Architecture Invariant:** this module imports nothing from chdb_http; the
 server hands it a function that runs one insert.
 """
 
+import json
+
+import itertools
 import os
 import shutil
 import tempfile
@@ -79,6 +96,12 @@ GROUPABLE_FORMATS = {"rowbinary"}
 # three groups may wait.
 DEFAULT_MAX_GROUP_BYTES = 16 * 1024 * 1024
 DEFAULT_MAX_PENDING_BYTES = 48 * 1024 * 1024
+DEFAULT_MAX_SPOOLED_BYTES = 256 * 1024 * 1024
+DEFAULT_LINGER_SECONDS = 0.2
+# Where a spooled insert's data file goes in its INSERT ... FROM INFILE text.
+PATH_MARKER = "@@chdb-http-spooled-data@@"
+RETRY_PAUSE_SECONDS = 1.0
+
 # Far above the rows of any group (a RowBinary row is at least one byte), so
 # the group is parsed as one block. (chDB 26.9 was seen to write nothing of a
 # 2.5-million-row RowBinary insert whose last row was truncated, even with the
@@ -113,6 +136,9 @@ class Insert:
     done: threading.Event = field(default_factory=threading.Event)
     result: object = None
     error: Optional[BaseException] = None
+    # Answered already; its data is in the spool (data_path), plus `.json`.
+    durable: bool = False
+    queued_at: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -123,6 +149,8 @@ class Stats:
     refused: int = 0
     largest_group: int = 0
     retried_alone: int = 0
+    spooled: int = 0
+    rejected: int = 0
 
 
 class GroupCommitter:
@@ -134,14 +162,24 @@ class GroupCommitter:
         log: Callable[[str], None],
         max_group_bytes: int = DEFAULT_MAX_GROUP_BYTES,
         max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
+        spool_dir: Optional[str] = None,
+        max_spooled_bytes: int = DEFAULT_MAX_SPOOLED_BYTES,
+        linger_seconds: float = DEFAULT_LINGER_SECONDS,
     ):
         self._tmp_dir = tmp_dir
         self._log = log
         self.max_group_bytes = max_group_bytes
         self.max_pending_bytes = max_pending_bytes
+        self.spool_dir = spool_dir
+        self.max_spooled_bytes = max_spooled_bytes
+        self.linger_seconds = linger_seconds
+        if spool_dir is not None:
+            os.makedirs(os.path.join(spool_dir, "rejected"), exist_ok=True)
+        self._names = itertools.count()
         self._cond = threading.Condition()
         self._queue: List[Insert] = []
         self._pending_bytes = 0
+        self._spooled_bytes = 0
         self._closed = False
         self.stats = Stats()
         self._thread = threading.Thread(target=self._run, name="group-commit", daemon=True)
@@ -167,6 +205,82 @@ class GroupCommitter:
         if insert.error is not None:
             raise insert.error
         return insert.result
+
+    def spool(self, insert: Insert, record: dict) -> None:
+        """Make `insert` durable in the spool and queue it; returns once it is on disk.
+
+        `record` (JSON) is what `recover` needs to rebuild the insert after a
+        restart; the data file is linked (or copied) into the spool, so the
+        caller may delete its own copy.
+        """
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("chdb-http is shutting down")
+            if self._spooled_bytes and self._spooled_bytes + insert.size > self.max_spooled_bytes:
+                self.stats.refused += 1
+                raise Busy(self._spooled_bytes, self.max_spooled_bytes)
+            self._spooled_bytes += insert.size
+            name = f"{time.time_ns():020d}-{os.getpid()}-{next(self._names):08d}"
+        try:
+            insert.data_path = self._write_spool(name, insert.data_path, record)
+        except BaseException:
+            with self._cond:
+                self._spooled_bytes -= insert.size
+            raise
+        insert.durable = True
+        insert.queued_at = time.monotonic()
+        with self._cond:
+            self._queue.append(insert)
+            self.stats.spooled += 1
+            self._cond.notify_all()
+
+    def _write_spool(self, name: str, data_path: str, record: dict) -> str:
+        target = os.path.join(self.spool_dir, name + ".rowbinary")
+        try:
+            os.link(data_path, target)
+        except OSError:
+            shutil.copyfile(data_path, target)
+        meta = os.path.join(self.spool_dir, name + ".json")
+        with open(meta + ".tmp", "w") as f:
+            json.dump(record, f)
+            f.flush()
+            os.fsync(f.fileno())
+        fd = os.open(target, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(meta + ".tmp", meta)  # the .json appears last: it marks a complete entry
+        dir_fd = os.open(self.spool_dir, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        return target
+
+    def recover(self, make_insert: Callable[[dict, str, int], Insert]) -> int:
+        """Queue the inserts a previous server left in the spool; returns how many."""
+        if self.spool_dir is None:
+            return 0
+        names = sorted(n[: -len(".json")] for n in os.listdir(self.spool_dir) if n.endswith(".json"))
+        for name in names:
+            data = os.path.join(self.spool_dir, name + ".rowbinary")
+            with open(os.path.join(self.spool_dir, name + ".json")) as f:
+                record = json.load(f)
+            insert = make_insert(record, data, os.path.getsize(data))
+            insert.durable = True
+            with self._cond:
+                self._queue.append(insert)
+                self._spooled_bytes += insert.size
+                self._cond.notify_all()
+        for leftover in os.listdir(self.spool_dir):
+            if leftover.endswith(".tmp") or (
+                leftover.endswith(".rowbinary") and leftover[: -len(".rowbinary")] not in names
+            ):
+                os.unlink(os.path.join(self.spool_dir, leftover))  # never acknowledged
+        if names:
+            self._log(f"Recovered {len(names)} acknowledged inserts from the spool {self.spool_dir}")
+        return len(names)
 
     def close(self) -> None:
         """Commit what is queued, then stop."""
@@ -194,21 +308,69 @@ class GroupCommitter:
         self._queue = rest
         return group
 
+    def _linger(self) -> float:
+        """Seconds to wait for more before committing a spooled head of the queue (0: go)."""
+        first = self._queue[0]
+        if not first.durable or self._closed:
+            return 0.0
+        queued = sum(i.size for i in self._queue if i.key == first.key)
+        if queued >= self.max_group_bytes:
+            return 0.0
+        return max(0.0, first.queued_at + self.linger_seconds - time.monotonic())
+
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._queue and not self._closed:
-                    self._cond.wait()
-                if not self._queue:
-                    return
+                while True:
+                    if not self._queue:
+                        if self._closed:
+                            return
+                        self._cond.wait()
+                        continue
+                    wait = self._linger()
+                    if wait <= 0:
+                        break
+                    self._cond.wait(wait)
                 group = self._take_group()
+            retry = []
             try:
-                self._commit(group)
+                retry = self._commit(group) or []
             finally:
+                again = {id(i) for i in retry}
                 with self._cond:
-                    self._pending_bytes -= sum(i.size for i in group)
+                    self._pending_bytes -= sum(i.size for i in group if not i.durable)
+                    self._spooled_bytes -= sum(i.size for i in group if i.durable and id(i) not in again)
+                    self._queue[:0] = retry
                 for insert in group:
-                    insert.done.set()
+                    if not insert.durable:
+                        insert.done.set()
+                    elif id(insert) not in again:
+                        self._settle_spooled(insert)
+            if retry:
+                self._log(f"Will retry {len(retry)} acknowledged inserts in {RETRY_PAUSE_SECONDS:.0f}s")
+                time.sleep(RETRY_PAUSE_SECONDS)
+
+    def _settle_spooled(self, insert: Insert) -> None:
+        """A spooled insert is done: delete it, or keep it in rejected/ if the engine refused its data."""
+        base = insert.data_path[: -len(".rowbinary")]
+        if insert.error is None:
+            for path in (insert.data_path, base + ".json"):
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+            return
+        self.stats.rejected += 1
+        rejected = os.path.join(self.spool_dir, "rejected")
+        for path in (insert.data_path, base + ".json"):
+            try:
+                os.rename(path, os.path.join(rejected, os.path.basename(path)))
+            except FileNotFoundError:
+                pass
+        self._log(
+            f"ERROR: dropped an acknowledged insert of {insert.size} bytes, the engine refused its data: "
+            f"{str(insert.error).strip()[:300]} (kept in {rejected})"
+        )
 
     def _commit(self, group: List[Insert]) -> None:
         size = sum(i.size for i in group)
@@ -218,7 +380,7 @@ class GroupCommitter:
         self.stats.largest_group = max(self.stats.largest_group, len(group))
         if len(group) == 1:
             self._commit_alone(group[0])
-            return
+            return self._retry_later(group)
         fd, path = tempfile.mkstemp(prefix="group-", suffix=".data", dir=self._tmp_dir)
         try:
             with os.fdopen(fd, "wb") as out:
@@ -237,10 +399,10 @@ class GroupCommitter:
                     self.stats.retried_alone += len(group)
                     for insert in group:
                         self._commit_alone(insert)
-                    return
+                    return self._retry_later(group)
                 for insert in group:
                     insert.error = error
-                return
+                return self._retry_later(group)
             elapsed_ms = (time.monotonic() - started) * 1000
             self._log(f"Group insert of {len(group)} requests, {size} bytes, in {elapsed_ms:.0f}ms")
             for insert in group:
@@ -249,11 +411,27 @@ class GroupCommitter:
             for insert in group:
                 if insert.result is None and insert.error is None:
                     insert.error = error
+            return self._retry_later(group)
         finally:
             try:
                 os.unlink(path)
             except FileNotFoundError:
                 pass
+
+    @staticmethod
+    def _retry_later(group: List[Insert]) -> List[Insert]:
+        """Spooled inserts that failed for another reason than their data: kept for another try."""
+        retry = []
+        for insert in group:
+            if (
+                insert.durable
+                and insert.error is not None
+                and getattr(insert.error, "code", None) not in INPUT_ERROR_CODES
+                and os.path.exists(insert.data_path)  # gone: nothing left to retry
+            ):
+                insert.error = None
+                retry.append(insert)
+        return retry
 
     @staticmethod
     def _commit_alone(insert: Insert) -> None:

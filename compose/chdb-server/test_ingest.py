@@ -7,6 +7,7 @@ and by the conformance volume tests.
 """
 
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -189,6 +190,107 @@ class GroupCommitTest(unittest.TestCase):
         self.assertFalse(ingest.GroupCommitter.groupable("RowBinary", True))
         self.assertFalse(ingest.GroupCommitter.groupable("JSONEachRow", False))
         self.assertFalse(ingest.GroupCommitter.groupable("RowBinaryWithNamesAndTypes", False))
+
+
+
+class SpoolTest(unittest.TestCase):
+    """Durable acknowledgement: answered once on disk, committed later, never lost."""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="ingest-spool-test-")
+        self.spool = os.path.join(self.tmp, "spool")
+        self.log = []
+        # Cleanups run last first: this one after every committer is closed.
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+
+    def committer(self, **kwargs):
+        kwargs.setdefault("linger_seconds", 0.05)
+        committer = ingest.GroupCommitter(self.tmp, self.log.append, spool_dir=self.spool, **kwargs)
+        self.addCleanup(committer.close)
+        return committer
+
+    def spool_one(self, committer, engine, data: bytes):
+        fd, path = tempfile.mkstemp(dir=self.tmp, prefix="req-")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        key = ("otel", "INSERT INTO otel_traces", None, "RowBinary", ())
+        insert = ingest.Insert(key, path, len(data), lambda p: f"INSERT FROM INFILE {p}", engine.run)
+        committer.spool(insert, {"table": "otel_traces"})
+        os.unlink(path)  # the request's own copy goes; the spool keeps the data
+
+    def spooled_files(self):
+        return sorted(n for n in os.listdir(self.spool) if n != "rejected")
+
+    def wait_until(self, predicate, what):
+        pause = threading.Event()
+        for _ in range(DEADLINE_SECONDS * 100):
+            if predicate():
+                return
+            pause.wait(0.01)
+        self.fail(f"timed out waiting for {what}")
+
+    def test_spooled_inserts_are_on_disk_when_answered_and_gone_once_committed(self):
+        engine = ScriptedEngine()
+        committer = self.committer(linger_seconds=5)
+        for data in (b"a1", b"a2", b"a3"):
+            self.spool_one(committer, engine, data)
+        # Answered: all three are on disk, data and record, nothing inserted yet.
+        self.assertEqual(len(self.spooled_files()), 6)
+        self.assertEqual(engine.inserts, [])
+        engine.release.set()
+        committer.close()  # stops lingering, commits
+        self.assertEqual([d for d, _ in engine.inserts], [b"a1a2a3"])
+        self.assertEqual(self.spooled_files(), [])
+
+    def test_a_restarted_server_commits_what_the_spool_holds(self):
+        engine = ScriptedEngine()
+        first = ingest.GroupCommitter(self.tmp, self.log.append, spool_dir=self.spool, linger_seconds=60)
+        self.spool_one(first, engine, b"kept")
+        # The process dies before committing: simulated by never releasing
+        # the committer thread (a daemon) and starting another on the spool.
+        engine2 = ScriptedEngine()
+        engine2.release.set()
+        second = self.committer()
+
+        def make_insert(record, path, size):
+            self.assertEqual(record, {"table": "otel_traces"})
+            return ingest.Insert(("k",), path, size, lambda p: f"INSERT FROM INFILE {p}", engine2.run)
+
+        self.assertEqual(second.recover(make_insert), 1)
+        self.wait_until(lambda: engine2.inserts, "the recovered insert")
+        self.assertEqual([d for d, _ in engine2.inserts], [b"kept"])
+        self.wait_until(lambda: self.spooled_files() == [], "the spool to empty")
+
+    def test_data_the_engine_refuses_is_kept_in_rejected_and_logged(self):
+        engine = ScriptedEngine(fail=lambda data: EngineError(33) if b"bad" in data else None)
+        engine.release.set()
+        committer = self.committer()
+        self.spool_one(committer, engine, b"good")
+        self.spool_one(committer, engine, b"bad")
+        committer.close()
+        self.assertIn(b"good", [d for d, _ in engine.inserts])
+        self.assertEqual(self.spooled_files(), [])
+        self.assertEqual(len(os.listdir(os.path.join(self.spool, "rejected"))), 2)
+        self.assertEqual(committer.stats.rejected, 1)
+        self.assertTrue(any(line.startswith("ERROR: dropped an acknowledged insert of 3 bytes") for line in self.log))
+
+    def test_other_failures_are_retried_until_they_commit(self):
+        failures = [EngineError(241), EngineError(241)]
+        engine = ScriptedEngine(fail=lambda data: failures.pop() if failures else None)
+        engine.release.set()
+        committer = self.committer()
+        self.spool_one(committer, engine, b"x")
+        self.wait_until(lambda: len(engine.inserts) == 3, "two retries")
+        self.wait_until(lambda: self.spooled_files() == [], "the spool to empty")
+        self.assertEqual(committer.stats.rejected, 0)
+
+    def test_a_full_spool_refuses_with_busy(self):
+        engine = ScriptedEngine()
+        committer = self.committer(max_spooled_bytes=4, linger_seconds=60)
+        self.spool_one(committer, engine, b"1234")
+        with self.assertRaises(ingest.Busy):
+            self.spool_one(committer, engine, b"5")
+        engine.release.set()
 
 
 if __name__ == "__main__":

@@ -305,6 +305,11 @@ fn start_chdb(
     .args(["--listen", "127.0.0.1:0", "--data"])
     .arg(&data)
     .args(["--user", CLICKHOUSE_USER])
+    // The collector's inserts (async_insert=1) are answered once they are
+    // on disk here and committed in large groups (compose/README.md).
+    .arg("--insert-spool")
+    .arg(options.dir.join("insert-spool"))
+    .args(["--wait-for-async-insert", "0"])
     .env("CHDB_HTTP_PASSWORD", password)
     .env("PYTHONUNBUFFERED", "1");
     let mut chdb = ManagedProcess::spawn(CHDB, cmd, &log, options.lifetime)?;
@@ -346,7 +351,7 @@ fn start_collector(
         )
         // chDB's endpoint does not implement ClickHouse's compressed blocks.
         .args(["--clickhouse-exporter-compression", "none"])
-        .args(["--clickhouse-exporter-async-insert", "false"])
+        .args(["--clickhouse-exporter-async-insert", "true"])
         .args(["--otlp-grpc-endpoint", &format!("127.0.0.1:{grpc}")])
         .args(["--otlp-http-endpoint", &format!("127.0.0.1:{http}")])
         // rotel 0.0.1a15's batcher stores the piece of a resource's spans that
