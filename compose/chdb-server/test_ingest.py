@@ -6,6 +6,7 @@ The real engine behind it is covered by test_chdb_http.py (concurrent writers)
 and by the conformance volume tests.
 """
 
+import json
 import os
 import shutil
 import sys
@@ -291,6 +292,97 @@ class SpoolTest(unittest.TestCase):
         with self.assertRaises(ingest.Busy):
             self.spool_one(committer, engine, b"5")
         engine.release.set()
+
+
+
+class ServerSpoolTest(unittest.TestCase):
+    """chdb_http.py with a spool and the real engine: acknowledged early, stored, recovered after a restart."""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="ingest-server-test-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.spool = os.path.join(self.tmp, "spool")
+        self.data = os.path.join(self.tmp, "data")
+
+    def start(self):
+        import subprocess
+
+        env = {k: v for k, v in os.environ.items() if k != "CHDB_HTTP_PASSWORD"}
+        stderr = open(os.path.join(self.tmp, "server.log"), "ab")
+        self.addCleanup(stderr.close)
+        proc = subprocess.Popen(
+            [sys.executable, os.path.join(HERE, "chdb_http.py"), "--listen", "127.0.0.1:0", "--data", self.data,
+             "--insert-spool", self.spool, "--wait-for-async-insert", "0"],
+            stdout=subprocess.PIPE, stderr=stderr, env=env,
+        )
+        self.addCleanup(self.stop, proc)
+        line = proc.stdout.readline().decode()
+        self.assertTrue(line.startswith("chdb-http listening on http://"), line)
+        return int(line.rsplit(":", 1)[1]), proc
+
+    @staticmethod
+    def stop(proc):
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(DEADLINE_SECONDS * 3)
+        proc.stdout.close()
+
+    def post(self, port, query, body=b""):
+        import http.client
+        import urllib.parse
+
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=DEADLINE_SECONDS * 3)
+        try:
+            connection.request("POST", "/?" + urllib.parse.urlencode(query), body=body)
+            response = connection.getresponse()
+            return response.status, response.read().decode()
+        finally:
+            connection.close()
+
+    def count(self, port):
+        for _ in range(DEADLINE_SECONDS * 20):
+            status, text = self.post(port, {"query": "SELECT count() FROM t.x"})
+            self.assertEqual(status, 200, text)
+            if text.strip() != "0":
+                return int(text)
+            threading.Event().wait(0.05)
+        return 0
+
+    @staticmethod
+    def row(a: int, b: str) -> bytes:
+        return a.to_bytes(8, "little") + bytes([len(b)]) + b.encode()
+
+    def test_an_async_insert_is_answered_then_stored(self):
+        port, _ = self.start()
+        for sql in ("CREATE DATABASE t", "CREATE TABLE t.x (a UInt64, b String) ENGINE = MergeTree ORDER BY a"):
+            self.assertEqual(self.post(port, {"query": sql})[0], 200)
+        status, text = self.post(
+            port, {"query": "INSERT INTO t.x (a, b) FORMAT RowBinary", "async_insert": "1"}, self.row(1, "one")
+        )
+        self.assertEqual(status, 200, text)
+        self.assertEqual(self.count(port), 1)
+
+    def test_a_restarted_server_commits_what_its_spool_holds(self):
+        port, first = self.start()
+        for sql in ("CREATE DATABASE t", "CREATE TABLE t.x (a UInt64, b String) ENGINE = MergeTree ORDER BY a"):
+            self.assertEqual(self.post(port, {"query": sql})[0], 200)
+        self.stop(first)
+        # What a server that died after answering leaves behind.
+        name = "00000000000000000001-1-00000000"
+        with open(os.path.join(self.spool, name + ".rowbinary"), "wb") as f:
+            f.write(self.row(7, "seven") + self.row(8, "eight"))
+        with open(os.path.join(self.spool, name + ".json"), "w") as f:
+            json.dump(
+                {
+                    "database": "default",
+                    "settings": [],
+                    "template": f"INSERT INTO t.x (a, b) FROM INFILE '{ingest.PATH_MARKER}' FORMAT RowBinary",
+                },
+                f,
+            )
+        port, _ = self.start()
+        self.assertEqual(self.count(port), 2)
+        self.assertEqual([n for n in os.listdir(self.spool) if n != "rejected"], [])
 
 
 if __name__ == "__main__":
