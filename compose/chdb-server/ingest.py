@@ -40,7 +40,9 @@ Durable acknowledgement (`spool`): ClickHouse's asynchronous inserts with
 the server dies first. Here such an insert is answered once its data and
 what to run are in the spool directory and fsynced; the committer inserts it
 with later ones (waiting up to `linger_seconds` for more, so groups grow past
-what concurrent requests alone give), then deletes the files. A server
+what concurrent requests alone give, up to `max_spooled_group_bytes`: these
+were answered already, so their commit may take longer than 5 s), then
+deletes the files. A server
 started on a spool with files left in it commits them first (`recover`). A
 crash between an engine commit and the deletion of its files replays that
 group once (at least once, never zero times). Spooled data the engine
@@ -97,6 +99,8 @@ GROUPABLE_FORMATS = {"rowbinary"}
 DEFAULT_MAX_GROUP_BYTES = 16 * 1024 * 1024
 DEFAULT_MAX_PENDING_BYTES = 48 * 1024 * 1024
 DEFAULT_MAX_SPOOLED_BYTES = 256 * 1024 * 1024
+# Spooled inserts were answered already: their groups may take longer.
+DEFAULT_MAX_SPOOLED_GROUP_BYTES = 64 * 1024 * 1024
 DEFAULT_LINGER_SECONDS = 0.2
 # Where a spooled insert's data file goes in its INSERT ... FROM INFILE text.
 PATH_MARKER = "@@chdb-http-spooled-data@@"
@@ -165,6 +169,7 @@ class GroupCommitter:
         spool_dir: Optional[str] = None,
         max_spooled_bytes: int = DEFAULT_MAX_SPOOLED_BYTES,
         linger_seconds: float = DEFAULT_LINGER_SECONDS,
+        max_spooled_group_bytes: int = DEFAULT_MAX_SPOOLED_GROUP_BYTES,
     ):
         self._tmp_dir = tmp_dir
         self._log = log
@@ -173,6 +178,7 @@ class GroupCommitter:
         self.spool_dir = spool_dir
         self.max_spooled_bytes = max_spooled_bytes
         self.linger_seconds = linger_seconds
+        self.max_spooled_group_bytes = max_spooled_group_bytes
         if spool_dir is not None:
             os.makedirs(os.path.join(spool_dir, "rejected"), exist_ok=True)
         self._names = itertools.count()
@@ -298,9 +304,10 @@ class GroupCommitter:
     def _take_group(self) -> List[Insert]:
         """The oldest waiting insert and every later one of the same kind that fits."""
         first = self._queue[0]
+        limit = self._group_limit(first)
         group, rest, size = [], [], 0
         for insert in self._queue:
-            if insert.key == first.key and (not group or size + insert.size <= self.max_group_bytes):
+            if insert.key == first.key and (not group or size + insert.size <= limit):
                 group.append(insert)
                 size += insert.size
             else:
@@ -308,13 +315,16 @@ class GroupCommitter:
         self._queue = rest
         return group
 
+    def _group_limit(self, first: Insert) -> int:
+        return self.max_spooled_group_bytes if first.durable else self.max_group_bytes
+
     def _linger(self) -> float:
         """Seconds to wait for more before committing a spooled head of the queue (0: go)."""
         first = self._queue[0]
         if not first.durable or self._closed:
             return 0.0
         queued = sum(i.size for i in self._queue if i.key == first.key)
-        if queued >= self.max_group_bytes:
+        if queued >= self._group_limit(first):
             return 0.0
         return max(0.0, first.queued_at + self.linger_seconds - time.monotonic())
 
