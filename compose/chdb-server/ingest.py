@@ -48,8 +48,17 @@ crash between an engine commit and the deletion of its files replays that
 group once (at least once, never zero times). Spooled data the engine
 refuses as malformed cannot be answered any more: it is moved to
 `<spool>/rejected/` and logged as an error with its size; any other failure
-is retried after a pause. Overload: more than `max_spooled_bytes` waiting is
-refused with 503 like above.
+is retried after a pause.
+
+Overload of the spool is never refused: rotel 0.0.1a15 retries a failed
+insert with an EMPTY body (its payload's clones share one queue of chunks,
+which the first attempt consumed), so a 503 or a timeout would lose the
+rows. Instead, while more than `max_spooled_bytes` are spooled, a new insert
+waits (up to `spool_wait_seconds`, well within rotel's 5 s timeout) for the
+committer to make room: the collector's 10 requests in flight slow down, its
+queue fills, and its receivers stop answering senders until there is room.
+After that wait it is spooled anyway (counted in `stats.over_limit`): the
+spool is on disk, so memory stays bounded either way.
 
 **Architecture Invariant:** this module imports nothing from chdb_http; the
 server hands it a function that runs one insert.
@@ -102,6 +111,7 @@ DEFAULT_MAX_SPOOLED_BYTES = 256 * 1024 * 1024
 # Spooled inserts were answered already: their groups may take longer.
 DEFAULT_MAX_SPOOLED_GROUP_BYTES = 64 * 1024 * 1024
 DEFAULT_LINGER_SECONDS = 0.2
+DEFAULT_SPOOL_WAIT_SECONDS = 2.5
 # Where a spooled insert's data file goes in its INSERT ... FROM INFILE text.
 PATH_MARKER = "@@chdb-http-spooled-data@@"
 RETRY_PAUSE_SECONDS = 1.0
@@ -155,6 +165,8 @@ class Stats:
     retried_alone: int = 0
     spooled: int = 0
     rejected: int = 0
+    over_limit: int = 0
+    empty: int = 0
 
 
 class GroupCommitter:
@@ -170,6 +182,7 @@ class GroupCommitter:
         max_spooled_bytes: int = DEFAULT_MAX_SPOOLED_BYTES,
         linger_seconds: float = DEFAULT_LINGER_SECONDS,
         max_spooled_group_bytes: int = DEFAULT_MAX_SPOOLED_GROUP_BYTES,
+        spool_wait_seconds: float = DEFAULT_SPOOL_WAIT_SECONDS,
     ):
         self._tmp_dir = tmp_dir
         self._log = log
@@ -179,6 +192,7 @@ class GroupCommitter:
         self.max_spooled_bytes = max_spooled_bytes
         self.linger_seconds = linger_seconds
         self.max_spooled_group_bytes = max_spooled_group_bytes
+        self.spool_wait_seconds = spool_wait_seconds
         if spool_dir is not None:
             os.makedirs(os.path.join(spool_dir, "rejected"), exist_ok=True)
         self._names = itertools.count()
@@ -219,12 +233,22 @@ class GroupCommitter:
         restart; the data file is linked (or copied) into the spool, so the
         caller may delete its own copy.
         """
+        if insert.size == 0:
+            self.stats.empty += 1
+            self._log(
+                "WARNING: an asynchronous INSERT arrived without data (rotel 0.0.1a15 retries with an empty body: "
+                "the rows of the first attempt are lost)"
+            )
         with self._cond:
+            deadline = time.monotonic() + self.spool_wait_seconds
+            while self._spooled_bytes and self._spooled_bytes + insert.size > self.max_spooled_bytes:
+                remaining = deadline - time.monotonic()
+                if self._closed or remaining <= 0:
+                    self.stats.over_limit += 1
+                    break
+                self._cond.wait(remaining)
             if self._closed:
                 raise RuntimeError("chdb-http is shutting down")
-            if self._spooled_bytes and self._spooled_bytes + insert.size > self.max_spooled_bytes:
-                self.stats.refused += 1
-                raise Busy(self._spooled_bytes, self.max_spooled_bytes)
             self._spooled_bytes += insert.size
             name = f"{time.time_ns():020d}-{os.getpid()}-{next(self._names):08d}"
         try:
@@ -351,6 +375,7 @@ class GroupCommitter:
                     self._pending_bytes -= sum(i.size for i in group if not i.durable)
                     self._spooled_bytes -= sum(i.size for i in group if i.durable and id(i) not in again)
                     self._queue[:0] = retry
+                    self._cond.notify_all()  # spool() may wait for room
                 for insert in group:
                     if not insert.durable:
                         insert.done.set()

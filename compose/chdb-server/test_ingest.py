@@ -285,13 +285,41 @@ class SpoolTest(unittest.TestCase):
         self.wait_until(lambda: self.spooled_files() == [], "the spool to empty")
         self.assertEqual(committer.stats.rejected, 0)
 
-    def test_a_full_spool_refuses_with_busy(self):
+    def test_a_full_spool_slows_inserts_down_and_never_refuses_them(self):
         engine = ScriptedEngine()
-        committer = self.committer(max_spooled_bytes=4, linger_seconds=60)
+        committer = self.committer(max_spooled_bytes=4, linger_seconds=0, spool_wait_seconds=DEADLINE_SECONDS)
         self.spool_one(committer, engine, b"1234")
-        with self.assertRaises(ingest.Busy):
-            self.spool_one(committer, engine, b"5")
+        self.assertTrue(engine.started.wait(DEADLINE_SECONDS))
+        # The spool is full: the next insert waits for the committer to make room.
+        threads = [threading.Thread(target=self.spool_one, args=(committer, engine, b"5"))]
+        threads[0].start()
+        threads[0].join(0.2)
+        self.assertTrue(threads[0].is_alive(), "answered while the spool was full")
         engine.release.set()
+        threads[0].join(DEADLINE_SECONDS)
+        self.assertFalse(threads[0].is_alive())
+        committer.close()
+        self.assertEqual([d for d, _ in engine.inserts], [b"1234", b"5"])
+        self.assertEqual(committer.stats.over_limit, 0)
+
+    def test_past_its_wait_an_insert_is_spooled_over_the_limit(self):
+        engine = ScriptedEngine()
+        committer = self.committer(max_spooled_bytes=4, linger_seconds=60, spool_wait_seconds=0.05)
+        self.spool_one(committer, engine, b"1234")
+        self.spool_one(committer, engine, b"5")  # waits 50 ms, then goes in anyway
+        self.assertEqual(committer.stats.over_limit, 1)
+        engine.release.set()
+        committer.close()
+        self.assertEqual([d for d, _ in engine.inserts], [b"12345"])
+
+    def test_an_empty_insert_is_counted_and_logged(self):
+        engine = ScriptedEngine()
+        engine.release.set()
+        committer = self.committer()
+        self.spool_one(committer, engine, b"")
+        committer.close()
+        self.assertEqual(committer.stats.empty, 1)
+        self.assertTrue(any("without data" in line for line in self.log))
 
 
 
