@@ -94,6 +94,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 import form_data
 import http_compression
+import ingest
 
 PASSWORD_ENV = "CHDB_HTTP_PASSWORD"
 # A request body as sent (possibly compressed) goes to a temporary file and may
@@ -583,6 +584,8 @@ class Handler(BaseHTTPRequestHandler):
     # Set by make_server.
     engine: Engine = None
     config: Config = None
+    committer: Optional[ingest.GroupCommitter] = None
+    wait_for_async_insert = "1"  # the server's default, as in a ClickHouse profile
 
     # -- logging ----------------------------------------------------------
 
@@ -758,7 +761,7 @@ class Handler(BaseHTTPRequestHandler):
                 headers["X-ClickHouse-Summary"] = _summary(EngineResult(b""))
                 return Response(200, b"", headers)
             if plan.data_path is not None:
-                result = self.run_insert(plan, database, settings, query_params)
+                result = self._insert(plan, database, settings, query_params)
                 headers["Content-Type"] = "text/plain; charset=UTF-8"
             else:
                 result = self.engine.execute(plan.sql, database, settings, default_format, query_params, external_tables)
@@ -770,9 +773,30 @@ class Handler(BaseHTTPRequestHandler):
         finally:
             plan.cleanup()
 
-    def run_insert(self, plan: "Plan", database: str, settings, query_params) -> EngineResult:
-        """Executes an INSERT whose data sits in the file `plan.data_path`."""
-        return self.engine.execute(plan.insert_sql(), database, settings, "TabSeparated", query_params)
+    def _insert(self, plan: "Plan", database: str, settings, query_params) -> EngineResult:
+        """An INSERT whose data is in a file; grouped with concurrent ones when it can be (ingest.py).
+
+        An asynchronous insert that does not wait (`async_insert=1`, and
+        `wait_for_async_insert=0` in the URL or as the server's default) is
+        answered once it is in the spool, when the server has one.
+        """
+        if self.committer is None or not ingest.GroupCommitter.groupable(plan._format, bool(query_params)):
+            return self.engine.execute(plan.insert_sql(), database, settings, "TabSeparated", query_params)
+        template = plan.insert_sql(ingest.PATH_MARKER)
+        insert = grouped_insert(self.engine, database, settings, template, plan.data_path)
+        param = dict(parse_qsl(urlsplit(self.path).query))
+        no_wait = (
+            param.get("async_insert", "0") == "1"
+            and param.get("wait_for_async_insert", self.wait_for_async_insert) == "0"
+        )
+        try:
+            if no_wait and self.committer.spool_dir is not None:
+                record = {"database": database, "settings": settings, "template": template}
+                self.committer.spool(insert, record)
+                return EngineResult(b"")
+            return self.committer.submit(insert)
+        except ingest.Busy as busy:
+            raise QueryError(busy.code, busy.message, 503) from None
 
     def _encode_result(self, body: bytes, param: dict, headers: dict) -> bytes:
         """`compress=1` wraps the result in ClickHouse's compressed blocks (LZ4);
@@ -1117,8 +1141,8 @@ class Plan:
         plan.preview = plan.sql
         return plan
 
-    def insert_sql(self) -> str:
-        infile = f" FROM INFILE {quote_string(self.data_path)} "
+    def insert_sql(self, data_path: Optional[str] = None) -> str:
+        infile = f" FROM INFILE {quote_string(data_path or self.data_path)} "
         if self._settings_at is not None:
             head = self._head[: self._settings_at] + infile + self._head[self._settings_at:]
         else:
@@ -1173,6 +1197,22 @@ def _unlink(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+def grouped_insert(engine: Engine, database: str, settings, template: str, data_path: str) -> ingest.Insert:
+    """An insert for the group committer; `template` has ingest.PATH_MARKER where the data file goes."""
+    settings = [tuple(s) for s in settings]
+    marker = quote_string(ingest.PATH_MARKER)
+
+    def run(sql, extra_settings):
+        return engine.execute(sql, database, settings + extra_settings, "TabSeparated", {})
+
+    return ingest.Insert(
+        key=(database, template, tuple(settings)),
+        data_path=data_path,
+        size=os.path.getsize(data_path),
+        sql_for=lambda path: template.replace(marker, quote_string(path)),
+        run=run,
+    )
 
 
 def _decode_query(raw: bytes) -> str:
@@ -1235,6 +1275,24 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--password", default=None, help=f"password clients must present (prefer the {PASSWORD_ENV} environment variable)"
     )
+    parser.add_argument(
+        "--max-pending-insert-mb",
+        type=int,
+        default=ingest.DEFAULT_MAX_PENDING_BYTES // (1024 * 1024),
+        help="refuse inserts with 503 while more than this many MiB of inserts wait to be committed (0: no group commit)",
+    )
+    parser.add_argument(
+        "--insert-spool",
+        default=None,
+        help="directory where inserts with async_insert=1 and wait_for_async_insert=0 are kept until committed "
+        "(answered once there; committed again after a restart)",
+    )
+    parser.add_argument(
+        "--wait-for-async-insert",
+        choices=["0", "1"],
+        default="1",
+        help="the default of wait_for_async_insert for requests that do not set it (ClickHouse's is 1)",
+    )
     args = parser.parse_args(argv)
 
     password = args.password if args.password is not None else os.environ.get(PASSWORD_ENV)
@@ -1264,6 +1322,19 @@ def main(argv=None) -> int:
 
     tmp_dir = tempfile.mkdtemp(prefix="chdb-http-")
     Handler.engine = engine
+    Handler.wait_for_async_insert = args.wait_for_async_insert
+    if args.max_pending_insert_mb > 0:
+        Handler.committer = ingest.GroupCommitter(
+            tmp_dir,
+            log,
+            max_pending_bytes=args.max_pending_insert_mb * 1024 * 1024,
+            spool_dir=os.path.abspath(args.insert_spool) if args.insert_spool else None,
+        )
+        Handler.committer.recover(
+            lambda record, path, _size: grouped_insert(
+                engine, record["database"], record["settings"], record["template"], path
+            )
+        )
     Handler.config = Config(
         user=args.user,
         password=password,
@@ -1294,6 +1365,8 @@ def main(argv=None) -> int:
         server.serve_forever(poll_interval=0.2)
     finally:
         server.server_close()
+        if Handler.committer is not None:
+            Handler.committer.close()  # commits what is queued
         engine.close()  # waits for a running query, then releases the data directory
         shutil.rmtree(tmp_dir, ignore_errors=True)
         log("Stopped")

@@ -12,6 +12,7 @@ pub mod clickhouse;
 pub mod cluster;
 pub mod docker;
 pub mod gitlab;
+pub mod load;
 pub mod paths;
 pub mod process;
 pub mod proxy;

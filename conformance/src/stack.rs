@@ -43,8 +43,6 @@ pub struct StackOptions {
     pub lifetime: Lifetime,
     /// How long each component may take to answer.
     pub start_timeout: Duration,
-    /// The collector's batch timeout: how long it holds spans before writing.
-    pub batch_timeout: Duration,
     /// Embedded processes or the Docker images (`CONFORMANCE_STACK`).
     pub backend: Backend,
 }
@@ -67,7 +65,6 @@ impl StackOptions {
             dir: paths::target_dir().join("test-stacks").join(name),
             lifetime: Lifetime::Owned,
             start_timeout: Duration::from_secs(60),
-            batch_timeout: Duration::from_millis(100),
             backend: Backend::from_env().unwrap_or(Backend::Embedded),
         }
     }
@@ -78,7 +75,6 @@ impl StackOptions {
             dir: dir.to_path_buf(),
             lifetime: Lifetime::Detached,
             start_timeout: Duration::from_secs(60),
-            batch_timeout: Duration::from_millis(200),
             backend: Backend::Embedded,
         }
     }
@@ -246,6 +242,15 @@ impl Stack {
         self.endpoints.clickhouse()
     }
 
+    /// (component, PID) of the running components, e.g. to sample their memory.
+    pub fn pids(&self) -> Vec<(&str, u32)> {
+        [&self.chdb, &self.collector]
+            .into_iter()
+            .flatten()
+            .map(|p| (p.name.as_str(), p.pid()))
+            .collect()
+    }
+
     /// Stops the collector only (an outage); [`Stack::start_collector`] brings
     /// it back on the same ports.
     pub fn stop_collector(&mut self) {
@@ -353,6 +358,11 @@ fn start_chdb(
     .args(["--listen", "127.0.0.1:0", "--data"])
     .arg(&data)
     .args(["--user", CLICKHOUSE_USER])
+    // The collector's inserts (async_insert=1) are answered once they are
+    // on disk here and committed in large groups (compose/README.md).
+    .arg("--insert-spool")
+    .arg(options.dir.join("insert-spool"))
+    .args(["--wait-for-async-insert", "0"])
     .env("CHDB_HTTP_PASSWORD", password)
     .env("PYTHONUNBUFFERED", "1");
     let mut chdb = ManagedProcess::spawn(CHDB, cmd, &log, options.lifetime)?;
@@ -383,7 +393,6 @@ fn start_collector(
             cmd.env_remove(key);
         }
     }
-    let batch_ms = options.batch_timeout.as_millis().max(1);
     cmd.arg("start")
         .args(["--exporter", "clickhouse"])
         .args(["--clickhouse-exporter-endpoint", &endpoints.clickhouse_url])
@@ -395,10 +404,16 @@ fn start_collector(
         )
         // chDB's endpoint does not implement ClickHouse's compressed blocks.
         .args(["--clickhouse-exporter-compression", "none"])
-        .args(["--clickhouse-exporter-async-insert", "false"])
+        .args(["--clickhouse-exporter-async-insert", "true"])
         .args(["--otlp-grpc-endpoint", &format!("127.0.0.1:{grpc}")])
         .args(["--otlp-http-endpoint", &format!("127.0.0.1:{http}")])
-        .args(["--batch-timeout", &format!("{batch_ms}ms")]);
+        // rotel 0.0.1a15's batcher stores the piece of a resource's spans that
+        // completes a batch without its resource (ServiceName '', no
+        // ResourceAttributes), and drops requests larger than two batches;
+        // fixed upstream after the last PyPI release (compose/README.md).
+        // Without batching that code never runs: each OTLP request becomes
+        // one INSERT, and chdb-http commits concurrent INSERTs together.
+        .arg("--disable-batching");
     let mut collector = ManagedProcess::spawn(COLLECTOR, cmd, &log, options.lifetime)?;
     let ready = process::wait_for(
         "the collector's OTLP receivers to accept connections",

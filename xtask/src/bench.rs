@@ -6,6 +6,9 @@
 //!    instances exporting to the same embedded stack, requests interleaved.
 //! 2. The reference runner's job duration with telemetry on and off: one
 //!    runner, one pipeline per project, jobs interleaved.
+//!
+//! `cargo xtask bench ingest` measures the stack's ingest instead
+//! (`bench_ingest`).
 
 use std::time::{Duration, Instant};
 
@@ -19,7 +22,10 @@ use serde_json::json;
 const REQUESTS: usize = 300;
 const RUNNER_JOBS: usize = 20;
 
-pub fn run(_args: &[String]) -> Result<()> {
+pub fn run(args: &[String]) -> Result<()> {
+    if args.first().map(String::as_str) == Some("ingest") {
+        return crate::bench_ingest::run(&args[1..]);
+    }
     crate::test::build_binaries()?;
     let stack = Stack::start(StackOptions::isolated())?;
     println!("==> Embedded stack up ({})", stack.dir().display());

@@ -5,10 +5,12 @@
 //! - `cargo xtask e2e [--stack embedded|docker]`  the conformance suite only
 //! - `cargo xtask bench`          telemetry on vs off, side by side
 //! - `cargo xtask bench-scaling`  the figures docs/scaling.md sizes from
+//! - `cargo xtask bench ingest`   landed spans/s, engine ceiling, 5x overload
 //! - `cargo xtask stack up|down|status [--dir DIR]`
 //! - `cargo xtask cluster-schema [--cluster NAME]`  the schema for a cluster
 
 mod bench;
+mod bench_ingest;
 mod cluster;
 mod demo;
 mod scaling;
@@ -27,6 +29,7 @@ Commands:
                                 the embedded one (default) or Docker's (official images)
   bench                         measure telemetry's cost side by side (ratios)
   bench-scaling                 measure the inputs of docs/scaling.md on this machine
+  bench ingest [--no-ceiling]   landed spans/s vs the engine's ceiling, and a 5x overload
   stack up|down|status [--dir DIR]
                                 control the embedded stack (default target/stack)
   cluster-schema [--cluster NAME]
