@@ -20,7 +20,7 @@ use std::path::Path;
 
 use super::payload::{GitInfo, JobPayload};
 use super::shell::shell_quote;
-use runner_telemetry::job::strip_credentials;
+use runner_telemetry::secrets::strip_credentials;
 
 /// `GIT_STRATEGY`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

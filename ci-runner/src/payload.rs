@@ -107,7 +107,7 @@ impl std::fmt::Debug for GitInfo {
         f.debug_struct("GitInfo")
             .field(
                 "repo_url",
-                &runner_telemetry::job::strip_credentials(&self.repo_url),
+                &runner_telemetry::secrets::strip_credentials(&self.repo_url),
             )
             .field("git_ref", &self.git_ref)
             .field("sha", &self.sha)

@@ -16,6 +16,7 @@ pub mod job;
 pub mod keys;
 pub mod metrics;
 pub mod negotiate;
+pub mod secrets;
 pub mod telemetry;
 
 pub use config::{ExportSettings, TelemetryOverrides, TelemetrySettings};
