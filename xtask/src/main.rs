@@ -7,6 +7,7 @@
 //! - `cargo xtask stack up|down|status [--dir DIR]`
 
 mod bench;
+mod browser;
 mod demo;
 mod stack;
 mod test;

@@ -25,6 +25,7 @@ pub fn run_all(args: &[String]) -> Result<()> {
         ]),
     )?;
     let venv = conformance::venv::ensure(&mut |line| println!("  {line}"))?;
+    crate::browser::ensure_chromium()?;
     build_binaries()?;
     step(
         "chDB HTTP server tests",
@@ -39,6 +40,7 @@ pub fn run_all(args: &[String]) -> Result<()> {
 /// The conformance suite alone.
 pub fn run_e2e(args: &[String]) -> Result<()> {
     conformance::venv::ensure(&mut |line| println!("  {line}"))?;
+    crate::browser::ensure_chromium()?;
     build_binaries()?;
     step(
         "conformance suite",
