@@ -266,6 +266,28 @@ fn job_and_pipeline_telemetry_through_the_api_and_the_pages() {
     );
     assert_eq!(get_json(&pipeline_url, &[ADMIN]).0, 200);
 
+    // A log record of the failing stage (as a runner that ships its job log
+    // over OTLP would write it) shows under that stage.
+    let step = spans.iter().find(|s| s["name"] == "step_script").unwrap();
+    world
+        .stack
+        .clickhouse()
+        .execute(&format!(
+            "INSERT INTO otel.otel_logs (Timestamp, TraceId, SpanId, SeverityText, SeverityNumber, \
+             ServiceName, Body, ResourceAttributes) VALUES (parseDateTime64BestEffort('{}', 9), \
+             '{}', '{}', 'INFO', 9, 'gitlab-ci-runner', 'about to fail <for real>', map('ci.job.id', '{failed}'))",
+            step["start"].as_str().unwrap(),
+            failed_telemetry["trace_id"].as_str().unwrap(),
+            step["span_id"].as_str().unwrap(),
+        ))
+        .unwrap();
+    let with_log = wait_for_telemetry(&url, |t| t["log_count"] == 1);
+    let mut spans = Vec::new();
+    flatten(&with_log["spans"], &mut spans);
+    let step = spans.iter().find(|s| s["name"] == "step_script").unwrap();
+    assert_eq!(step["logs"][0]["body"], "about to fail <for real>");
+    assert_eq!(step["logs"][0]["severity"], "INFO");
+
     check_pages(
         &world,
         &project_path,
@@ -458,6 +480,10 @@ fn check_pages(
 
     let job_page = format!("{base}/jobs/{job}/telemetry?private_token={ADMIN_TOKEN}");
     let dom = run_chromium(&job_page, &profile, &["--dump-dom".into()]);
+    assert!(
+        dom.contains("about to fail &lt;for real&gt;"),
+        "the log line, escaped, under its stage"
+    );
     let names = attribute_of_tags(&dom, "data-span-id=", "data-name");
     let mut spans = Vec::new();
     flatten(&job_telemetry["spans"], &mut spans);
