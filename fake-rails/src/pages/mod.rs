@@ -272,3 +272,83 @@ pub fn pipeline(t: &PipelineTelemetry, job_links: &[String]) -> String {
     body.push_str("</table>");
     page(&format!("Pipeline #{} - telemetry", p.id), &body)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::telemetry::{JobSummary, LogRecord, Side};
+
+    fn span(name: &str, side: Side, status: &'static str, children: Vec<Span>) -> Span {
+        Span {
+            span_id: format!("id-{name}"),
+            parent_span_id: String::new(),
+            name: name.into(),
+            service: match side {
+                Side::Rails => "gitlab-ci-rails".into(),
+                _ => "gitlab-ci-runner".into(),
+            },
+            side,
+            start: "2026-01-01T00:00:00.000000000Z".into(),
+            offset_ns: 1_000_000,
+            duration_ns: 5_000_000,
+            status,
+            status_message: String::new(),
+            attributes: [(
+                "ci.note".to_string(),
+                "<script>alert(1)</script>".to_string(),
+            )]
+            .into(),
+            logs: Vec::new(),
+            children,
+        }
+    }
+
+    #[test]
+    fn a_job_page_has_one_bar_per_span_marks_failures_and_escapes_everything() {
+        let mut step = span("step_script", Side::Runner, "error", vec![]);
+        step.logs.push(LogRecord {
+            time: String::new(),
+            offset_ns: 2_000_000,
+            severity: "INFO".into(),
+            body: "echo <b>".into(),
+        });
+        let tree = span(
+            "job_lifecycle",
+            Side::Rails,
+            "unset",
+            vec![span("job_execution", Side::Runner, "ok", vec![step])],
+        );
+        let t = JobTelemetry {
+            job: JobSummary {
+                id: 7,
+                name: "<build>".into(),
+                stage: "build".into(),
+                status: "failed".into(),
+                pipeline_id: 1,
+                project_id: 1,
+                web_url: String::new(),
+            },
+            trace_id: "t".into(),
+            started_at: String::new(),
+            duration_ns: 10_000_000,
+            queued_duration_ns: None,
+            execution_duration_ns: Some(5_000_000),
+            dropped_spans: Some(0),
+            span_count: 3,
+            log_count: 1,
+            complete: true,
+            spans: vec![tree],
+        };
+        let html = job(&t, "/p");
+        assert_eq!(html.matches("<rect class=\"bar ").count(), 3);
+        assert_eq!(html.matches("class=\"row span runner failed\"").count(), 1);
+        assert!(html.contains("data-name=\"step_script\""));
+        assert!(html.contains("class=\"row span rails\""));
+        assert!(
+            !html.contains("<script>alert"),
+            "attribute values are escaped"
+        );
+        assert!(!html.contains("<build>"), "names are escaped");
+        assert!(html.contains("echo &lt;b&gt;"), "log lines, escaped");
+    }
+}
