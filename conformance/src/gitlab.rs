@@ -241,6 +241,20 @@ impl FakeRails {
     }
 }
 
+/// fake-rails flags that let its telemetry API and pages read the stack's
+/// ClickHouse (`password_file` holds the password, e.g. the stack's
+/// `credentials`).
+pub fn clickhouse_args(endpoints: &crate::stack::Endpoints, password_file: &Path) -> Vec<String> {
+    vec![
+        "--clickhouse-url".into(),
+        endpoints.clickhouse_url.clone(),
+        "--clickhouse-user".into(),
+        endpoints.clickhouse_user.clone(),
+        "--clickhouse-password-file".into(),
+        password_file.display().to_string(),
+    ]
+}
+
 /// The job called `name` in a pipeline's job list.
 pub fn job_named<'a>(jobs: &'a [Value], name: &str) -> &'a Value {
     jobs.iter()

@@ -234,6 +234,11 @@ impl Stack {
         &self.endpoints
     }
 
+    /// The file holding the ClickHouse password (mode 0600).
+    pub fn password_file(&self) -> PathBuf {
+        password_file(&self.options.dir)
+    }
+
     pub fn dir(&self) -> &Path {
         &self.options.dir
     }
@@ -437,10 +442,15 @@ fn component_failed(name: &str, log: &Path, error: anyhow::Error) -> anyhow::Err
     )
 }
 
+/// The file holding the ClickHouse password of the stack in `dir`.
+pub fn password_file(dir: &Path) -> PathBuf {
+    dir.join("credentials")
+}
+
 /// The ClickHouse password of the stack in `dir`: kept in `dir/credentials`
 /// (mode 0600) so a stack brought down and up again keeps it.
 fn stack_password(dir: &Path) -> Result<String> {
-    let file = dir.join("credentials");
+    let file = password_file(dir);
     if let Ok(existing) = fs::read_to_string(&file) {
         let existing = existing.trim();
         if !existing.is_empty() {

@@ -79,6 +79,8 @@ pub struct Config {
     pub export_queue_capacity: usize,
     /// Per-request timeout of the Rails span export.
     pub export_timeout: Duration,
+    /// Where the telemetry API and pages read stored traces; `None`: they answer 503.
+    pub clickhouse: Option<crate::telemetry::ClickHouseSettings>,
 }
 
 impl Default for Config {
@@ -99,6 +101,7 @@ impl Default for Config {
             signing_key: SigningKeySource::EmbeddedTestKey,
             export_queue_capacity: 1024,
             export_timeout: Duration::from_secs(2),
+            clickhouse: None,
         }
     }
 }
@@ -123,6 +126,7 @@ impl Config {
             .iter()
             .chain(&self.otlp_endpoint)
             .chain(&self.public_url)
+            .chain(self.clickhouse.as_ref().map(|c| &c.url))
         {
             url::Url::parse(endpoint).map_err(|e| format!("`{endpoint}` is not a URL: {e}"))?;
         }

@@ -21,9 +21,11 @@ pub mod flags;
 mod git;
 pub mod identity;
 pub mod ids;
+mod pages;
 mod payload;
 mod server;
 mod state;
+pub mod telemetry;
 mod tokens;
 
 pub use cli::{Cli, GeneratedTokens};

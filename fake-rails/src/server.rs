@@ -44,6 +44,8 @@ pub struct Settings {
     pub sampling_rate: f64,
     pub id_token_ttl: Duration,
     pub instance_uuid: String,
+    /// Where the telemetry API and pages read stored traces; `None`: they answer 503.
+    pub clickhouse: Option<crate::telemetry::ClickHouseSettings>,
 }
 
 pub(crate) struct Inner {
@@ -84,6 +86,7 @@ impl AppState {
             sampling_rate: config.sampling_rate,
             id_token_ttl: config.id_token_ttl,
             instance_uuid: crate::tokens::instance_uuid(),
+            clickhouse: config.clickhouse.clone(),
         };
         Ok(AppState(Arc::new(Inner {
             settings,
@@ -305,6 +308,7 @@ pub fn app(state: AppState) -> Router {
             post(identity::telemetry_auth),
         )
         .layer(DefaultBodyLimit::max(JSON_BODY_LIMIT))
+        .merge(api::telemetry::routes(state.clone()))
         .merge(trace_routes)
         .merge(artifact_routes)
         .fallback(not_found)

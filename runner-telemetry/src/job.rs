@@ -37,6 +37,7 @@ use opentelemetry_sdk::Resource;
 use crate::export::{ExportPipeline, FlushReport, SpanSink};
 use crate::keys;
 use crate::negotiate::TraceContext;
+use crate::secrets::{mask_attribute, mask_text, strip_credentials};
 
 /// Tracer (instrumentation scope) name.
 pub const SCOPE_NAME: &str = "gitlab-ci-runner";
@@ -317,36 +318,6 @@ impl AttributeBudget {
     }
 }
 
-/// Replaces every secret in `text` by `[MASKED]` (longest first, as the job
-/// log does).
-pub fn mask_text(text: &str, secrets: &[String]) -> String {
-    let mut out = text.to_string();
-    for secret in secrets {
-        if !secret.is_empty() && out.contains(secret.as_str()) {
-            out = out.replace(secret.as_str(), "[MASKED]");
-        }
-    }
-    out
-}
-
-/// An attribute with its string values masked.
-fn mask_attribute(attribute: KeyValue, secrets: &[String]) -> KeyValue {
-    if secrets.is_empty() {
-        return attribute;
-    }
-    let value = match attribute.value {
-        Value::String(s) => Value::String(mask_text(s.as_str(), secrets).into()),
-        Value::Array(Array::String(items)) => Value::Array(Array::String(
-            items
-                .iter()
-                .map(|i| StringValue::from(mask_text(i.as_str(), secrets)))
-                .collect(),
-        )),
-        other => other,
-    };
-    KeyValue::new(attribute.key, value)
-}
-
 /// The secrets of a job, longest first, shared by its spans.
 type Secrets = Arc<Vec<String>>;
 
@@ -387,23 +358,6 @@ impl IdGenerator for FixedTraceId {
 
     fn new_span_id(&self) -> SpanId {
         RandomIdGenerator::default().new_span_id()
-    }
-}
-
-/// Strips credentials from a repository URL (`https://user:token@host/p.git`
-/// becomes `https://host/p.git`); for scp-like `user@host:path`, drops the
-/// user.
-pub fn strip_credentials(url: &str) -> String {
-    if let Ok(mut parsed) = url::Url::parse(url) {
-        if parsed.has_host() {
-            let _ = parsed.set_username("");
-            let _ = parsed.set_password(None);
-            return parsed.to_string();
-        }
-    }
-    match url.rsplit_once('@') {
-        Some((_, rest)) => rest.to_string(),
-        None => url.to_string(),
     }
 }
 
@@ -951,19 +905,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn strip_credentials_cases() {
-        let check = |input: &str, expected: &str| assert_eq!(strip_credentials(input), expected);
-        check(
-            "https://gitlab-ci-token:glcbt-secret@gitlab.example.com/g/p.git",
-            "https://gitlab.example.com/g/p.git",
-        );
-        check("https://user@host/p.git", "https://host/p.git");
-        check("https://host/p.git", "https://host/p.git");
-        check("git@gitlab.com:g/p.git", "gitlab.com:g/p.git");
-        check("/srv/repos/p.git", "/srv/repos/p.git");
-    }
-
-    #[test]
     fn outcome_mappings() {
         let failed = |reason: &str| JobOutcome::Failed {
             failure_reason: reason.into(),
@@ -1098,27 +1039,6 @@ mod tests {
         check("0123456789abcdefghij", 18, "0123…[truncated]");
         check("ééééééééé", 16, "é…[truncated]");
         check("0123456789abcdefghij", 5, "");
-    }
-
-    #[test]
-    fn masking() {
-        let secrets = vec!["hunter22-long".to_string(), "hunter22".to_string()];
-        let check = |text: &str, expected: &str| {
-            assert_eq!(mask_text(text, &secrets), expected, "{text}");
-        };
-        check("key-hunter22-long", "key-[MASKED]");
-        check("a hunter22 b hunter22", "a [MASKED] b [MASKED]");
-        check("nothing here", "nothing here");
-        let masked = mask_attribute(
-            KeyValue::new(
-                "k",
-                Value::Array(Array::String(vec!["x-hunter22".into(), "y".into()])),
-            ),
-            &secrets,
-        );
-        assert_eq!(masked.value.to_string(), r#"["x-[MASKED]","y"]"#);
-        let number = mask_attribute(KeyValue::new("n", 22_i64), &secrets);
-        assert_eq!(number.value, Value::I64(22));
     }
 
     #[test]

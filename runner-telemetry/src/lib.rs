@@ -4,8 +4,8 @@
 //! the runner manager's export configuration ([`config`]), emits the
 //! `job_execution` span and its children ([`job`]) and exports them over
 //! OTLP without ever holding up the job ([`export`]); [`telemetry`] ties
-//! these together per runner. The reference runner (`ci-runner`) is a binary
-//! of this crate; its parts live in [`runner`].
+//! these together per runner. The reference runner (`ci-runner`, its own
+//! crate) embeds this library through its public API only.
 //!
 //! **Architecture Invariant:** `runner-telemetry` knows nothing about
 //! ClickHouse; it speaks OTLP and the GitLab job API, nothing else.
@@ -16,7 +16,7 @@ pub mod job;
 pub mod keys;
 pub mod metrics;
 pub mod negotiate;
-pub mod runner;
+pub mod secrets;
 pub mod telemetry;
 
 pub use config::{ExportSettings, TelemetryOverrides, TelemetrySettings};

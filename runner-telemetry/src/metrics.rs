@@ -1,5 +1,6 @@
-//! The runner's own telemetry metrics, in Prometheus text exposition format
-//! (`GET /metrics` on `--metrics-listen`).
+//! The runner's own telemetry metrics, rendered in Prometheus text exposition
+//! format (the reference runner serves them as `GET /metrics` on
+//! `--metrics-listen`).
 //!
 //! ```text
 //! ci_telemetry_spans_total                      spans handed to the export client (one per endpoint)
@@ -15,7 +16,6 @@
 //! Hand-written: six series do not need a metrics library.
 
 use std::fmt::Write as _;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -153,34 +153,6 @@ impl Metrics {
         );
         out
     }
-}
-
-/// Serves `GET /metrics` on `addr` in the background of the current runtime.
-/// Returns the bound address (port 0 picks one).
-pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    let bound = listener.local_addr()?;
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let metrics = metrics.clone();
-            async move {
-                (
-                    [(
-                        http::header::CONTENT_TYPE,
-                        "text/plain; version=0.0.4; charset=utf-8",
-                    )],
-                    metrics.render(),
-                )
-            }
-        }),
-    );
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!("The metrics server stopped: {e}");
-        }
-    });
-    Ok(bound)
 }
 
 #[cfg(test)]

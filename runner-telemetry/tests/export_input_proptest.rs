@@ -10,7 +10,6 @@ use proptest::prelude::*;
 use runner_telemetry::config::{self, TelemetryOverrides, TelemetrySettings};
 use runner_telemetry::export::{auth, retry};
 use runner_telemetry::negotiate::negotiate;
-use runner_telemetry::runner::config as runner_config;
 use serde_json::{json, Value};
 
 const ENV_NAMES: &[&str] = &[
@@ -182,14 +181,10 @@ proptest! {
         if let Ok(file) = toml::from_str::<TelemetrySettings>(&text) {
             let _ = config::resolve(&file, &TelemetryOverrides::default(), &env);
         }
-        if let Ok(file) = runner_config::parse(&text) {
-            let _ = runner_config::resolve(Some(file), &runner_config::RunFlags::default(), &env);
-        }
         let _ = config::parse_connection_string(&text);
         let _ = config::parse_headers(&text);
         let _ = config::parse_duration(&text);
         let _ = config::parse_byte_size(&text);
-        let _ = runner_config::parse_listen_address(&text);
     }
 
     #[test]
@@ -198,7 +193,6 @@ proptest! {
         env in environment(),
         flush in proptest::option::of(0u64..100_000),
         endpoint in proptest::option::of(interesting_text()),
-        listen in proptest::option::of(interesting_text()),
     ) {
         let text = toml::to_string(&table).unwrap_or_default();
         let overrides = TelemetryOverrides {
@@ -208,12 +202,6 @@ proptest! {
         };
         if let Ok(file) = toml::from_str::<TelemetrySettings>(&text) {
             let _ = config::resolve(&file, &overrides, &env);
-        }
-        let runner_file = format!("listen_address = {}\n[[runners]]\nurl = \"http://g\"\ntoken = \"t\"\n[runners.telemetry]\n{text}",
-            toml::Value::String(listen.clone().unwrap_or_default()));
-        if let Ok(file) = runner_config::parse(&runner_file) {
-            let flags = runner_config::RunFlags { telemetry: overrides, metrics_listen: listen, ..Default::default() };
-            let _ = runner_config::resolve(Some(file), &flags, &env);
         }
     }
 

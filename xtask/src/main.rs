@@ -11,6 +11,7 @@
 
 mod bench;
 mod bench_ingest;
+mod browser;
 mod cluster;
 mod demo;
 mod scaling;

@@ -26,6 +26,7 @@ pub fn run_all(args: &[String]) -> Result<()> {
         ]),
     )?;
     let venv = conformance::venv::ensure(&mut |line| println!("  {line}"))?;
+    crate::browser::ensure_chromium()?;
     build_binaries()?;
     step(
         "chDB HTTP server tests",
@@ -44,6 +45,7 @@ pub fn run_e2e(args: &[String]) -> Result<()> {
     match stack {
         Backend::Embedded => {
             conformance::venv::ensure(&mut |line| println!("  {line}"))?;
+            crate::browser::ensure_chromium()?;
             build_binaries()?;
             step(
                 "conformance suite",

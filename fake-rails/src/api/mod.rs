@@ -6,6 +6,7 @@ pub mod features;
 pub mod identity;
 pub mod projects;
 pub mod runners;
+pub mod telemetry;
 
 use std::collections::HashMap;
 

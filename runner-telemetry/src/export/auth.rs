@@ -17,7 +17,8 @@
 //! **Tokens never reach a log line, a span or an error message:** they live
 //! in [`Secret`] (no `Display`, a redacted `Debug`), errors name the file or
 //! server and never the content, header values are marked sensitive, and
-//! whatever a server answers is passed through [`redact`] before it is shown.
+//! whatever a server answers is passed through [`redact`] before it is shown
+//! (both in [`crate::secrets`]).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -29,6 +30,7 @@ use std::time::{Duration, Instant, SystemTime};
 use base64::Engine;
 
 use super::transport::HttpClient;
+use crate::secrets::Secret;
 
 /// How often a token file is read even when it looks unchanged.
 pub const TOKEN_FILE_RECHECK: Duration = Duration::from_secs(60);
@@ -52,35 +54,6 @@ impl fmt::Display for Auth {
             Auth::BearerTokenFile(path) => write!(f, "bearer_token_file({})", path.display()),
             Auth::GcpOidc { audience } => write!(f, "http_bearer_gcp_oidc(audience={audience})"),
         }
-    }
-}
-
-/// A token. Shows as `[REDACTED]`; [`Secret::expose`] is the only way in.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(Arc<str>);
-
-impl Secret {
-    pub fn new(value: &str) -> Secret {
-        Secret(Arc::from(value))
-    }
-
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "[REDACTED]")
-    }
-}
-
-/// Replaces every occurrence of `secret` in `text` (servers sometimes echo
-/// what they were sent).
-pub fn redact(text: &str, secret: Option<&Secret>) -> String {
-    match secret {
-        Some(s) if !s.expose().is_empty() => text.replace(s.expose(), "[REDACTED]"),
-        _ => text.to_string(),
     }
 }
 
@@ -331,17 +304,6 @@ mod tests {
             Duration::from_secs(1)
         );
         assert_eq!(refresh_margin(Duration::ZERO), Duration::ZERO);
-    }
-
-    #[test]
-    fn secrets_do_not_show() {
-        let secret = Secret::new("s3cr3t-token");
-        assert_eq!(format!("{secret:?}"), "[REDACTED]");
-        assert_eq!(
-            redact("bad token s3cr3t-token!", Some(&secret)),
-            "bad token [REDACTED]!"
-        );
-        assert_eq!(redact("x", None), "x");
     }
 
     proptest::proptest! {

@@ -21,10 +21,10 @@ use hyper_util::rt::TokioExecutor;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
 use prost::Message;
 
-use super::auth::{redact, Secret};
 use super::encode::RawExportRequest;
 use super::retry::{classify_grpc, classify_http, Verdict};
 use crate::negotiate::Transport;
+use crate::secrets::{redact, Secret};
 
 /// The gRPC method of OTLP traces.
 pub const GRPC_EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";

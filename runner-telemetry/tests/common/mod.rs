@@ -3,8 +3,6 @@
 
 #![allow(dead_code)]
 
-pub mod job_api;
-
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};

@@ -15,9 +15,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use ci_runner::{api, config, manager};
 use clap::{Parser, Subcommand};
 use runner_telemetry::config::{ProcessEnv, TelemetryOverrides};
-use runner_telemetry::runner::{api, config, manager};
 
 #[derive(Debug, Parser)]
 #[command(

@@ -18,7 +18,7 @@ use tokio::sync::{watch, Notify};
 use super::api::GitLabClient;
 
 /// What replaces a secret in the log.
-pub const MASK: &[u8] = b"[MASKED]";
+pub const MASK: &[u8] = runner_telemetry::secrets::MASKED.as_bytes();
 /// How often new log content is sent.
 pub const PATCH_INTERVAL: Duration = Duration::from_secs(1);
 /// Send early when this much is waiting.

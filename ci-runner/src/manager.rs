@@ -17,8 +17,8 @@ use tokio::task::JoinHandle;
 use super::api::{self, ApiError, GitLabClient, JobRequest};
 use super::config::{RunConfig, RunnerConfig};
 use super::job::{run_job, JobContext};
-use crate::job::RunnerIdentity;
-use crate::telemetry::RunnerTelemetry;
+use runner_telemetry::job::RunnerIdentity;
+use runner_telemetry::telemetry::RunnerTelemetry;
 
 /// Longest wait between job requests after errors.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -82,7 +82,7 @@ pub async fn run(config: RunConfig) -> i32 {
     }
 
     // One set of telemetry metrics for the process (all runners).
-    let metrics = crate::metrics::Metrics::new();
+    let metrics = runner_telemetry::metrics::Metrics::new();
     if let Some(addr) = config.metrics_listen {
         match crate::metrics::serve(addr, metrics.clone()).await {
             Ok(bound) => tracing::info!("Metrics listening on http://{bound}/metrics"),
@@ -188,7 +188,7 @@ async fn prepare_runner(
     runner: &RunnerConfig,
     system_id: &str,
     mut shutdown: watch::Receiver<bool>,
-    metrics: Arc<crate::metrics::Metrics>,
+    metrics: Arc<runner_telemetry::metrics::Metrics>,
 ) -> Result<JobContext, String> {
     let client =
         GitLabClient::new(&runner.url).map_err(|e| format!("Runner `{}`: {e}", runner.name))?;
@@ -248,7 +248,7 @@ async fn prepare_runner(
         gitlab_url: runner.url.clone(),
         builds_dir: runner.builds_dir.clone(),
         cache_dir: runner.cache_dir.clone(),
-        negotiation: crate::negotiate::NegotiationOptions {
+        negotiation: runner_telemetry::negotiate::NegotiationOptions {
             derive_trace_id_from_pipeline: runner.derive_trace_id_from_pipeline,
         },
         telemetry: RunnerTelemetry::with_metrics(runner.telemetry.clone(), identity, metrics),

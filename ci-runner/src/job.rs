@@ -48,10 +48,12 @@ use super::git;
 use super::payload::{CacheEntry, JobPayload, PayloadError};
 use super::shell::{self, ExportVar, ScriptResult};
 use super::trace::{self, JobLog, StopRequest};
-use crate::job::{ChildSpan, JobOutcome, JobSpanInfo, JobTelemetry, PendingFlush, SpanOutcome};
-use crate::keys;
-use crate::negotiate::{self, NegotiationOptions};
-use crate::telemetry::RunnerTelemetry;
+use runner_telemetry::job::{
+    ChildSpan, JobOutcome, JobSpanInfo, JobTelemetry, PendingFlush, SpanOutcome,
+};
+use runner_telemetry::keys;
+use runner_telemetry::negotiate::{self, NegotiationOptions};
+use runner_telemetry::telemetry::RunnerTelemetry;
 
 /// Default `after_script` timeout (GitLab's).
 pub const AFTER_SCRIPT_TIMEOUT: Duration = Duration::from_secs(300);

@@ -5,7 +5,7 @@
 
 use serde_json::{Map, Value};
 
-use crate::job::JobSpanInfo;
+use runner_telemetry::job::JobSpanInfo;
 
 /// Default job timeout when `runner_info.timeout` is missing (GitLab's).
 pub const DEFAULT_JOB_TIMEOUT_SECS: u64 = 3600;
@@ -105,7 +105,10 @@ pub struct GitInfo {
 impl std::fmt::Debug for GitInfo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("GitInfo")
-            .field("repo_url", &crate::job::strip_credentials(&self.repo_url))
+            .field(
+                "repo_url",
+                &runner_telemetry::secrets::strip_credentials(&self.repo_url),
+            )
             .field("git_ref", &self.git_ref)
             .field("sha", &self.sha)
             .field("depth", &self.depth)

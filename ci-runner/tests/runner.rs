@@ -301,7 +301,7 @@ fn add_variable(mut job: Value, variable: Value) -> Value {
 }
 
 fn crc32(data: &[u8]) -> u32 {
-    runner_telemetry::runner::trace::crc32(data)
+    ci_runner::trace::crc32(data)
 }
 
 /// The final update of a job, checked against the recorded log.
@@ -892,7 +892,7 @@ fn register_writes_a_gitlab_runner_shaped_config() {
         String::from_utf8_lossy(&out.stderr)
     );
     let text = std::fs::read_to_string(&config).unwrap();
-    let parsed = runner_telemetry::runner::config::parse(&text).unwrap();
+    let parsed = ci_runner::config::parse(&text).unwrap();
     let runner = &parsed.runners[0];
     assert_eq!(runner.name.as_deref(), Some("box-1"));
     assert_eq!(runner.id, Some(31));

@@ -34,7 +34,7 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use super::shell::{shell_quote, ExportVar};
-use crate::job::strip_credentials;
+use runner_telemetry::secrets::strip_credentials;
 
 /// One invocation in `run`.
 #[derive(Clone, PartialEq)]

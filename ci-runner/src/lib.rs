@@ -1,6 +1,6 @@
 //! The reference runner behind the `ci-runner` binary: a GitLab-compatible
-//! runner with a shell (bash) executor, instrumented with this crate's
-//! telemetry.
+//! runner with a shell (bash) executor, instrumented with `runner-telemetry`
+//! (through its public API only).
 //!
 //! * [`api`]: the GitLab job API client (register, verify, request, update,
 //!   trace, artifacts).
@@ -16,6 +16,7 @@
 //! * [`functions`]: CI Functions (`run:`).
 //! * [`manager`]: polling, concurrency, signals.
 //! * [`config`]: `config.toml` and the flags.
+//! * [`metrics`]: `GET /metrics` (`--metrics-listen`).
 
 pub mod api;
 pub mod archive;
@@ -26,6 +27,7 @@ pub mod functions;
 pub mod git;
 pub mod job;
 pub mod manager;
+pub mod metrics;
 pub mod payload;
 pub mod shell;
 pub mod trace;

@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{
+use runner_telemetry::config::{
     self as telemetry_config, DurationValue, Env, ExportSettings, TelemetryOverrides,
     TelemetrySettings,
 };

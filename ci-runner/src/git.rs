@@ -20,7 +20,7 @@ use std::path::Path;
 
 use super::payload::{GitInfo, JobPayload};
 use super::shell::shell_quote;
-use crate::job::strip_credentials;
+use runner_telemetry::secrets::strip_credentials;
 
 /// `GIT_STRATEGY`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -205,7 +205,7 @@ pub fn describe(git: &GitInfo) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::runner::payload::Variable;
+    use crate::payload::Variable;
 
     fn payload(vars: &[(&str, &str)], depth: i64, repo: &str) -> JobPayload {
         JobPayload {
