@@ -63,7 +63,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::negotiate::Transport;
+use crate::negotiate::{NegotiationOptions, Transport};
 
 /// Generic OTLP endpoint (all signals); `/v1/traces` is appended for HTTP.
 pub const OTEL_EXPORTER_OTLP_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
@@ -351,6 +351,10 @@ pub struct ExportSettings {
     pub gcp_metadata_url: String,
     /// Values ignored on the way, to be logged once at start.
     pub warnings: Vec<String>,
+    /// How this runner negotiates a job's telemetry (the old-GitLab trace ID
+    /// fallback); not read from `[runners.telemetry]`: the runner sets it
+    /// (`--derive-trace-id-from-pipeline`).
+    pub negotiation: NegotiationOptions,
 }
 
 /// Limits of the runner-wide export buffer and the retry schedule.
@@ -426,6 +430,7 @@ impl Default for ExportSettings {
             bearer_token_file: None,
             gcp_metadata_url: DEFAULT_GCP_METADATA_URL.to_string(),
             warnings: Vec::new(),
+            negotiation: NegotiationOptions::default(),
         }
     }
 }
@@ -668,15 +673,17 @@ pub fn resolve(
             .to_duration()
             .map_err(|e| ConfigError(format!("flush_timeout: {e}")))?,
         (None, None) => env_var(env, CI_TELEMETRY_FLUSH_TIMEOUT)
-            .and_then(|v| match v.trim().parse::<f64>() {
-                Ok(secs) if secs.is_finite() && secs >= 0.0 => Some(Duration::from_secs_f64(secs)),
-                _ => {
-                    warnings.push(format!(
+            .and_then(
+                |v| match v.trim().parse::<f64>().map(Duration::try_from_secs_f64) {
+                    Ok(Ok(duration)) => Some(duration),
+                    _ => {
+                        warnings.push(format!(
                         "ignored {CI_TELEMETRY_FLUSH_TIMEOUT}: `{v}` is not a number of seconds"
                     ));
-                    None
-                }
-            })
+                        None
+                    }
+                },
+            )
             .unwrap_or(DEFAULT_FLUSH_TIMEOUT),
     };
 
@@ -760,6 +767,7 @@ pub fn resolve(
         bearer_token_file,
         gcp_metadata_url,
         warnings,
+        negotiation: NegotiationOptions::default(),
     })
 }
 
@@ -1134,6 +1142,8 @@ mod tests {
             &[(CI_TELEMETRY_FLUSH_TIMEOUT, "600")],
             &format!("{ep} headers=[] timeout=10s flush=600s service=gitlab-ci-runner"),
         );
+        // Too many seconds for a Duration: ignored, not a panic.
+        check("", none(), &[(CI_TELEMETRY_FLUSH_TIMEOUT, "1e300")], &format!("{ep} headers=[] timeout=10s flush=5s service=gitlab-ci-runner warning=(ignored CI_TELEMETRY_FLUSH_TIMEOUT: `1e300` is not a number of seconds)"));
         check(
             "flush_timeout = 2",
             none(),

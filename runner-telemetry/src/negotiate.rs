@@ -24,7 +24,8 @@
 //! one-line [`DisabledReason`]; negotiation never panics and never fails the
 //! job.
 //!
-//! **Fallback for old GitLab** (opt-in, [`NegotiationOptions`]): a v1 payload
+//! **Fallback for old GitLab** (opt-in, [`NegotiationOptions`], carried by
+//! [`crate::config::ExportSettings::negotiation`]): a v1 payload
 //! with `features.job_telemetry: true` but no `trace_context` (a GitLab that
 //! predates it) can still be traced: the trace ID is derived with the Rails
 //! formula, `format!("{:032x}", root_pipeline_id)` (`job_info.root_pipeline_id`
@@ -37,7 +38,6 @@
 //! `trace_context` is present but invalid is still disabled (that is a bad
 //! payload, not an old GitLab).
 
-use std::cell::Cell;
 use std::fmt;
 
 use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceId, TraceState};
@@ -362,32 +362,10 @@ pub struct NegotiationOptions {
     pub derive_trace_id_from_pipeline: bool,
 }
 
-thread_local! {
-    static SCOPED_OPTIONS: Cell<NegotiationOptions> = const {
-        Cell::new(NegotiationOptions { derive_trace_id_from_pipeline: false })
-    };
-}
-
-/// Runs `f` with `options` in force for every [`negotiate`] call it makes on
-/// this thread (synchronously), then restores the previous options, also
-/// when `f` panics. This is how the reference runner hands its per-runner
-/// options to negotiation done deep inside
-/// [`crate::telemetry::RunnerTelemetry::start_job`].
-pub fn with_options<T>(options: NegotiationOptions, f: impl FnOnce() -> T) -> T {
-    struct Restore(NegotiationOptions);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            SCOPED_OPTIONS.with(|o| o.set(self.0));
-        }
-    }
-    let _restore = Restore(SCOPED_OPTIONS.with(|o| o.replace(options)));
-    f()
-}
-
-/// Decides telemetry for one job payload, with the options in force (see
-/// [`with_options`]; default: none). Never panics.
+/// Decides telemetry for one job payload with the default options (no
+/// old-GitLab fallback). Never panics.
 pub fn negotiate(payload: &Value) -> Negotiation {
-    negotiate_with(payload, SCOPED_OPTIONS.with(Cell::get))
+    negotiate_with(payload, NegotiationOptions::default())
 }
 
 /// Decides telemetry for one job payload with explicit options. Never
@@ -835,9 +813,6 @@ mod tests {
             expected,
             "input: {input}"
         );
-        // The same through the scoped options, which end with the scope.
-        let scoped = with_options(options, || negotiate(&input).to_string());
-        assert_eq!(scoped, expected);
     }
 
     #[test]

@@ -29,7 +29,7 @@ use crate::job::{
 };
 use crate::metrics::Metrics;
 use crate::negotiate::{
-    negotiate, ContractVersion, DisabledReason, EndpointAuth, Negotiation, TelemetryPlan,
+    negotiate_with, ContractVersion, DisabledReason, EndpointAuth, Negotiation, TelemetryPlan,
 };
 
 /// The telemetry side of one runner (one `[[runners]]` entry).
@@ -178,7 +178,7 @@ impl RunnerTelemetry {
                 "telemetry is disabled in the runner configuration".into(),
             ));
         }
-        let plan = match negotiate(payload) {
+        let plan = match negotiate_with(payload, self.settings.negotiation) {
             Negotiation::Disabled(reason) => return Err(reason),
             Negotiation::Enabled(plan) => plan,
         };
