@@ -43,9 +43,9 @@ use tokio::sync::watch;
 use super::api::{GitLabClient, JobOutput, UpdateJob, UpdateResult};
 use super::artifacts::{self, Preparation};
 use super::cache;
-use super::functions::{self, FunctionCall};
+use super::functions;
 use super::git;
-use super::payload::{CacheEntry, JobPayload, PayloadError};
+use super::payload::{CacheEntry, FunctionCall, JobPayload, PayloadError};
 use super::shell::{self, ExportVar, ScriptResult};
 use super::trace::{self, JobLog, StopRequest};
 use runner_telemetry::job::{

@@ -21,7 +21,7 @@ pub mod telemetry;
 
 pub use config::{ExportSettings, TelemetryOverrides, TelemetrySettings};
 pub use export::{DropReason, ExportHub};
-pub use export::{ExportTarget, ExporterFactory, FlushReport, SpanSink};
+pub use export::{ExportTarget, FlushReport, SpanSink};
 pub use job::{
     ChildSpan, JobOutcome, JobSpanInfo, JobTelemetry, PendingFlush, RunnerIdentity, SpanOutcome,
 };

@@ -28,16 +28,15 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
 use super::accounting::{DropReason, JobAccount, Outcome};
 use super::auth::Authenticator;
-use super::encode::{build_request, ResourceBlock, ScopeBlock, SpanRef};
+use super::encode::{build_request, EncodedSpan, SpanRef};
 use super::retry::{Backoff, Verdict};
+use super::sink::{ExportTarget, SpanSink};
 use super::transport::{validate_headers, Attempt, Headers, Transports};
-use super::{ExportTarget, SpanSink};
 use crate::config::{BufferSettings, ExportSettings};
 use crate::metrics::Metrics;
 
@@ -53,14 +52,6 @@ pub const SPAN_OVERHEAD: usize = std::mem::size_of::<Item>() + 16;
 pub const MAX_SHUTDOWN: Duration = Duration::from_secs(3600);
 /// A worker with nothing to do for this long ends (a new span restarts it).
 pub const IDLE_EXIT: Duration = Duration::from_secs(300);
-
-/// An ended span, encoded, with what it belongs to.
-#[derive(Debug, Clone)]
-pub struct EncodedSpan {
-    pub span: Bytes,
-    pub resource: Arc<ResourceBlock>,
-    pub scope: Arc<ScopeBlock>,
-}
 
 /// Spans and bytes in the buffer, against the limits.
 #[derive(Debug)]
