@@ -92,8 +92,8 @@ pub enum DisabledReason {
     /// v2: every endpoint was skipped; the reasons are joined.
     AllEndpointsSkipped(Vec<SkippedEndpoint>),
     /// Decided by the runner rather than the payload (configuration, a failed
-    /// exporter build, a caught panic).
-    Runner(String),
+    /// exporter build).
+    Runner(RunnerReason),
 }
 
 impl fmt::Display for DisabledReason {
@@ -346,7 +346,52 @@ impl fmt::Display for PayloadEndpoint {
 pub struct SkippedEndpoint {
     /// Index in `otel_endpoints`.
     pub index: usize,
-    pub reason: String,
+    pub reason: SkipReason,
+}
+
+/// Why a payload endpoint was not used (shown after `otel_endpoints[i] `).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SkipReason {
+    #[error("is not an object")]
+    NotObject,
+    #[error("has no url")]
+    NoUrl,
+    #[error("url is not a string")]
+    UrlNotString,
+    #[error("url is invalid: {0}")]
+    InvalidUrl(String),
+    #[error("has unsupported scheme `{0}`")]
+    UnsupportedScheme(String),
+    #[error("url has no host")]
+    NoHost,
+    #[error("url carries credentials")]
+    Credentials,
+    #[error("auth is not an object")]
+    AuthNotObject,
+    #[error("auth.type is not a string")]
+    AuthTypeNotString,
+    #[error("auth http_bearer_gcp_oidc has no audience")]
+    NoAudience,
+    #[error("has unsupported auth type `{0}`")]
+    UnsupportedAuthType(String),
+    #[error("is beyond the limit of {0} endpoints")]
+    BeyondLimit(usize),
+}
+
+/// Why the runner, not the payload, disabled a job's telemetry.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RunnerReason {
+    /// `disabled` in the runner's configuration.
+    #[error("telemetry is disabled in the runner configuration")]
+    Configured,
+    /// Every endpoint failed to set up.
+    #[error("no exporter could be built: {}", .0.iter().map(|e| format!("skipped=[{e}]")).collect::<Vec<_>>().join(" "))]
+    NoExporter(Vec<crate::export::SetupError>),
+    /// The SDK did not start the job span.
+    #[error("the job span could not be started")]
+    SpanNotStarted,
 }
 
 impl fmt::Display for SkippedEndpoint {
@@ -501,7 +546,7 @@ fn negotiate_v2(tracing: &Object) -> Result<TelemetryPlan, DisabledReason> {
         match payload_endpoint(entry) {
             Ok(_) if endpoints.len() == MAX_PAYLOAD_ENDPOINTS => skipped.push(SkippedEndpoint {
                 index,
-                reason: format!("is beyond the limit of {MAX_PAYLOAD_ENDPOINTS} endpoints"),
+                reason: SkipReason::BeyondLimit(MAX_PAYLOAD_ENDPOINTS),
             }),
             Ok(endpoint) => endpoints.push(endpoint),
             Err(reason) => skipped.push(SkippedEndpoint { index, reason }),
@@ -549,14 +594,14 @@ fn string_field<'a>(
     }
 }
 
-fn payload_endpoint(entry: &Value) -> Result<PayloadEndpoint, String> {
-    let entry = entry.as_object().ok_or("is not an object")?;
+fn payload_endpoint(entry: &Value) -> Result<PayloadEndpoint, SkipReason> {
+    let entry = entry.as_object().ok_or(SkipReason::NotObject)?;
     let raw_url = match entry.get("url") {
         Some(Value::String(url)) if !url.is_empty() => url,
-        Some(Value::String(_)) | None | Some(Value::Null) => return Err("has no url".into()),
-        Some(_) => return Err("url is not a string".into()),
+        Some(Value::String(_)) | None | Some(Value::Null) => return Err(SkipReason::NoUrl),
+        Some(_) => return Err(SkipReason::UrlNotString),
     };
-    let url = url::Url::parse(raw_url).map_err(|e| format!("url is invalid: {e}"))?;
+    let url = url::Url::parse(raw_url).map_err(|e| SkipReason::InvalidUrl(e.to_string()))?;
     let auth = endpoint_auth(entry.get("auth"))?;
     let scheme = url.scheme();
     let (transport, tls) = match scheme {
@@ -564,14 +609,14 @@ fn payload_endpoint(entry: &Value) -> Result<PayloadEndpoint, String> {
         "https" => (Transport::HttpProtobuf, true),
         "grpc" => (Transport::Grpc, false),
         "grpcs" => (Transport::Grpc, true),
-        other => return Err(format!("has unsupported scheme `{other}`")),
+        other => return Err(SkipReason::UnsupportedScheme(other.to_string())),
     };
     let host = match url.host_str() {
         Some(host) if !host.is_empty() => host,
-        _ => return Err("url has no host".into()),
+        _ => return Err(SkipReason::NoHost),
     };
     if !url.username().is_empty() || url.password().is_some() {
-        return Err("url carries credentials".into());
+        return Err(SkipReason::Credentials);
     }
     let url = match transport {
         Transport::HttpProtobuf => url.to_string(),
@@ -589,16 +634,16 @@ fn payload_endpoint(entry: &Value) -> Result<PayloadEndpoint, String> {
     })
 }
 
-fn endpoint_auth(auth: Option<&Value>) -> Result<EndpointAuth, String> {
+fn endpoint_auth(auth: Option<&Value>) -> Result<EndpointAuth, SkipReason> {
     let auth = match auth {
         None | Some(Value::Null) => return Ok(EndpointAuth::None),
         Some(Value::Object(auth)) => auth,
-        Some(_) => return Err("auth is not an object".into()),
+        Some(_) => return Err(SkipReason::AuthNotObject),
     };
     let kind = match auth.get("type") {
         None | Some(Value::Null) => return Ok(EndpointAuth::None),
         Some(Value::String(kind)) => kind.as_str(),
-        Some(_) => return Err("auth.type is not a string".into()),
+        Some(_) => return Err(SkipReason::AuthTypeNotString),
     };
     match kind {
         "" | "none" => Ok(EndpointAuth::None),
@@ -608,12 +653,12 @@ fn endpoint_auth(auth: Option<&Value>) -> Result<EndpointAuth, String> {
                 .and_then(|o| o.get("audience"))
                 .and_then(Value::as_str)
                 .filter(|a| !a.is_empty())
-                .ok_or("auth http_bearer_gcp_oidc has no audience")?;
+                .ok_or(SkipReason::NoAudience)?;
             Ok(EndpointAuth::HttpBearerGcpOidc {
                 audience: audience.to_string(),
             })
         }
-        other => Err(format!("has unsupported auth type `{other}`")),
+        other => Err(SkipReason::UnsupportedAuthType(other.to_string())),
     }
 }
 

@@ -34,6 +34,7 @@
 pub mod accounting;
 pub mod auth;
 pub mod encode;
+pub mod error;
 pub mod hub;
 pub mod retry;
 pub mod sink;
@@ -52,6 +53,7 @@ use opentelemetry_sdk::Resource;
 pub use accounting::{DropReason, EndpointReport, FlushReport, JobAccount};
 pub use auth::Auth;
 pub use encode::{EncodedSpan, ResourceBlock, ScopeBlock};
+pub use error::SetupError;
 pub use hub::{ExportHub, ShutdownReport, MAX_BATCH};
 pub use sink::{ExportTarget, SpanSink};
 
