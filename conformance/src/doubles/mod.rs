@@ -7,23 +7,24 @@ pub mod otlp;
 
 use std::time::Duration;
 
-/// Polls `check` until it returns `Some`, at most `deadline`, pausing
-/// `every` between tries; the last `None` is an error naming `what`. For
-/// state that gives no signal when it changes (files, processes, counters).
-pub async fn eventually<T>(
-    what: &str,
-    deadline: Duration,
-    every: Duration,
-    mut check: impl FnMut() -> Option<T>,
-) -> Result<T, String> {
+/// Polls `check` until it returns `Some`, at most `deadline`, and panics
+/// naming `what` if it never does. For state that gives no signal when it
+/// changes (counters, files, processes); a collector's arrivals have
+/// [`otlp::Collector::wait_for`].
+pub async fn eventually<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
     let until = tokio::time::Instant::now() + deadline;
     loop {
-        if let Some(value) = check() {
-            return Ok(value);
+        if let Some(value) = check().await {
+            return value;
         }
-        if tokio::time::Instant::now() >= until {
-            return Err(format!("{what}: not within {deadline:?}"));
-        }
-        tokio::time::sleep(every).await;
+        assert!(
+            tokio::time::Instant::now() < until,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }

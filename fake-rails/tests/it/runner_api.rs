@@ -1,6 +1,6 @@
 //! The runner API's status codes, headers and error bodies, as GitLab answers them.
 
-mod common;
+use crate::common;
 
 use common::Gitlab;
 use reqwest::StatusCode;
