@@ -1,5 +1,6 @@
 //! The job payload of `POST /api/v4/jobs/request`, shaped like GitLab's
-//! `Entities::Ci::JobRequest::Response` (GitLab Runner's `spec.Job`).
+//! `Entities::Ci::JobRequest::Response` (GitLab Runner's `spec.Job`); the
+//! telemetry fields follow `docs/contract.md` §1.
 
 use serde::Serialize;
 use time::OffsetDateTime;

@@ -1,9 +1,9 @@
 //! Telemetry negotiation: from a job payload, decide whether this job emits
 //! telemetry and where its spans hang.
 //!
-//! Two contracts are accepted (see `shared/notes/contract.md`):
+//! Two contracts are accepted (`docs/contract.md` §1):
 //!
-//! * **v1** (the seeds): `features.job_telemetry == true` plus a top-level
+//! * **v1** (the first design): `features.job_telemetry == true` plus a top-level
 //!   `trace_context {trace_id, parent_span_id}`. Spans go to the runner
 //!   manager's static endpoint (see [`crate::config`]).
 //! * **v2** (GitLab Runner today): `features.tracing {trace_id,
@@ -312,8 +312,7 @@ impl fmt::Display for Transport {
 pub enum EndpointAuth {
     None,
     /// `http_bearer_gcp_oidc`: a GCP ID token for `audience` as a bearer
-    /// token. Token acquisition comes with issue 6; until then the exporter
-    /// sends no credentials and says so in the log.
+    /// token, fetched and cached per audience by [`crate::export::auth`].
     HttpBearerGcpOidc {
         audience: String,
     },

@@ -26,10 +26,14 @@
 //!   runner's buffer, and the job's final line is logged when the last is
 //!   decided (`job=N telemetry settled ...`).
 //!
-//! The SDK's `BatchSpanProcessor` and the stock `opentelemetry-otlp`
-//! exporters are not used: the former runs its own thread without the tokio
-//! reactor, and neither buffers across jobs, honours `Retry-After`, or
-//! accounts for what it drops.
+//! Why our own client rather than the SDK's `BatchSpanProcessor` and the
+//! stock `opentelemetry-otlp` exporters (which do retry, honouring
+//! `Retry-After` and `RetryInfo`): the processor runs its own thread without
+//! the tokio reactor, and what a runner needs is not per-exporter: one buffer
+//! for the whole runner bounded in bytes as well as spans, a `max_age` after
+//! which a span is given up, an account per job and endpoint of every span
+//! (exported or dropped with a reason), and GCP ID tokens fetched and cached
+//! per audience for each payload endpoint.
 
 pub mod accounting;
 pub mod auth;
