@@ -387,7 +387,7 @@ pub enum RunnerReason {
     Configured,
     /// Every endpoint failed to set up.
     #[error("no exporter could be built: {}", .0.iter().map(|e| format!("skipped=[{e}]")).collect::<Vec<_>>().join(" "))]
-    NoExporter(Vec<crate::export::SetupError>),
+    NoExporter(Vec<crate::export::error::SetupError>),
     /// The SDK did not start the job span.
     #[error("the job span could not be started")]
     SpanNotStarted,
