@@ -103,7 +103,7 @@ pub struct RunFlags {
     /// `--cache-dir`: for every runner, wins over the file.
     pub cache_dir: Option<PathBuf>,
     /// `--derive-trace-id-from-pipeline`: the old-GitLab fallback of
-    /// negotiation, for every runner (see `crate::negotiate`).
+    /// negotiation, for every runner (see `runner_telemetry::negotiate`).
     pub derive_trace_id_from_pipeline: bool,
 }
 
@@ -118,7 +118,8 @@ pub struct RunnerConfig {
     pub shell: String,
     pub builds_dir: PathBuf,
     pub cache_dir: PathBuf,
-    pub derive_trace_id_from_pipeline: bool,
+    /// Export and negotiation settings (`telemetry.negotiation` carries
+    /// `--derive-trace-id-from-pipeline`).
     pub telemetry: ExportSettings,
 }
 
@@ -256,12 +257,13 @@ pub fn resolve(
         } else {
             cwd.join(cache_dir)
         };
-        let telemetry = telemetry_config::resolve(
+        let mut telemetry = telemetry_config::resolve(
             &section.telemetry.clone().unwrap_or_default(),
             &flags.telemetry,
             env,
         )
         .map_err(|e| format!("{what} [runners.telemetry]: {e}"))?;
+        telemetry.negotiation.derive_trace_id_from_pipeline = flags.derive_trace_id_from_pipeline;
         runners.push(RunnerConfig {
             name,
             url,
@@ -271,7 +273,6 @@ pub fn resolve(
             shell,
             builds_dir,
             cache_dir,
-            derive_trace_id_from_pipeline: flags.derive_trace_id_from_pipeline,
             telemetry,
         });
     }

@@ -33,7 +33,7 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use opentelemetry::{Array, KeyValue, StringValue, Value as OtelValue};
@@ -43,9 +43,9 @@ use tokio::sync::watch;
 use super::api::{GitLabClient, JobOutput, UpdateJob, UpdateResult};
 use super::artifacts::{self, Preparation};
 use super::cache;
-use super::functions::{self, FunctionCall};
+use super::functions;
 use super::git;
-use super::payload::{CacheEntry, JobPayload, PayloadError};
+use super::payload::{CacheEntry, FunctionCall, JobPayload, PayloadError};
 use super::shell::{self, ExportVar, ScriptResult};
 use super::trace::{self, JobLog, StopRequest};
 use runner_telemetry::job::{
@@ -81,10 +81,11 @@ pub struct JobContext {
     pub runner_name: String,
     pub gitlab_url: String,
     pub builds_dir: PathBuf,
+    /// The slots of `builds_dir` in use, shared with the manager's other
+    /// runners.
+    pub build_dirs: BuildDirs,
     /// The local cache: `<cache_dir>/<project path>/<key>/cache.zip`.
     pub cache_dir: PathBuf,
-    /// Per-runner negotiation options (the old-GitLab trace ID fallback).
-    pub negotiation: NegotiationOptions,
     pub telemetry: RunnerTelemetry,
 }
 
@@ -209,33 +210,44 @@ fn script_stage_end(result: &ScriptResult, timeout: Duration) -> (StageEnd, Opti
     }
 }
 
-/// Build directories held by running jobs of this process.
-static BUSY_BUILD_DIRS: Mutex<BTreeSet<PathBuf>> = Mutex::new(BTreeSet::new());
-
-/// A project's build directory, held while its job runs.
-#[derive(Debug)]
-struct BuildSlot {
-    dir: PathBuf,
+/// The build directories held by running jobs. The runner manager owns one
+/// set for all its runners (they may share a `builds_dir`) and hands a clone
+/// to each [`JobContext`].
+#[derive(Debug, Clone, Default)]
+pub struct BuildDirs {
+    busy: Arc<Mutex<BTreeSet<PathBuf>>>,
 }
 
-impl BuildSlot {
-    /// The lowest free slot of the project: `<builds_dir>/<slot>/<path>`.
-    fn acquire(builds_dir: &Path, project_path: &str) -> BuildSlot {
-        let mut busy = BUSY_BUILD_DIRS.lock().unwrap_or_else(|e| e.into_inner());
+impl BuildDirs {
+    /// The lowest free slot of the project: `<builds_dir>/<slot>/<path>`,
+    /// held until the returned [`BuildSlot`] is dropped.
+    pub fn acquire(&self, builds_dir: &Path, project_path: &str) -> BuildSlot {
+        let mut busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
         let mut slot = 0;
         loop {
             let dir = shell::build_dir(builds_dir, slot, project_path);
             if busy.insert(dir.clone()) {
-                return BuildSlot { dir };
+                return BuildSlot {
+                    dir,
+                    owner: self.clone(),
+                };
             }
             slot += 1;
         }
     }
 }
 
+/// A project's build directory, held while its job runs.
+#[derive(Debug)]
+pub struct BuildSlot {
+    dir: PathBuf,
+    owner: BuildDirs,
+}
+
 impl Drop for BuildSlot {
     fn drop(&mut self) {
-        BUSY_BUILD_DIRS
+        self.owner
+            .busy
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&self.dir);
@@ -269,10 +281,8 @@ pub async fn run_job(
         payload.timeout_secs
     );
     let span_info = payload.span_info(&ctx.gitlab_url);
-    let mut telemetry = negotiate::with_options(ctx.negotiation, || {
-        ctx.telemetry.start_job(&raw, &span_info, received)
-    });
-    if telemetry.is_enabled() && uses_derived_trace_id(ctx.negotiation, &raw) {
+    let mut telemetry = ctx.telemetry.start_job(&raw, &span_info, received);
+    if telemetry.is_enabled() && uses_derived_trace_id(ctx.telemetry.settings().negotiation, &raw) {
         if let Some(derived) = negotiate::derived_trace_context(&raw) {
             tracing::info!(
                 "job={job_id} telemetry trace_id={} derived from the pipeline id (the payload has no trace context): job_execution is a root span",
@@ -524,7 +534,7 @@ impl Job<'_> {
 
         log.section_start("prepare_script", "Preparing environment");
         log.line(&format!("Running on {}...", super::config::hostname()));
-        let slot = BuildSlot::acquire(
+        let slot = self.ctx.build_dirs.acquire(
             &self.ctx.builds_dir,
             &self.payload.job_info.project_full_path,
         );
@@ -1198,9 +1208,7 @@ async fn report_unparseable(
         job_id,
         ..Default::default()
     };
-    let telemetry = negotiate::with_options(ctx.negotiation, || {
-        ctx.telemetry.start_job(raw, &info, received)
-    });
+    let telemetry = ctx.telemetry.start_job(raw, &info, received);
     let log = JobLog::new(vec![token.clone()]);
     log.line(&format!(
         "\x1b[0KRunning with ci-runner {}",
@@ -1229,5 +1237,28 @@ async fn report_unparseable(
         job_id: Some(job_id),
         outcome: Some(ending.outcome),
         flush,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn build_slots_are_held_until_dropped_and_belong_to_their_owner() {
+        let root = Path::new("/builds");
+        let dirs = BuildDirs::default();
+        let first = dirs.acquire(root, "g/p");
+        let second = dirs.acquire(root, "g/p");
+        assert_eq!(first.dir, root.join("0/g/p"));
+        assert_eq!(second.dir, root.join("1/g/p"));
+        assert_eq!(dirs.acquire(root, "g/q").dir, root.join("0/g/q"));
+        drop(first);
+        assert_eq!(dirs.acquire(root, "g/p").dir, root.join("0/g/p"));
+        // Another manager's slots are its own.
+        assert_eq!(
+            BuildDirs::default().acquire(root, "g/p").dir,
+            root.join("0/g/p")
+        );
     }
 }

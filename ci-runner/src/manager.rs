@@ -16,7 +16,7 @@ use tokio::task::JoinHandle;
 
 use super::api::{self, ApiError, GitLabClient, JobRequest};
 use super::config::{RunConfig, RunnerConfig};
-use super::job::{run_job, JobContext};
+use super::job::{run_job, BuildDirs, JobContext};
 use runner_telemetry::job::RunnerIdentity;
 use runner_telemetry::telemetry::RunnerTelemetry;
 
@@ -92,9 +92,19 @@ pub async fn run(config: RunConfig) -> i32 {
             }
         }
     }
+    // One set of build-directory slots for the process (runners may share a
+    // builds_dir).
+    let build_dirs = BuildDirs::default();
     let mut contexts = Vec::new();
     for runner in &config.runners {
-        match prepare_runner(runner, &system_id, shutdown_rx.clone(), metrics.clone()).await {
+        let prepared = prepare_runner(
+            runner,
+            &system_id,
+            shutdown_rx.clone(),
+            metrics.clone(),
+            build_dirs.clone(),
+        );
+        match prepared.await {
             Ok(ctx) => contexts.push(ctx),
             Err(e) => {
                 tracing::error!("{e}");
@@ -189,6 +199,7 @@ async fn prepare_runner(
     system_id: &str,
     mut shutdown: watch::Receiver<bool>,
     metrics: Arc<runner_telemetry::metrics::Metrics>,
+    build_dirs: BuildDirs,
 ) -> Result<JobContext, String> {
     let client =
         GitLabClient::new(&runner.url).map_err(|e| format!("Runner `{}`: {e}", runner.name))?;
@@ -247,10 +258,8 @@ async fn prepare_runner(
         runner_name: runner.name.clone(),
         gitlab_url: runner.url.clone(),
         builds_dir: runner.builds_dir.clone(),
+        build_dirs,
         cache_dir: runner.cache_dir.clone(),
-        negotiation: runner_telemetry::negotiate::NegotiationOptions {
-            derive_trace_id_from_pipeline: runner.derive_trace_id_from_pipeline,
-        },
         telemetry: RunnerTelemetry::with_metrics(runner.telemetry.clone(), identity, metrics),
     })
 }

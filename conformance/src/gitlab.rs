@@ -12,10 +12,10 @@ use serde_json::{json, Value};
 use crate::paths;
 use crate::process::{wait_for, Lifetime, ManagedProcess};
 
-/// Payload contract fake-rails speaks (see `shared/notes/contract.md`).
+/// Payload contract fake-rails speaks (`docs/contract.md` §1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Contract {
-    /// `features.job_telemetry` + `trace_context` (the seeds).
+    /// `features.job_telemetry` + `trace_context` (v1, the first design).
     V1,
     /// `features.tracing{trace_id, span_parent_id, otel_endpoints}` (GitLab today).
     V2,

@@ -6,11 +6,14 @@
 //! ClickHouse, and starts the other processes a test needs (fake-rails, the
 //! runner under test), all tied to the test's lifetime. `cargo xtask` uses the
 //! same code for `stack up|down|status` and the demo. The tests themselves live
-//! in `tests/`.
+//! in `tests/`. With the `doubles` feature, [`doubles`] holds the test doubles
+//! every crate's tests share.
 
 pub mod clickhouse;
 pub mod cluster;
 pub mod docker;
+#[cfg(feature = "doubles")]
+pub mod doubles;
 pub mod gitlab;
 pub mod load;
 pub mod paths;

@@ -8,7 +8,8 @@ use std::time::Duration;
 /// Which job payload contract fake-rails speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Contract {
-    /// The seeds' contract: `features.job_telemetry` + top-level `trace_context`.
+    /// Contract v1 (`docs/contract.md` §1.1): `features.job_telemetry` +
+    /// top-level `trace_context`.
     #[default]
     V1,
     /// GitLab's shipped contract: `features.tracing{trace_id, span_parent_id, otel_endpoints}`.

@@ -1,6 +1,7 @@
 //! The spans of one job: `job_execution`, child of the payload's remote span,
 //! and the children that later phases hang under it (stage spans in Phase 2,
-//! CI Function spans in Phase 3) through [`JobTelemetry::child`].
+//! CI Function spans in Phase 3) through [`JobTelemetry::child`]. Names,
+//! attributes and limits: `docs/contract.md` §2.
 //!
 //! Limits (the design's): at most [`MAX_SPANS_PER_JOB`] spans per job,
 //! `job_execution` included; children asked for past the cap are not created,

@@ -19,7 +19,7 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use crate::export::DropReason;
+use crate::export::accounting::DropReason;
 
 /// Counters shared by every export hub of the process.
 #[derive(Debug, Default)]

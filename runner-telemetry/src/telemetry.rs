@@ -29,7 +29,8 @@ use crate::job::{
 };
 use crate::metrics::Metrics;
 use crate::negotiate::{
-    negotiate, ContractVersion, DisabledReason, EndpointAuth, Negotiation, TelemetryPlan,
+    negotiate_with, ContractVersion, DisabledReason, EndpointAuth, Negotiation, RunnerReason,
+    TelemetryPlan,
 };
 
 /// The telemetry side of one runner (one `[[runners]]` entry).
@@ -174,16 +175,15 @@ impl RunnerTelemetry {
     ) -> Result<JobTelemetry, DisabledReason> {
         let job_id = job.job_id;
         if !self.settings.enabled {
-            return Err(DisabledReason::Runner(
-                "telemetry is disabled in the runner configuration".into(),
-            ));
+            return Err(DisabledReason::Runner(RunnerReason::Configured));
         }
-        let plan = match negotiate(payload) {
+        let plan = match negotiate_with(payload, self.settings.negotiation) {
             Negotiation::Disabled(reason) => return Err(reason),
             Negotiation::Enabled(plan) => plan,
         };
         let mut sinks: Vec<Box<dyn SpanSink>> = Vec::new();
         let mut notes = Vec::new();
+        let mut failed = Vec::new();
         for target in self.targets(&plan) {
             match self.hub.build(&target) {
                 Ok(sink) => {
@@ -192,14 +192,14 @@ impl RunnerTelemetry {
                     }
                     sinks.push(sink);
                 }
-                Err(error) => notes.push(format!("skipped=[{error}]")),
+                Err(error) => {
+                    notes.push(format!("skipped=[{error}]"));
+                    failed.push(error);
+                }
             }
         }
         if sinks.is_empty() {
-            return Err(DisabledReason::Runner(format!(
-                "no exporter could be built: {}",
-                notes.join(" ")
-            )));
+            return Err(DisabledReason::Runner(RunnerReason::NoExporter(failed)));
         }
         let endpoints: Vec<String> = sinks
             .iter()
@@ -214,9 +214,7 @@ impl RunnerTelemetry {
             sinks,
         });
         let Some(span) = telemetry.span_context() else {
-            return Err(DisabledReason::Runner(
-                "the job span could not be started".into(),
-            ));
+            return Err(DisabledReason::Runner(RunnerReason::SpanNotStarted));
         };
         let contract = match plan.contract {
             ContractVersion::V1 => "v1",

@@ -17,9 +17,9 @@ use axum::routing::get;
 use axum::{Json, Router};
 
 use super::{header, QueryPairs};
+use crate::app_state::AppState;
 use crate::ids;
 use crate::pages;
-use crate::server::AppState;
 use crate::state::{Job, JobStatus, Store};
 use crate::telemetry::{self, JobSummary, PipelineSummary, QueryError, Reader, NOT_ARRIVED};
 

@@ -28,16 +28,16 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
 use super::accounting::{DropReason, JobAccount, Outcome};
 use super::auth::Authenticator;
-use super::encode::{build_request, ResourceBlock, ScopeBlock, SpanRef};
+use super::encode::{build_request, EncodedSpan, SpanRef};
+use super::error::SetupError;
 use super::retry::{Backoff, Verdict};
+use super::sink::{ExportTarget, SpanSink};
 use super::transport::{validate_headers, Attempt, Headers, Transports};
-use super::{ExportTarget, SpanSink};
 use crate::config::{BufferSettings, ExportSettings};
 use crate::metrics::Metrics;
 
@@ -53,14 +53,6 @@ pub const SPAN_OVERHEAD: usize = std::mem::size_of::<Item>() + 16;
 pub const MAX_SHUTDOWN: Duration = Duration::from_secs(3600);
 /// A worker with nothing to do for this long ends (a new span restarts it).
 pub const IDLE_EXIT: Duration = Duration::from_secs(300);
-
-/// An ended span, encoded, with what it belongs to.
-#[derive(Debug, Clone)]
-pub struct EncodedSpan {
-    pub span: Bytes,
-    pub resource: Arc<ResourceBlock>,
-    pub scope: Arc<ScopeBlock>,
-}
 
 /// Spans and bytes in the buffer, against the limits.
 #[derive(Debug)]
@@ -205,7 +197,7 @@ impl Worker {
 pub(crate) struct HubInner {
     limits: BufferSettings,
     shutdown_timeout: Duration,
-    transports: Result<Transports, String>,
+    transports: Result<Transports, SetupError>,
     auth: Authenticator,
     budget: Arc<Budget>,
     metrics: Arc<Metrics>,
@@ -282,20 +274,19 @@ impl ExportHub {
 
     /// A sink for `target`. Needs a tokio runtime (the worker runs there).
     /// The error is one line, without credentials.
-    pub fn build(&self, target: &ExportTarget) -> Result<Box<dyn SpanSink>, String> {
-        let runtime = tokio::runtime::Handle::try_current()
-            .map_err(|_| "no tokio runtime to export from".to_string())?;
+    pub fn build(&self, target: &ExportTarget) -> Result<Box<dyn SpanSink>, SetupError> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| SetupError::NoRuntime)?;
         let _ = self.inner.runtime.set(runtime);
         let transports = self
             .inner
             .transports
             .as_ref()
-            .map_err(|e| format!("{target}: {e}"))?;
-        validate_headers(&target.headers).map_err(|e| format!("{target}: {e}"))?;
+            .map_err(|e| e.clone().for_target(target))?;
+        validate_headers(&target.headers).map_err(|e| e.for_target(target))?;
         if target.transport == crate::negotiate::Transport::Grpc {
             transports
                 .grpc_channel(&target.url)
-                .map_err(|e| format!("{target}: {e}"))?;
+                .map_err(|e| e.for_target(target))?;
         }
         let worker = self.inner.worker(target)?;
         Ok(Box::new(EndpointSink {
@@ -363,7 +354,7 @@ impl HubInner {
     }
 
     /// The worker of `target`, started if needed.
-    fn worker(self: &Arc<Self>, target: &ExportTarget) -> Result<Arc<Worker>, String> {
+    fn worker(self: &Arc<Self>, target: &ExportTarget) -> Result<Arc<Worker>, SetupError> {
         let mut workers = self.workers.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(worker) = workers.get(target) {
             return Ok(worker.clone());
@@ -373,7 +364,7 @@ impl HubInner {
             .get()
             .cloned()
             .or_else(|| tokio::runtime::Handle::try_current().ok())
-            .ok_or_else(|| "no tokio runtime to export from".to_string())?;
+            .ok_or(SetupError::NoRuntime)?;
         let worker = Arc::new(Worker {
             target: target.clone(),
             label: target.to_string(),

@@ -22,6 +22,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse
 use prost::Message;
 
 use super::encode::RawExportRequest;
+use super::error::SetupError;
 use super::retry::{classify_grpc, classify_http, Verdict};
 use crate::negotiate::Transport;
 use crate::secrets::{redact, Secret};
@@ -69,40 +70,42 @@ impl std::fmt::Debug for HttpClient {
 }
 
 /// The root certificates: the system's and the CA file's.
-pub fn tls_roots(ca_file: Option<&Path>) -> Result<rustls::RootCertStore, String> {
+pub fn tls_roots(ca_file: Option<&Path>) -> Result<rustls::RootCertStore, SetupError> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::CertificateDer;
     let mut roots = rustls::RootCertStore::empty();
     let native = rustls_native_certs::load_native_certs();
     let _ = roots.add_parsable_certificates(native.certs);
     if let Some(path) = ca_file {
-        let pem = std::fs::read(path)
-            .map_err(|e| format!("cannot read the CA file `{}`: {e}", path.display()))?;
+        let pem = std::fs::read(path).map_err(|e| SetupError::ca_file_unreadable(path, &e))?;
+        let invalid = |reason: String| SetupError::CaFileInvalid {
+            path: path.to_path_buf(),
+            reason,
+        };
         let mut added = 0;
         for cert in CertificateDer::pem_slice_iter(&pem) {
-            let cert = cert
-                .map_err(|e| format!("the CA file `{}` is not valid PEM: {e}", path.display()))?;
+            let cert = cert.map_err(|e| invalid(format!("is not valid PEM: {e}")))?;
             roots
                 .add(cert)
-                .map_err(|e| format!("the CA file `{}`: {e}", path.display()))?;
+                .map_err(|e| invalid(format!("holds an unusable certificate: {e}")))?;
             added += 1;
         }
         if added == 0 {
-            return Err(format!(
-                "the CA file `{}` holds no certificate",
-                path.display()
-            ));
+            return Err(invalid("holds no certificate".into()));
         }
     }
     Ok(roots)
 }
 
 impl HttpClient {
-    pub fn new(ca_file: Option<&Path>, connect_timeout: Duration) -> Result<HttpClient, String> {
+    pub fn new(
+        ca_file: Option<&Path>,
+        connect_timeout: Duration,
+    ) -> Result<HttpClient, SetupError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let tls = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
-            .map_err(|e| format!("TLS: {e}"))?
+            .map_err(|e| SetupError::Tls(e.to_string()))?
             .with_root_certificates(tls_roots(ca_file)?)
             .with_no_client_auth();
         let mut http = HttpConnector::new();
@@ -192,13 +195,13 @@ pub type Headers = Vec<(HeaderName, HeaderValue)>;
 
 /// Validates `(name, value)` pairs; the error names the header, never its
 /// value.
-pub fn validate_headers(headers: &[(String, String)]) -> Result<Headers, String> {
+pub fn validate_headers(headers: &[(String, String)]) -> Result<Headers, SetupError> {
     let mut out = Vec::new();
     for (key, value) in headers {
         let name = HeaderName::from_bytes(key.trim().as_bytes())
-            .map_err(|_| format!("header name `{key}` is not valid"))?;
-        let mut value = HeaderValue::from_str(value)
-            .map_err(|_| format!("the value of header `{key}` is not valid"))?;
+            .map_err(|_| SetupError::HeaderName(key.clone()))?;
+        let mut value =
+            HeaderValue::from_str(value).map_err(|_| SetupError::HeaderValue(key.clone()))?;
         value.set_sensitive(true);
         out.push((name, value));
     }
@@ -217,7 +220,7 @@ pub struct Transports {
     http: HttpClient,
     ca_file: Option<std::path::PathBuf>,
     grpc: Mutex<HashMap<String, tonic::transport::Channel>>,
-    grpc_tls_roots: OnceLock<Result<Vec<tonic::transport::Certificate>, String>>,
+    grpc_tls_roots: OnceLock<Result<Vec<tonic::transport::Certificate>, SetupError>>,
     export_timeout: Duration,
 }
 
@@ -230,7 +233,7 @@ impl std::fmt::Debug for Transports {
 }
 
 impl Transports {
-    pub fn new(ca_file: Option<&Path>, export_timeout: Duration) -> Result<Transports, String> {
+    pub fn new(ca_file: Option<&Path>, export_timeout: Duration) -> Result<Transports, SetupError> {
         Ok(Transports {
             http: HttpClient::new(ca_file, export_timeout.min(Duration::from_secs(5)))?,
             ca_file: ca_file.map(Path::to_path_buf),
@@ -250,13 +253,13 @@ impl Transports {
 
     /// The gRPC channel of `url` (`http://host:port` or `https://...`),
     /// created on first use and connected lazily.
-    pub fn grpc_channel(&self, url: &str) -> Result<tonic::transport::Channel, String> {
+    pub fn grpc_channel(&self, url: &str) -> Result<tonic::transport::Channel, SetupError> {
         let mut channels = self.grpc.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(channel) = channels.get(url) {
             return Ok(channel.clone());
         }
         let mut endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
-            .map_err(|e| format!("invalid gRPC endpoint: {e}"))?
+            .map_err(|e| SetupError::GrpcEndpoint(e.to_string()))?
             .timeout(self.export_timeout)
             .connect_timeout(self.export_timeout.min(Duration::from_secs(5)));
         if url.starts_with("https://") {
@@ -266,13 +269,15 @@ impl Transports {
                     None => Ok(Vec::new()),
                     Some(path) => std::fs::read(path)
                         .map(|pem| vec![tonic::transport::Certificate::from_pem(pem)])
-                        .map_err(|e| format!("cannot read the CA file `{}`: {e}", path.display())),
+                        .map_err(|e| SetupError::ca_file_unreadable(path, &e)),
                 })
                 .clone()?;
             let tls = tonic::transport::ClientTlsConfig::new()
                 .with_native_roots()
                 .ca_certificates(extra);
-            endpoint = endpoint.tls_config(tls).map_err(|e| format!("TLS: {e}"))?;
+            endpoint = endpoint
+                .tls_config(tls)
+                .map_err(|e| SetupError::Tls(e.to_string()))?;
         }
         let channel = endpoint.connect_lazy();
         channels.insert(url.to_string(), channel.clone());
@@ -384,7 +389,7 @@ impl Transports {
             Err(error) => {
                 return Attempt::Failed {
                     verdict: Verdict::Permanent,
-                    error,
+                    error: error.to_string(),
                     unauthenticated: false,
                 }
             }
@@ -465,4 +470,41 @@ fn delivered(response: ExportTraceServiceResponse, bearer: Option<&Secret>) -> A
         None => (0, String::new()),
     };
     Attempt::Delivered { rejected, message }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn setup_errors_are_typed_and_name_no_value() {
+        let missing = tls_roots(Some(Path::new("/nonexistent/ca.pem"))).unwrap_err();
+        assert!(
+            matches!(
+                &missing,
+                SetupError::CaFileUnreadable {
+                    kind: std::io::ErrorKind::NotFound,
+                    ..
+                }
+            ),
+            "{missing:?}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("ca.pem");
+        std::fs::write(&empty, "no certificate here").unwrap();
+        assert!(matches!(
+            tls_roots(Some(&empty)),
+            Err(SetupError::CaFileInvalid { .. })
+        ));
+        let bad_value = validate_headers(&[("x-key".into(), "secret\nvalue".into())]).unwrap_err();
+        assert_eq!(bad_value, SetupError::HeaderValue("x-key".into()));
+        assert_eq!(
+            bad_value.to_string(),
+            "the value of header `x-key` is not valid"
+        );
+        assert_eq!(
+            validate_headers(&[("bad name".into(), "v".into())]).unwrap_err(),
+            SetupError::HeaderName("bad name".into())
+        );
+    }
 }

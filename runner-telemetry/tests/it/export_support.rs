@@ -3,8 +3,6 @@
 //! each request came and what it carried, captured logs, and the accounting
 //! invariant.
 
-#![allow(dead_code)]
-
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::sync::{Arc, Mutex, OnceLock};

@@ -1,7 +1,4 @@
 //! Shared test harness: a real fake-rails on a real port, driven with reqwest.
-#![allow(dead_code)]
-
-use std::time::{Duration, Instant};
 
 use fake_rails::{Config, RunningServer};
 use reqwest::{RequestBuilder, Response, StatusCode};
@@ -267,19 +264,4 @@ pub fn variable<'a>(payload: &'a Value, key: &str) -> Option<&'a Value> {
         .find(|v| v["key"] == key)
 }
 
-/// Polls `check` until it returns `Some` or the deadline passes.
-pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::task::yield_now().await;
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
+pub use conformance::doubles::eventually;

@@ -1,6 +1,6 @@
 //! Workload identity: ID tokens verify against the JWKS; the telemetry gateway check.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

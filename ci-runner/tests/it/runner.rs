@@ -1,8 +1,6 @@
 //! The real `ci-runner` binary against a tiny in-test job API (and in-test
 //! OTLP collectors). Every wait polls with a deadline.
 
-mod common;
-
 use std::collections::{HashMap, VecDeque};
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -11,17 +9,17 @@ use std::process::{Child, Command};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::job_api::{
+    git_commit, git_repo, job_token, range_not_satisfiable, range_start, runner_command, serve,
+    trace_text, verified, PARENT, RUNNER_TOKEN, TRACE_ID,
+};
 use axum::body::Bytes;
 use axum::extract::{Path as UrlPath, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{patch, post, put};
 use axum::Json;
-use common::job_api::{
-    git_commit, git_repo, job_token, range_not_satisfiable, range_start, runner_command, serve,
-    trace_text, verified, PARENT, RUNNER_TOKEN, TRACE_ID,
-};
-use common::{closed_port, grpc_collector, http_collector, stalled_server};
+use conformance::doubles::otlp::{closed_port, grpc_collector, http_collector, stalled_server};
 use serde_json::{json, Value};
 
 const DEADLINE: Duration = Duration::from_secs(30);

@@ -1,7 +1,7 @@
 //! Pipelines from `.gitlab-ci.yml`: errors, stage ordering, `when`,
 //! `allow_failure`, `needs`, manual jobs, CI Functions, local repositories.
 
-mod common;
+use crate::common;
 
 use common::{Gitlab, TestRunner};
 use reqwest::StatusCode;

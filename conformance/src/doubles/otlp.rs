@@ -1,14 +1,13 @@
-//! In-test OTLP collectors (HTTP and gRPC) that record what they receive, and
-//! helpers to wait on them with deadlines.
-
-#![allow(dead_code)]
-
-pub mod job_api;
+//! In-test OTLP collectors (HTTP and gRPC) that record the decoded requests
+//! they receive, and wait on their arrival without sleeping; a stalled server
+//! and a closed port for the failure cases.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::sync::Notify;
 
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
@@ -113,14 +112,21 @@ fn flatten(request: &ExportTraceServiceRequest) -> Vec<ReceivedSpan> {
 pub struct Collector {
     pub addr: Option<SocketAddr>,
     spans: Arc<Mutex<Vec<ReceivedSpan>>>,
+    requests: Arc<Mutex<Vec<ExportTraceServiceRequest>>>,
     /// Header maps of the requests received.
     headers: Arc<Mutex<Vec<BTreeMap<String, String>>>>,
     paths: Arc<Mutex<Vec<String>>>,
+    arrived: Arc<Notify>,
 }
 
 impl Collector {
     pub fn spans(&self) -> Vec<ReceivedSpan> {
         self.spans.lock().unwrap().clone()
+    }
+
+    /// The decoded requests, in arrival order.
+    pub fn requests(&self) -> Vec<ExportTraceServiceRequest> {
+        self.requests.lock().unwrap().clone()
     }
 
     pub fn headers(&self) -> Vec<BTreeMap<String, String>> {
@@ -131,20 +137,21 @@ impl Collector {
         self.paths.lock().unwrap().clone()
     }
 
-    /// Waits (polling) until `predicate` holds for the received spans, at
-    /// most `deadline`.
+    /// Waits until `predicate` holds for the received spans, woken by each
+    /// arrival, at most `deadline`; returns the spans either way.
     pub async fn wait_for(
         &self,
         deadline: Duration,
         predicate: impl Fn(&[ReceivedSpan]) -> bool,
     ) -> Vec<ReceivedSpan> {
-        let until = Instant::now() + deadline;
+        let until = tokio::time::Instant::now() + deadline;
         loop {
+            let arrival = self.arrived.notified();
             let spans = self.spans();
-            if predicate(&spans) || Instant::now() >= until {
+            if predicate(&spans) || tokio::time::Instant::now() >= until {
                 return spans;
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            let _ = tokio::time::timeout_at(until, arrival).await;
         }
     }
 
@@ -155,8 +162,10 @@ impl Collector {
         path: String,
     ) {
         self.spans.lock().unwrap().extend(flatten(request));
+        self.requests.lock().unwrap().push(request.clone());
         self.headers.lock().unwrap().push(headers);
         self.paths.lock().unwrap().push(path);
+        self.arrived.notify_waiters();
     }
 
     pub fn http_endpoint(&self) -> String {

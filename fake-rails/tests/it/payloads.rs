@@ -1,7 +1,7 @@
 //! Snapshots of job payloads as runners receive them: contract v1, contract
 //! v2 (with an OIDC audience), and the flag off.
 
-mod common;
+use crate::common;
 
 use common::{variable, Gitlab};
 use fake_rails::ids::{self, RailsSpan};

@@ -3,13 +3,11 @@
 //! expire, tokens kept out of logs and errors, and `https`/`grpcs`
 //! collectors behind a private CA.
 
-mod export_support;
-
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use crate::export_support::*;
 use base64::Engine;
-use export_support::*;
 use runner_telemetry::negotiate::Transport;
 use runner_telemetry::{DropReason, RunnerTelemetry};
 use wiremock::matchers::{header, method, path, query_param};

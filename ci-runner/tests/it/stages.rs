@@ -4,8 +4,6 @@
 //! endpoint) and an in-test OTLP/HTTP collector. Every wait polls with a
 //! deadline.
 
-mod common;
-
 use std::collections::HashMap;
 use std::io::Read;
 use std::net::SocketAddr;
@@ -13,17 +11,17 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::job_api::{
+    git_repo, job_token, range_not_satisfiable, range_start, runner_command, serve, trace_text,
+    verified, PARENT, TRACE_ID,
+};
 use axum::body::Bytes;
 use axum::extract::{Path as UrlPath, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{patch, post, put};
 use axum::Json;
-use common::job_api::{
-    git_repo, job_token, range_not_satisfiable, range_start, runner_command, serve, trace_text,
-    verified, PARENT, TRACE_ID,
-};
-use common::{http_collector, Collector, ReceivedSpan};
+use conformance::doubles::otlp::{http_collector, Collector, ReceivedSpan};
 use serde_json::{json, Value};
 
 const DEADLINE: Duration = Duration::from_secs(60);

@@ -1,6 +1,6 @@
 //! 100 runners polling at once: every job of a big pipeline is handed out exactly once.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};

@@ -1,7 +1,7 @@
 //! Telemetry negotiation as Rails does it: the project-level flag (boolean,
 //! actors, percentage of actors) and the sampling rate per root pipeline.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 

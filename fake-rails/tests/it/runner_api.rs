@@ -1,6 +1,6 @@
 //! The runner API's status codes, headers and error bodies, as GitLab answers them.
 
-mod common;
+use crate::common;
 
 use common::Gitlab;
 use reqwest::StatusCode;
@@ -478,4 +478,96 @@ async fn oversized_bodies_are_413_json() {
         .unwrap();
     assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
     assert!(response.json::<Value>().await.unwrap()["message"].is_string());
+}
+
+/// GitLab ignores a trailing slash and repeated slashes, and answers
+/// `GET /api/v4/user` for the token's user: clients written against GitLab
+/// rely on both (a runner registering at `/runners/`, an API client listing
+/// `/features/` or setting `/features//NAME`, checking its token first).
+#[tokio::test]
+async fn paths_match_as_gitlab_matches_them_and_the_user_endpoint_answers() {
+    let gitlab = Gitlab::start_default().await;
+    let response = gitlab
+        .client
+        .post(gitlab.api("/runners/"))
+        .json(&json!({"token": gitlab.server.registration_token()}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED, "POST /runners/");
+
+    // The query string survives the rewrite: `value` travels in it.
+    let response = gitlab
+        .admin(
+            reqwest::Method::POST,
+            "/features//ci_job_telemetry?value=true",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        response.status(),
+        StatusCode::CREATED,
+        "POST /features//NAME"
+    );
+    for path in ["/features/", "//features", "/features//"] {
+        let response = gitlab
+            .admin(reqwest::Method::GET, path)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "GET {path}");
+        let list: Value = response.json().await.unwrap();
+        let names: Vec<&str> = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|f| f["name"].as_str())
+            .collect();
+        assert_eq!(names, ["ci_job_telemetry"], "GET {path}");
+    }
+
+    let response = gitlab
+        .admin(reqwest::Method::GET, "/user")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let user: Value = response.json().await.unwrap();
+    assert_eq!(user["username"], "root");
+    assert_eq!(user["is_admin"], true);
+    let bearer = gitlab
+        .client
+        .get(gitlab.api("/user/"))
+        .bearer_auth(gitlab.server.admin_token())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        bearer.status(),
+        StatusCode::OK,
+        "bearer token, trailing slash"
+    );
+    for token in [None, Some("wrong")] {
+        let mut request = gitlab.client.get(gitlab.api("/user"));
+        if let Some(token) = token {
+            request = request.header("PRIVATE-TOKEN", token);
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(
+            response.status(),
+            StatusCode::UNAUTHORIZED,
+            "token {token:?}"
+        );
+        assert_eq!(message(response).await, "401 Unauthorized");
+    }
+    // Unknown paths stay 404, with or without a slash.
+    for path in ["/nothing", "/nothing/"] {
+        let response = gitlab
+            .admin(reqwest::Method::GET, path)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::NOT_FOUND, "GET {path}");
+    }
 }

@@ -1,11 +1,9 @@
 //! `job_execution` spans exported to in-test OTLP collectors, over HTTP and
 //! gRPC, and what happens when the collector is down or stalled.
 
-mod common;
-
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::{
+use conformance::doubles::otlp::{
     closed_port, grpc_collector, http_collector, stalled_server, Collector, ReceivedSpan,
 };
 use opentelemetry::KeyValue;
