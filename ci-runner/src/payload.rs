@@ -9,6 +9,11 @@ use runner_telemetry::job::JobSpanInfo;
 
 /// Default job timeout when `runner_info.timeout` is missing (GitLab's).
 pub const DEFAULT_JOB_TIMEOUT_SECS: u64 = 3600;
+/// The longest timeout a job (or one of its steps) can have: GitLab refuses
+/// more (`Project::MAX_BUILD_TIMEOUT`, one month of 30.436875 days, the bound
+/// of the project setting and of the `timeout` keyword); a larger value in
+/// a payload is clamped to it, so no deadline can overflow.
+pub const MAX_JOB_TIMEOUT_SECS: u64 = 2_629_746;
 
 #[derive(Clone, Default, PartialEq)]
 pub struct JobPayload {
@@ -298,7 +303,7 @@ impl JobPayload {
         let runner_info = object(root.get("runner_info"));
         let timeout_secs = int(runner_info.get("timeout"))
             .filter(|t| *t > 0)
-            .map(|t| t as u64)
+            .map(|t| (t as u64).min(MAX_JOB_TIMEOUT_SECS))
             .unwrap_or(DEFAULT_JOB_TIMEOUT_SECS);
 
         let variables = match root.get("variables") {
@@ -355,7 +360,7 @@ impl JobPayload {
                         script,
                         timeout_secs: int(step.get("timeout"))
                             .filter(|t| *t > 0)
-                            .map(|t| t as u64),
+                            .map(|t| (t as u64).min(MAX_JOB_TIMEOUT_SECS)),
                         when: if when.is_empty() {
                             "on_success".into()
                         } else {
@@ -521,6 +526,14 @@ mod tests {
             "ok id=7 name=build pipeline=Some(3) timeout=60 vars=A steps=script:on_success:echo hi;ls|after_script:always:echo bye",
         );
         // Lenient types: string IDs, missing sections, wrong-typed optional fields.
+        check(
+            json!({"id": 9, "token": "t", "runner_info": {"timeout": 18446744073709551615_u64}}),
+            "ok id=9 name= pipeline=None timeout=2629746 vars= steps=",
+        );
+        check(
+            json!({"id": 10, "token": "t", "runner_info": {"timeout": 1e300}}),
+            "ok id=10 name= pipeline=None timeout=2629746 vars= steps=",
+        );
         check(
             json!({"id": "8", "token": "t", "job_info": "oops", "runner_info": {"timeout": "x"}, "variables": {}}),
             "ok id=8 name= pipeline=None timeout=3600 vars= steps=",
