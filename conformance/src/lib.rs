@@ -8,6 +8,7 @@
 //! in `tests/`.
 
 pub mod clickhouse;
+pub mod fault_proxy;
 pub mod gitlab;
 pub mod paths;
 pub mod process;
