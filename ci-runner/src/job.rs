@@ -63,6 +63,10 @@ pub const AFTER_SCRIPT_TIMEOUT: Duration = Duration::from_secs(300);
 /// low-cardinality name; the function's own name is `ci.function.name`.
 pub const FUNCTION_SPAN_NAME: &str = "ci_function";
 
+/// In debug builds, a job variable that makes the job's task panic (value
+/// `execute`): how the tests reach the panic handling.
+pub const DEBUG_PANIC_VARIABLE: &str = "CI_RUNNER_DEBUG_PANIC";
+
 /// Stage span names (GitLab Runner's build stage names).
 pub mod stages {
     pub const PREPARE_EXECUTOR: &str = "prepare_executor";
@@ -489,6 +493,12 @@ impl Job<'_> {
     }
 
     async fn execute(&mut self, stop: &mut watch::Receiver<bool>) -> Ending {
+        // Debug builds only: a job can ask for a panic, so the tests can show
+        // that a panic fails that job and nothing else.
+        #[cfg(debug_assertions)]
+        if self.payload.variable(DEBUG_PANIC_VARIABLE) == Some("execute") {
+            panic!("{DEBUG_PANIC_VARIABLE} asked for a panic");
+        }
         let deadline = deadline_after(self.timeout());
         self.log.line(&format!(
             "\x1b[0KRunning with ci-runner {} (reference runner)",
