@@ -363,7 +363,7 @@ impl GitLabClient {
     /// `POST /api/v4/jobs/:id/artifacts` (one attempt): multipart `file`
     /// with `artifact_type`, `artifact_format` and `expire_in` as query
     /// parameters, the job token as `JOB-TOKEN`. Returns the HTTP status;
-    /// `Err` for network errors.
+    /// `Err` for network errors, 5xx and 429 (with their `Retry-After`).
     pub async fn upload_artifacts(
         &self,
         job_id: i64,
@@ -392,7 +392,11 @@ impl GitLabClient {
             .send()
             .await
             .map_err(network)?;
-        Ok(response.status().as_u16())
+        let status = response.status().as_u16();
+        if status >= 500 || status == 429 {
+            return Err(status_error(&response));
+        }
+        Ok(status)
     }
 
     /// `PATCH /api/v4/jobs/:id/trace` with `content` at `start`.

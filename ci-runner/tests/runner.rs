@@ -992,3 +992,31 @@ async fn an_overflowing_timeout_is_clamped_and_the_job_runs() {
         runner.log()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_shutdown_a_failing_final_status_is_retried_for_the_shutdown_timeout() {
+    let (api, addr) = start_api(vec![job(45, &["echo hi"], &[])], |s| {
+        s.refuse_updates_with = Some(503);
+    })
+    .await;
+    let mut runner = Runner::start(
+        addr,
+        1,
+        &["--telemetry-disabled", "--shutdown-timeout", "1"],
+    );
+    // The job ended and its status keeps failing (the limit is an hour).
+    until("the first failed status update", || {
+        runner.log().contains("job=45 Status update failed")
+    })
+    .await;
+    assert!(api.update(45).is_none());
+    runner.signal(libc::SIGTERM);
+    assert_eq!(runner.wait_exit().await, 2, "{}", runner.log());
+    assert!(
+        runner
+            .log()
+            .contains("job=45 Could not send the job's final status"),
+        "{}",
+        runner.log()
+    );
+}
