@@ -48,6 +48,10 @@ struct ApiState {
     throttle_updates: usize,
     /// Answer every status update with this (a GitLab that never accepts).
     refuse_updates_with: Option<u16>,
+    /// Jobs whose first trace PATCH hangs (far longer than a test lasts).
+    hang_first_patch: Vec<i64>,
+    /// PATCH requests hanging right now.
+    hanging: usize,
 }
 
 #[derive(Clone)]
@@ -126,6 +130,23 @@ async fn patch_trace(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    let hang = {
+        let mut state = api.lock();
+        match state.hang_first_patch.iter().position(|j| *j == id) {
+            Some(i) => {
+                state.hang_first_patch.remove(i);
+                state.hanging += 1;
+                true
+            }
+            None => false,
+        }
+    };
+    if hang {
+        // Far longer than the test waits: the runner must not wait it out.
+        tokio::time::sleep(DEADLINE * 2).await;
+        api.lock().hanging -= 1;
+        return StatusCode::GATEWAY_TIMEOUT.into_response();
+    }
     let mut state = api.lock();
     let token = job_token(&headers).unwrap_or_default();
     if state.job_tokens.get(&id) != Some(&token) {
@@ -1018,5 +1039,23 @@ async fn at_shutdown_a_failing_final_status_is_retried_for_the_shutdown_timeout(
             .contains("job=45 Could not send the job's final status"),
         "{}",
         runner.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_trace_patch_is_cut_short_and_retried() {
+    let (api, addr) = start_api(vec![job(46, &["echo before", "echo after"], &[])], |s| {
+        s.hang_first_patch.push(46);
+    })
+    .await;
+    let mut runner = Runner::start(addr, 1, &["--telemetry-disabled"]);
+    assert_eq!(runner.wait_exit().await, 0, "{}", runner.log());
+    // The status and the whole log arrived while the first PATCH still hangs.
+    assert_eq!(api.lock().hanging, 1);
+    assert_update(&api, 46, "success", None, None);
+    let trace = api.trace(46);
+    assert!(
+        trace.contains("after\n") && trace.contains("Job succeeded"),
+        "{trace}"
     );
 }
