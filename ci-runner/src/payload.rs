@@ -14,6 +14,9 @@ pub const DEFAULT_JOB_TIMEOUT_SECS: u64 = 3600;
 /// of the project setting and of the `timeout` keyword); a larger value in
 /// a payload is clamped to it, so no deadline can overflow.
 pub const MAX_JOB_TIMEOUT_SECS: u64 = 2_629_746;
+/// Caches a job can have (GitLab's `cache` keyword allows four); more in a
+/// payload are ignored.
+pub const MAX_CACHES: usize = 4;
 
 #[derive(Clone, Default, PartialEq)]
 pub struct JobPayload {
@@ -298,7 +301,7 @@ impl JobPayload {
                     .collect(),
                 _ => Vec::new(),
             },
-            depth: int(git.get("depth")).unwrap_or(0),
+            depth: int(git.get("depth")).unwrap_or(0).max(0),
         };
         let runner_info = object(root.get("runner_info"));
         let timeout_secs = int(runner_info.get("timeout"))
@@ -381,6 +384,7 @@ impl JobPayload {
         };
         let caches = entries(root.get("cache"))
             .iter()
+            .take(MAX_CACHES)
             .map(|c| CacheEntry {
                 key: text_or(c.get("key"), "default"),
                 untracked: flag(c.get("untracked")),
@@ -484,6 +488,19 @@ impl JobPayload {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn counts_and_sizes_are_bounded() {
+        let caches: Vec<Value> = (0..10).map(|i| json!({"key": format!("k{i}")})).collect();
+        let payload = JobPayload::from_value(&json!({
+            "id": 1, "token": "t", "cache": caches, "git_info": {"depth": -5},
+            "steps": [{"name": "script", "script": ["true"], "timeout": 1e300}],
+        }))
+        .unwrap();
+        assert_eq!(payload.caches.len(), MAX_CACHES);
+        assert_eq!(payload.git_info.depth, 0);
+        assert_eq!(payload.steps[0].timeout_secs, Some(MAX_JOB_TIMEOUT_SECS));
+    }
 
     fn check(input: Value, expected: &str) {
         let actual = match JobPayload::from_value(&input) {
