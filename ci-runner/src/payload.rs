@@ -16,6 +16,14 @@ use runner_telemetry::secrets::strip_credentials;
 
 /// Default job timeout when `runner_info.timeout` is missing (GitLab's).
 pub const DEFAULT_JOB_TIMEOUT_SECS: u64 = 3600;
+/// The longest timeout a job (or one of its steps) can have: GitLab refuses
+/// more (`Project::MAX_BUILD_TIMEOUT`, one month of 30.436875 days, the bound
+/// of the project setting and of the `timeout` keyword); a larger value in
+/// a payload is clamped to it, so no deadline can overflow.
+pub const MAX_JOB_TIMEOUT_SECS: u64 = 2_629_746;
+/// Caches a job can have (GitLab's `cache` keyword allows four); more in a
+/// payload are ignored.
+pub const MAX_CACHES: usize = 4;
 
 #[derive(Clone, Default, PartialEq)]
 pub struct JobPayload {
@@ -297,12 +305,12 @@ impl JobPayload {
                     .collect(),
                 _ => Vec::new(),
             },
-            depth: int(git.get("depth")).unwrap_or(0),
+            depth: int(git.get("depth")).unwrap_or(0).max(0),
         };
         let runner_info = object(root.get("runner_info"));
         let timeout_secs = int(runner_info.get("timeout"))
             .filter(|t| *t > 0)
-            .map(|t| t as u64)
+            .map(|t| (t as u64).min(MAX_JOB_TIMEOUT_SECS))
             .unwrap_or(DEFAULT_JOB_TIMEOUT_SECS);
 
         let variables = match root.get("variables") {
@@ -359,7 +367,7 @@ impl JobPayload {
                         script,
                         timeout_secs: int(step.get("timeout"))
                             .filter(|t| *t > 0)
-                            .map(|t| t as u64),
+                            .map(|t| (t as u64).min(MAX_JOB_TIMEOUT_SECS)),
                         when: if when.is_empty() {
                             "on_success".into()
                         } else {
@@ -380,6 +388,7 @@ impl JobPayload {
         };
         let caches = entries(root.get("cache"))
             .iter()
+            .take(MAX_CACHES)
             .map(|c| CacheEntry {
                 key: text_or(c.get("key"), "default"),
                 untracked: flag(c.get("untracked")),
@@ -662,6 +671,19 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    #[test]
+    fn counts_and_sizes_are_bounded() {
+        let caches: Vec<Value> = (0..10).map(|i| json!({"key": format!("k{i}")})).collect();
+        let payload = JobPayload::from_value(&json!({
+            "id": 1, "token": "t", "cache": caches, "git_info": {"depth": -5},
+            "steps": [{"name": "script", "script": ["true"], "timeout": 1e300}],
+        }))
+        .unwrap();
+        assert_eq!(payload.caches.len(), MAX_CACHES);
+        assert_eq!(payload.git_info.depth, 0);
+        assert_eq!(payload.steps[0].timeout_secs, Some(MAX_JOB_TIMEOUT_SECS));
+    }
+
     fn check(input: Value, expected: &str) {
         let actual = match JobPayload::from_value(&input) {
             Ok(p) => format!(
@@ -703,6 +725,14 @@ mod tests {
             "ok id=7 name=build pipeline=Some(3) timeout=60 vars=A steps=script:on_success:echo hi;ls|after_script:always:echo bye",
         );
         // Lenient types: string IDs, missing sections, wrong-typed optional fields.
+        check(
+            json!({"id": 9, "token": "t", "runner_info": {"timeout": 18446744073709551615_u64}}),
+            "ok id=9 name= pipeline=None timeout=2629746 vars= steps=",
+        );
+        check(
+            json!({"id": 10, "token": "t", "runner_info": {"timeout": 1e300}}),
+            "ok id=10 name= pipeline=None timeout=2629746 vars= steps=",
+        );
         check(
             json!({"id": "8", "token": "t", "job_info": "oops", "runner_info": {"timeout": "x"}, "variables": {}}),
             "ok id=8 name= pipeline=None timeout=3600 vars= steps=",

@@ -16,6 +16,7 @@ use std::time::Duration;
 use tokio::sync::{watch, Notify};
 
 use super::api::GitLabClient;
+use super::deliver::{Attempts, Patience};
 
 /// What replaces a secret in the log.
 pub const MASK: &[u8] = runner_telemetry::secrets::MASKED.as_bytes();
@@ -243,6 +244,12 @@ impl JobLog {
         self.lock().closed
     }
 
+    /// Bytes GitLab confirmed, and the log's size.
+    fn progress(&self) -> (usize, usize) {
+        let state = self.lock();
+        (state.sent, state.data.len())
+    }
+
     fn is_fully_sent(&self) -> bool {
         let state = self.lock();
         state.sent >= state.data.len()
@@ -263,29 +270,27 @@ pub enum StopRequest {
     Canceled,
 }
 
-/// Uploads `log` until it is closed and fully sent (or the final attempts are
-/// used up). Sends a [`StopRequest`] when GitLab says the job was canceled.
+/// Uploads `log` until it is closed and fully sent. Once it is closed, the
+/// rest is retried (with backoff, honouring `Retry-After`) for as long as
+/// `patience` allows. Sends a [`StopRequest`] when GitLab says the job was
+/// canceled. Returns whether GitLab has the whole log (or refused it for
+/// good: 403/404, the job is gone).
 pub async fn upload(
     client: GitLabClient,
     job_id: i64,
     job_token: String,
     log: JobLog,
     stop: watch::Sender<Option<StopRequest>>,
-) {
-    let mut final_attempts = 0;
+    patience: Patience,
+) -> bool {
+    let mut final_attempts: Option<Attempts> = None;
     loop {
         let closed = log.is_closed();
         if closed && log.is_fully_sent() {
-            return;
-        }
-        if closed {
-            final_attempts += 1;
-            if final_attempts > 5 {
-                tracing::warn!("job={job_id} Giving up sending the end of the job log");
-                return;
-            }
+            return true;
         }
         let mut progressed = false;
+        let mut retry_after = None;
         while let Some((start, chunk)) = log.unsent() {
             let len = chunk.len();
             match client.patch_trace(job_id, &job_token, start, chunk).await {
@@ -310,30 +315,45 @@ pub async fn upload(
                         403 => {
                             // The job is no longer running (canceled or gone).
                             let _ = stop.send(Some(StopRequest::Canceled));
-                            return;
+                            return true;
                         }
-                        404 => return,
+                        404 => return true,
                         status => {
                             tracing::debug!("job={job_id} Job log PATCH answered {status}");
+                            retry_after = result.retry_after;
                             break;
                         }
                     }
                 }
                 Err(e) => {
                     tracing::debug!("job={job_id} Job log PATCH failed: {e}");
+                    retry_after = e.retry_after();
                     break;
                 }
             }
         }
         if closed {
-            if !progressed {
-                tokio::time::sleep(Duration::from_millis(200 * final_attempts)).await;
+            if log.is_fully_sent() {
+                return true;
+            }
+            let attempts = final_attempts.get_or_insert_with(|| patience.start());
+            if progressed && retry_after.is_none() {
+                continue;
+            }
+            if !attempts.wait(retry_after).await {
+                let (sent, size) = log.progress();
+                tracing::error!(
+                    "job={job_id} Could not send the end of the job log to GitLab: {sent} of {size} bytes sent after {} attempts",
+                    attempts.attempts()
+                );
+                return false;
             }
             continue;
         }
+        let pause = retry_after.unwrap_or(PATCH_INTERVAL);
         tokio::select! {
-            _ = tokio::time::sleep(PATCH_INTERVAL) => {}
-            _ = log.wake.notified() => {}
+            _ = tokio::time::sleep(pause) => {}
+            _ = log.wake.notified(), if retry_after.is_none() => {}
         }
     }
 }

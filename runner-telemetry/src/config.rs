@@ -414,7 +414,7 @@ impl fmt::Debug for StaticEndpoint {
         let names: Vec<&str> = self.headers.iter().map(|(k, _)| k.as_str()).collect();
         f.debug_struct("StaticEndpoint")
             .field("transport", &self.transport)
-            .field("url", &self.url)
+            .field("url", &crate::secrets::strip_credentials(&self.url))
             .field("headers", &names)
             .finish()
     }
@@ -422,7 +422,12 @@ impl fmt::Debug for StaticEndpoint {
 
 impl fmt::Display for StaticEndpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}+{}", self.transport, self.url)
+        write!(
+            f,
+            "{}+{}",
+            self.transport,
+            crate::secrets::strip_credentials(&self.url)
+        )
     }
 }
 

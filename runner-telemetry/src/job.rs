@@ -720,7 +720,7 @@ pub fn job_attributes(job: &JobSpanInfo, runner: &RunnerIdentity) -> Vec<KeyValu
     if let Some(url) = &job.job_url {
         a.push(KeyValue::new(
             keys::CICD_PIPELINE_TASK_RUN_URL_FULL,
-            url.clone(),
+            strip_credentials(url),
         ));
     }
     a

@@ -332,7 +332,12 @@ pub struct PayloadEndpoint {
 
 impl fmt::Display for PayloadEndpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}+{}", self.transport, self.url)?;
+        write!(
+            f,
+            "{}+{}",
+            self.transport,
+            crate::secrets::strip_credentials(&self.url)
+        )?;
         if let EndpointAuth::HttpBearerGcpOidc { .. } = self.auth {
             write!(f, "(auth=http_bearer_gcp_oidc)")?;
         }

@@ -41,6 +41,15 @@ struct ApiState {
     patches: Vec<(i64, String, u16)>,
     /// Jobs whose first PATCH is stored but answered 500 (to force a resync).
     fail_first_patch: Vec<i64>,
+    /// Status updates answered 503 with `Retry-After: 0` before one is
+    /// accepted.
+    throttle_updates: usize,
+    /// Answer every status update with this (a GitLab that never accepts).
+    refuse_updates_with: Option<u16>,
+    /// Jobs whose first trace PATCH hangs (far longer than a test lasts).
+    hang_first_patch: Vec<i64>,
+    /// PATCH requests hanging right now.
+    hanging: usize,
 }
 
 #[derive(Clone)]
@@ -101,7 +110,15 @@ async fn update_job(
     Json(body): Json<Value>,
 ) -> Response {
     let token = job_token(&headers);
-    api.lock().updates.push((id, body, token, Instant::now()));
+    let mut state = api.lock();
+    if let Some(status) = state.refuse_updates_with {
+        return StatusCode::from_u16(status).unwrap().into_response();
+    }
+    if state.throttle_updates > 0 {
+        state.throttle_updates -= 1;
+        return (StatusCode::SERVICE_UNAVAILABLE, [("Retry-After", "0")]).into_response();
+    }
+    state.updates.push((id, body, token, Instant::now()));
     StatusCode::OK.into_response()
 }
 
@@ -111,6 +128,23 @@ async fn patch_trace(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    let hang = {
+        let mut state = api.lock();
+        match state.hang_first_patch.iter().position(|j| *j == id) {
+            Some(i) => {
+                state.hang_first_patch.remove(i);
+                state.hanging += 1;
+                true
+            }
+            None => false,
+        }
+    };
+    if hang {
+        // Far longer than the test waits: the runner must not wait it out.
+        tokio::time::sleep(DEADLINE * 2).await;
+        api.lock().hanging -= 1;
+        return StatusCode::GATEWAY_TIMEOUT.into_response();
+    }
     let mut state = api.lock();
     let token = job_token(&headers).unwrap_or_default();
     if state.job_tokens.get(&id) != Some(&token) {
@@ -903,4 +937,123 @@ fn register_writes_a_gitlab_runner_shaped_config() {
     assert_eq!(refused.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&refused.stderr).contains("403 Forbidden"));
     assert!(Path::new(&config).exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_final_status_is_retried_past_the_old_limit_honouring_retry_after() {
+    // The runner used to give up after 6 attempts.
+    let (api, addr) = start_api(vec![job(40, &["echo hi"], &[])], |s| {
+        s.throttle_updates = 12;
+    })
+    .await;
+    let mut runner = Runner::start(addr, 1, &["--telemetry-disabled"]);
+    assert_eq!(runner.wait_exit().await, 0, "{}", runner.log());
+    assert_update(&api, 40, "success", None, None);
+    assert_eq!(api.lock().throttle_updates, 0);
+    assert!(
+        runner.log().contains("Runner stopped jobs=1 lost=0"),
+        "{}",
+        runner.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_final_status_never_accepted_is_named_and_the_runner_exits_2() {
+    let (_api, addr) = start_api(vec![job(41, &["echo hi"], &[])], |s| {
+        s.refuse_updates_with = Some(502);
+    })
+    .await;
+    let mut runner = Runner::start(
+        addr,
+        1,
+        &["--telemetry-disabled", "--final-update-limit", "1"],
+    );
+    assert_eq!(runner.wait_exit().await, 2, "{}", runner.log());
+    let log = runner.log();
+    assert!(
+        log.contains("ERROR") && log.contains("job=41 Could not send the job's final status"),
+        "{log}"
+    );
+    assert!(log.contains("lost=1"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_job_fails_with_runner_system_failure_and_is_counted() {
+    let mut panicking = job(42, &["echo never runs"], &[]);
+    panicking["variables"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"key": "CI_RUNNER_DEBUG_PANIC", "value": "execute", "public": true}));
+    let (api, addr) = start_api(vec![panicking, job(43, &["echo fine"], &[])], |_| {}).await;
+    let mut runner = Runner::start(addr, 2, &["--telemetry-disabled"]);
+    assert_eq!(runner.wait_exit().await, 0, "{}", runner.log());
+    assert_update(&api, 42, "failed", Some("runner_system_failure"), None);
+    assert!(
+        api.trace(42).contains("the runner failed internally"),
+        "{}",
+        api.trace(42)
+    );
+    assert_update(&api, 43, "success", None, None);
+    assert!(runner.log().contains("panicked=1"), "{}", runner.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overflowing_timeout_is_clamped_and_the_job_runs() {
+    let mut overflowing = job(44, &["echo fine"], &[]);
+    overflowing["runner_info"]["timeout"] = json!(u64::MAX);
+    let (api, addr) = start_api(vec![overflowing], |_| {}).await;
+    let mut runner = Runner::start(addr, 1, &["--telemetry-disabled"]);
+    assert_eq!(runner.wait_exit().await, 0, "{}", runner.log());
+    assert_update(&api, 44, "success", None, None);
+    assert!(
+        runner.log().contains("timeout=2629746s"),
+        "{}",
+        runner.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_shutdown_a_failing_final_status_is_retried_for_the_shutdown_timeout() {
+    let (api, addr) = start_api(vec![job(45, &["echo hi"], &[])], |s| {
+        s.refuse_updates_with = Some(503);
+    })
+    .await;
+    let mut runner = Runner::start(
+        addr,
+        1,
+        &["--telemetry-disabled", "--shutdown-timeout", "1"],
+    );
+    // The job ended and its status keeps failing (the limit is an hour).
+    until("the first failed status update", || {
+        runner.log().contains("job=45 Status update failed")
+    })
+    .await;
+    assert!(api.update(45).is_none());
+    runner.signal(libc::SIGTERM);
+    assert_eq!(runner.wait_exit().await, 2, "{}", runner.log());
+    assert!(
+        runner
+            .log()
+            .contains("job=45 Could not send the job's final status"),
+        "{}",
+        runner.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_trace_patch_is_cut_short_and_retried() {
+    let (api, addr) = start_api(vec![job(46, &["echo before", "echo after"], &[])], |s| {
+        s.hang_first_patch.push(46);
+    })
+    .await;
+    let mut runner = Runner::start(addr, 1, &["--telemetry-disabled"]);
+    assert_eq!(runner.wait_exit().await, 0, "{}", runner.log());
+    // The status and the whole log arrived while the first PATCH still hangs.
+    assert_eq!(api.lock().hanging, 1);
+    assert_update(&api, 46, "success", None, None);
+    let trace = api.trace(46);
+    assert!(
+        trace.contains("after\n") && trace.contains("Job succeeded"),
+        "{trace}"
+    );
 }

@@ -77,6 +77,9 @@ fn valid_path(path: &str) -> bool {
         && !path.ends_with(".atom")
 }
 
+/// GitLab's limit on a project's description.
+const MAX_DESCRIPTION_CHARS: usize = 2000;
+
 #[derive(Debug, Deserialize)]
 pub struct CreateProjectParams {
     #[serde(default, deserialize_with = "lenient::opt_string")]
@@ -128,6 +131,15 @@ pub async fn create_project(
         return Err(ApiError::bad_request(
             "400 Bad request - namespace is invalid",
         ));
+    }
+    // GitLab's `Project` validates `description` to 2000 characters.
+    if p.description
+        .as_ref()
+        .is_some_and(|d| d.chars().count() > MAX_DESCRIPTION_CHARS)
+    {
+        return Err(ApiError::bad_request(format!(
+            "400 Bad request - description is too long (maximum is {MAX_DESCRIPTION_CHARS} characters)"
+        )));
     }
     let timeout = p.build_timeout.unwrap_or(DEFAULT_BUILD_TIMEOUT);
     if !(600..=2_592_000).contains(&timeout) {
@@ -342,7 +354,15 @@ pub async fn create_pipeline(
             ))
         }
     };
-    let config = ci_config::parse(&yaml)
+    // Off the async workers: a large config must not stall other requests.
+    let config = tokio::task::spawn_blocking(move || ci_config::parse(&yaml))
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("500 Internal Server Error - parsing the CI config failed: {e}"),
+            )
+        })?
         .map_err(|e| ApiError::bad_request(format!("400 Bad request - {e}")))?;
     let keys = cache_keys(&config, project.repository.as_deref(), &commit.sha).await;
     let now = now();

@@ -36,7 +36,7 @@ impl fmt::Debug for ExportTarget {
         let names: Vec<&str> = self.headers.iter().map(|(k, _)| k.as_str()).collect();
         f.debug_struct("ExportTarget")
             .field("transport", &self.transport)
-            .field("url", &self.url)
+            .field("url", &crate::secrets::strip_credentials(&self.url))
             .field("tls", &self.tls)
             .field("headers", &names)
             .field("auth", &self.auth)
@@ -46,6 +46,11 @@ impl fmt::Debug for ExportTarget {
 
 impl fmt::Display for ExportTarget {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}+{}", self.transport, self.url)
+        write!(
+            f,
+            "{}+{}",
+            self.transport,
+            crate::secrets::strip_credentials(&self.url)
+        )
     }
 }

@@ -25,7 +25,7 @@ use super::encode::RawExportRequest;
 use super::error::SetupError;
 use super::retry::{classify_grpc, classify_http, Verdict};
 use crate::negotiate::Transport;
-use crate::secrets::{redact, Secret};
+use crate::secrets::{redact_all, url_credentials, Secret};
 
 /// The gRPC method of OTLP traces.
 pub const GRPC_EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
@@ -208,6 +208,18 @@ pub fn validate_headers(headers: &[(String, String)]) -> Result<Headers, SetupEr
     Ok(out)
 }
 
+/// Text a collector answered, with every credential this request carried
+/// redacted: header values, the bearer token, the URL's userinfo.
+fn redact_answer(text: &str, url: &str, headers: &Headers, bearer: Option<&Secret>) -> String {
+    let from_url = url_credentials(url);
+    let values = headers
+        .iter()
+        .filter_map(|(_, value)| value.to_str().ok())
+        .chain(bearer.map(Secret::expose))
+        .chain(from_url.iter().map(String::as_str));
+    redact_all(text, values)
+}
+
 fn bearer_value(token: &Secret) -> Result<HeaderValue, String> {
     let mut value = HeaderValue::from_str(&format!("Bearer {}", token.expose()))
         .map_err(|_| "the bearer token has characters a header cannot carry".to_string())?;
@@ -354,7 +366,7 @@ impl Transports {
         if answer.status.is_success() {
             // A body that does not decode (empty, JSON) is a full success.
             let response = ExportTraceServiceResponse::decode(answer.body).unwrap_or_default();
-            return delivered(response, bearer);
+            return delivered(response, url, headers, bearer);
         }
         let retry_after = answer
             .headers
@@ -367,7 +379,7 @@ impl Transports {
         if !text.is_empty() && text.is_char_boundary(text.len().min(MAX_MESSAGE)) {
             let cut: String = text.chars().take(MAX_MESSAGE).collect();
             if cut.chars().all(|c| !c.is_control() || c == ' ') {
-                error.push_str(&format!(": {}", redact(&cut, bearer)));
+                error.push_str(&format!(": {}", redact_answer(&cut, url, headers, bearer)));
             }
         }
         Attempt::Failed {
@@ -437,13 +449,16 @@ impl Transports {
             tonic_prost::ProstCodec::<RawExportRequest, ExportTraceServiceResponse>::default();
         let path = http::uri::PathAndQuery::from_static(GRPC_EXPORT_PATH);
         match grpc.unary(request, path, codec).await {
-            Ok(response) => delivered(response.into_inner(), bearer),
+            Ok(response) => delivered(response.into_inner(), url, headers, bearer),
             Err(status) => {
                 let verdict = classify_grpc(status.code(), status.details());
                 let message: String = status.message().chars().take(MAX_MESSAGE).collect();
                 let mut error = format!("gRPC {:?}", status.code());
                 if !message.is_empty() {
-                    error.push_str(&format!(": {}", redact(&message, bearer)));
+                    error.push_str(&format!(
+                        ": {}",
+                        redact_answer(&message, url, headers, bearer)
+                    ));
                 }
                 Attempt::Failed {
                     verdict,
@@ -455,15 +470,22 @@ impl Transports {
     }
 }
 
-fn delivered(response: ExportTraceServiceResponse, bearer: Option<&Secret>) -> Attempt {
+fn delivered(
+    response: ExportTraceServiceResponse,
+    url: &str,
+    headers: &Headers,
+    bearer: Option<&Secret>,
+) -> Attempt {
     let (rejected, message) = match response.partial_success {
         Some(p) => (
             u64::try_from(p.rejected_spans).unwrap_or(0),
-            redact(
+            redact_answer(
                 &p.error_message
                     .chars()
                     .take(MAX_MESSAGE)
                     .collect::<String>(),
+                url,
+                headers,
                 bearer,
             ),
         ),
