@@ -14,6 +14,7 @@ pub mod config;
 pub mod export;
 pub mod job;
 pub mod keys;
+pub mod logs;
 pub mod metrics;
 pub mod negotiate;
 pub mod secrets;

@@ -35,6 +35,7 @@ pub mod accounting;
 pub mod auth;
 pub mod encode;
 pub mod hub;
+pub mod logs_encode;
 pub mod retry;
 pub mod transport;
 
@@ -66,6 +67,12 @@ pub trait SpanSink: Send + Sync + 'static {
     /// Takes one ended span without blocking. From here on the sink accounts
     /// for it in `account` at `endpoint`: exported, or dropped with a reason.
     fn accept(&self, span: EncodedSpan, account: &Arc<JobAccount>, endpoint: usize);
+    /// Takes the job's root item (its `job_execution` span, or its final
+    /// log record), which may use the room the sink holds for it (see
+    /// [`hub`]: a trace keeps its root).
+    fn accept_root(&self, span: EncodedSpan, account: &Arc<JobAccount>, endpoint: usize) {
+        self.accept(span, account, endpoint)
+    }
 }
 
 /// Where one job's spans go. `Debug` shows header names, not values.
@@ -121,6 +128,9 @@ impl SpanProcessor for JobSpanProcessor {
 
     fn on_end(&self, span: SpanData) {
         self.account.span_ended();
+        let root = span.name == crate::job::JOB_SPAN_NAME
+            && (span.parent_span_is_remote
+                || span.parent_span_id == opentelemetry::trace::SpanId::INVALID);
         let scope = {
             let mut scopes = self.scopes.lock().unwrap_or_else(|e| e.into_inner());
             scopes
@@ -135,7 +145,10 @@ impl SpanProcessor for JobSpanProcessor {
         };
         for (index, sink) in self.sinks.iter().enumerate() {
             self.account.span_created(index);
-            sink.accept(encoded.clone(), &self.account, index);
+            match root {
+                true => sink.accept_root(encoded.clone(), &self.account, index),
+                false => sink.accept(encoded.clone(), &self.account, index),
+            }
         }
     }
 

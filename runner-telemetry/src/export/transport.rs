@@ -22,6 +22,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse
 use prost::Message;
 
 use super::encode::RawExportRequest;
+use super::logs_encode::Signal;
 use super::retry::{classify_grpc, classify_http, Verdict};
 use crate::negotiate::Transport;
 use crate::secrets::{redact, Secret};
@@ -288,10 +289,28 @@ impl Transports {
         bearer: Option<&Secret>,
         request: RawExportRequest,
     ) -> Attempt {
+        self.send_signal(Signal::Traces, transport, url, headers, bearer, request)
+            .await
+    }
+
+    /// One export attempt of `signal` (the gRPC method differs; an HTTP URL
+    /// already has the signal's path).
+    pub async fn send_signal(
+        &self,
+        signal: Signal,
+        transport: Transport,
+        url: &str,
+        headers: &Headers,
+        bearer: Option<&Secret>,
+        request: RawExportRequest,
+    ) -> Attempt {
         let attempt = async {
             match transport {
                 Transport::HttpProtobuf => self.send_http(url, headers, bearer, request).await,
-                Transport::Grpc => self.send_grpc(url, headers, bearer, request).await,
+                Transport::Grpc => {
+                    self.send_grpc(signal.grpc_path(), url, headers, bearer, request)
+                        .await
+                }
             }
         };
         match tokio::time::timeout(self.export_timeout, attempt).await {
@@ -374,6 +393,7 @@ impl Transports {
 
     async fn send_grpc(
         &self,
+        method: &'static str,
         url: &str,
         headers: &Headers,
         bearer: Option<&Secret>,
@@ -430,7 +450,7 @@ impl Transports {
         }
         let codec =
             tonic_prost::ProstCodec::<RawExportRequest, ExportTraceServiceResponse>::default();
-        let path = http::uri::PathAndQuery::from_static(GRPC_EXPORT_PATH);
+        let path = http::uri::PathAndQuery::from_static(method);
         match grpc.unary(request, path, codec).await {
             Ok(response) => delivered(response.into_inner(), bearer),
             Err(status) => {
