@@ -9,7 +9,8 @@
 //! handed to the job's OTLP log records ([`runner_telemetry::logs`]): one
 //! record per line, with the stream it came from (`stdout`/`stderr` from
 //! the script, `runner` for the runner's own lines) and the time its first
-//! byte arrived. Records are not cut by [`OUTPUT_LIMIT`]: GitLab's copy
+//! byte arrived (the scripts run with `exec 2>&1`, as GitLab Runner's
+//! shell executor runs them, so their lines are `stdout`). Records are not cut by [`OUTPUT_LIMIT`]: GitLab's copy
 //! stops there, the records go on (the buffer bounds them).
 //!
 //! The upload sends what is new every [`PATCH_INTERVAL`], or sooner when more

@@ -25,7 +25,8 @@
 //! Each record carries `Timestamp` (when the line's first byte arrived),
 //! `ObservedTimestamp` (when the record was emitted), a severity (INFO for
 //! the job's output, WARN/ERROR for the runner's own `WARNING:`/`ERROR:`
-//! lines), `ci.log.stream` (`stdout`, `stderr` or `runner`), the job's
+//! lines), `ci.log.stream` (`stdout`, `stderr` or `runner`),
+//! `ci.log.line_number` (1, 2, ... per job), the job's
 //! `ci.job.id`, `ci.pipeline.id`, `ci.project.id`, and the `TraceId` and
 //! `SpanId` of the span the line was printed in: the innermost stage or
 //! function span open at that moment, else `job_execution`. The resource is
@@ -58,6 +59,9 @@ pub const MAX_BODY_BYTES: usize = 8 * 1024;
 pub const MAX_PENDING_LINE: usize = 1024 * 1024;
 /// Record attribute: `stdout`, `stderr` or `runner`.
 pub const CI_LOG_STREAM: &str = "ci.log.stream";
+/// Record attribute: the line's number in the job's log records, from 1
+/// (lines arriving in one read share a `Timestamp`; this orders them).
+pub const CI_LOG_LINE_NUMBER: &str = "ci.log.line_number";
 /// Record attribute on the chunks of a long line: 0, 1, ...
 pub const CI_LOG_CHUNK_INDEX: &str = "ci.log.chunk.index";
 /// Record attribute on the chunks of a long line: how many chunks.
@@ -205,7 +209,7 @@ impl JobLogs {
 
     /// Emits one visible line (chunked when longer than [`MAX_BODY_BYTES`]).
     pub fn emit_text(&self, text: &str, stream: Stream, severity: Severity, time: SystemTime) {
-        self.inner.lines.fetch_add(1, Ordering::Relaxed);
+        let number = self.inner.lines.fetch_add(1, Ordering::Relaxed) + 1;
         let chunks = split_chunks(text, MAX_BODY_BYTES);
         let count = chunks.len();
         let span = self.inner.spans.current();
@@ -215,8 +219,9 @@ impl JobLogs {
             return;
         };
         for (index, chunk) in chunks.into_iter().enumerate() {
-            let mut attributes = Vec::with_capacity(self.inner.ids.len() + 3);
+            let mut attributes = Vec::with_capacity(self.inner.ids.len() + 4);
             attributes.push(string_attribute(CI_LOG_STREAM, stream.as_str()));
+            attributes.push(int_attribute(CI_LOG_LINE_NUMBER, number as i64));
             attributes.extend(self.inner.ids.iter().cloned());
             if count > 1 {
                 attributes.push(int_attribute(CI_LOG_CHUNK_INDEX, index as i64));
@@ -312,7 +317,11 @@ impl JobLogs {
             let text = format!(
                 "WARNING: {dropped} log lines of this job were not exported (the runner's telemetry buffer was full or the collector unreachable); this log is incomplete"
             );
-            let mut attributes = vec![string_attribute(CI_LOG_STREAM, Stream::Runner.as_str())];
+            let number = self.inner.lines.fetch_add(1, Ordering::Relaxed) + 1;
+            let mut attributes = vec![
+                string_attribute(CI_LOG_STREAM, Stream::Runner.as_str()),
+                int_attribute(CI_LOG_LINE_NUMBER, number as i64),
+            ];
             attributes.extend(self.inner.ids.iter().cloned());
             attributes.push(int_attribute(
                 CI_TELEMETRY_DROPPED_LOG_RECORDS,
