@@ -21,6 +21,7 @@ Commands:
   test                          run every check and test (what CI runs)
   e2e                           run the conformance suite against a real stack
   bench                         measure telemetry's cost side by side (ratios)
+  bench logs                    only the job log export scenario (1M lines)
   stack up|down|status [--dir DIR]
                                 control the embedded stack (default target/stack)
 ";
