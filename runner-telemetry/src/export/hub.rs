@@ -58,6 +58,9 @@ use crate::metrics::Metrics;
 
 /// Most spans in one export request.
 pub const MAX_BATCH: usize = 512;
+/// Most log records in one export request (a record is a line, about
+/// 150 bytes: 4096 of them stay far below [`MAX_REQUEST_BYTES`]).
+pub const MAX_LOG_BATCH: usize = 4096;
 /// Most bytes of spans in one export request (OTLP collectors commonly
 /// accept 4 MiB messages).
 pub const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
@@ -239,12 +242,16 @@ impl Worker {
         }
     }
 
-    fn take_batch(queue: &mut Queue) -> Vec<Item> {
+    fn take_batch(queue: &mut Queue, signal: Signal) -> Vec<Item> {
+        let max_batch = match signal {
+            Signal::Traces => MAX_BATCH,
+            Signal::Logs => MAX_LOG_BATCH,
+        };
         let mut batch = Vec::new();
         let mut bytes = 0;
         while let Some(item) = queue.items.front() {
             let size = item.span.span.len();
-            if !batch.is_empty() && (batch.len() >= MAX_BATCH || bytes + size > MAX_REQUEST_BYTES) {
+            if !batch.is_empty() && (batch.len() >= max_batch || bytes + size > MAX_REQUEST_BYTES) {
                 break;
             }
             bytes += size;
@@ -612,7 +619,7 @@ async fn next_batch(
         {
             let mut queue = worker.lock();
             if !queue.items.is_empty() {
-                return Some(Worker::take_batch(&mut queue));
+                return Some(Worker::take_batch(&mut queue, worker.signal));
             }
             if hub.shutting_down().is_some() {
                 queue.closed = true;
