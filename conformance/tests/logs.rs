@@ -253,7 +253,7 @@ logs:
     assert!(records.iter().any(|r| r.body == "green text"));
 
     // Masked: the secret and the job token appear nowhere in otel_logs.
-    let masked = record(&format!("secret=[MASKED] token=[MASKED]"));
+    let masked = record("secret=[MASKED] token=[MASKED]");
     assert_eq!(masked.attributes["ci.log.stream"], "stdout");
     let everything = world
         .stack
