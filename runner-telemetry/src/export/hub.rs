@@ -61,6 +61,10 @@ pub const MAX_BATCH: usize = 512;
 /// Most log records in one export request (a record is a line, about
 /// 150 bytes: 4096 of them stay far below [`MAX_REQUEST_BYTES`]).
 pub const MAX_LOG_BATCH: usize = 4096;
+/// A logs worker woken with fewer than [`MAX_LOG_BATCH`] records waits this
+/// long for more before sending (a job prints lines one by one: without it,
+/// each line would cost a request and a wake-up).
+pub const LOG_LINGER: Duration = Duration::from_millis(100);
 /// Most bytes of spans in one export request (OTLP collectors commonly
 /// accept 4 MiB messages).
 pub const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
@@ -611,11 +615,28 @@ async fn next_batch(
     worker: &Arc<Worker>,
     shutdown: &mut watch::Receiver<Option<Instant>>,
 ) -> Option<Vec<Item>> {
+    let mut lingered = false;
     loop {
         let woken = worker.wake.notified();
         tokio::pin!(woken);
         woken.as_mut().enable();
         worker.expire_queue(hub.limits.max_age);
+        let linger = {
+            let mut queue = worker.lock();
+            let short = queue.items.len() < MAX_LOG_BATCH;
+            if !queue.items.is_empty() && (lingered || !short || worker.signal == Signal::Traces) {
+                return Some(Worker::take_batch(&mut queue, worker.signal));
+            }
+            !queue.items.is_empty() && hub.shutting_down().is_none()
+        };
+        if linger {
+            lingered = true;
+            tokio::select! {
+                _ = tokio::time::sleep(LOG_LINGER) => {}
+                _ = shutdown.changed() => {}
+            }
+            continue;
+        }
         {
             let mut queue = worker.lock();
             if !queue.items.is_empty() {
