@@ -700,15 +700,18 @@ pub fn resolve(
             .to_duration()
             .map_err(|e| ConfigError(format!("flush_timeout: {e}")))?,
         (None, None) => env_var(env, CI_TELEMETRY_FLUSH_TIMEOUT)
-            .and_then(|v| match v.trim().parse::<f64>() {
-                Ok(secs) if secs.is_finite() && secs >= 0.0 => Some(Duration::from_secs_f64(secs)),
-                _ => {
-                    warnings.push(format!(
+            .and_then(
+                |v| match v.trim().parse::<f64>().map(Duration::try_from_secs_f64) {
+                    // Too large or negative values fall through to the warning.
+                    Ok(Ok(duration)) => Some(duration),
+                    _ => {
+                        warnings.push(format!(
                         "ignored {CI_TELEMETRY_FLUSH_TIMEOUT}: `{v}` is not a number of seconds"
                     ));
-                    None
-                }
-            })
+                        None
+                    }
+                },
+            )
             .unwrap_or(DEFAULT_FLUSH_TIMEOUT),
     };
 
