@@ -554,7 +554,7 @@ listen_address = ":9252"   # unknown to us: ignored
             RunFlags::default(),
             "error: runner #1 (`x`): executor `docker` is not supported, only `shell`",
         );
-        check(Some("[[runners]]\nname='x'\nurl='http://g'\ntoken='t'\n[runners.telemetry]\nendpont='typo'"), RunFlags::default(), "error: unknown field `endpont`, expected one of `disabled`, `endpoint`, `protocol`, `headers`, `timeout`, `flush_timeout`, `service_name`, `connection_string`, `buffer_max_spans`, `buffer_max_bytes`, `max_age`, `retry_initial_backoff`, `retry_max_backoff`, `shutdown_timeout`, `ca_file`, `bearer_token_file`, `gcp_metadata_url`");
+        check(Some("[[runners]]\nname='x'\nurl='http://g'\ntoken='t'\n[runners.telemetry]\nendpont='typo'"), RunFlags::default(), "error: unknown field `endpont`, expected one of `disabled`, `logs`, `endpoint`, `protocol`, `headers`, `timeout`, `flush_timeout`, `service_name`, `connection_string`, `buffer_max_spans`, `buffer_max_bytes`, `max_age`, `retry_initial_backoff`, `retry_max_backoff`, `shutdown_timeout`, `ca_file`, `bearer_token_file`, `gcp_metadata_url`");
     }
 
     #[test]

@@ -310,6 +310,9 @@ pub async fn run_job(
     }
 
     let log = JobLog::new(payload.secrets());
+    if let Some(records) = telemetry.logs() {
+        log.export_records(records);
+    }
     let (cancel_tx, cancel_rx) = watch::channel(None::<StopRequest>);
     let uploader = tokio::spawn(trace::upload(
         ctx.client.clone(),

@@ -87,6 +87,10 @@ struct RunArgs {
     /// No telemetry for any job.
     #[arg(long)]
     telemetry_disabled: bool,
+    /// Export job logs as OTLP log records too (or `logs = true` in
+    /// `[runners.telemetry]`, or `CI_TELEMETRY_LOGS=true`).
+    #[arg(long)]
+    telemetry_logs: bool,
     /// Serve Prometheus metrics (`GET /metrics`) on `HOST:PORT` or `:PORT`.
     #[arg(long, env = "CI_RUNNER_METRICS_LISTEN")]
     metrics_listen: Option<String>,
@@ -238,6 +242,7 @@ async fn run(args: RunArgs) -> i32 {
             protocol: args.otlp_protocol,
             flush_timeout,
             disabled: args.telemetry_disabled,
+            logs: args.telemetry_logs,
         },
         metrics_listen: args.metrics_listen,
         cache_dir: args.cache_dir,

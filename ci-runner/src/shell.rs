@@ -15,6 +15,7 @@ use tokio::sync::watch;
 
 use super::payload::Variable;
 use super::trace::JobLog;
+use runner_telemetry::logs::Stream;
 
 /// A variable as the script exports it.
 #[derive(Clone, PartialEq, Eq)]
@@ -266,25 +267,29 @@ pub async fn run_script(
         pgid: child.id().map(|id| id as i32),
     };
     let readers: Vec<_> = [
-        child
-            .stdout
-            .take()
-            .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
-        child
-            .stderr
-            .take()
-            .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
+        child.stdout.take().map(|s| {
+            (
+                Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+                Stream::Stdout,
+            )
+        }),
+        child.stderr.take().map(|s| {
+            (
+                Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+                Stream::Stderr,
+            )
+        }),
     ]
     .into_iter()
     .flatten()
-    .map(|mut pipe| {
+    .map(|(mut pipe, stream)| {
         let log = log.clone();
         tokio::spawn(async move {
             let mut buf = vec![0u8; 8192];
             loop {
                 match pipe.read(&mut buf).await {
                     Ok(0) | Err(_) => break,
-                    Ok(n) => log.write(&buf[..n]),
+                    Ok(n) => log.write_stream(&buf[..n], stream),
                 }
             }
         })

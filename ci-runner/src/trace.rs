@@ -5,13 +5,23 @@
 //! straddles two writes is held back until it can be decided, so nothing
 //! that leaves the process (a PATCH, the checksum) ever contains it.
 //!
+//! With log export on, the same masked bytes are also split into lines and
+//! handed to the job's OTLP log records ([`runner_telemetry::logs`]): one
+//! record per line, with the stream it came from (`stdout`/`stderr` from
+//! the script, `runner` for the runner's own lines) and the time its first
+//! byte arrived (the scripts run with `exec 2>&1`, as GitLab Runner's
+//! shell executor runs them, so their lines are `stdout`). Records are not cut by [`OUTPUT_LIMIT`]: GitLab's copy
+//! stops there, the records go on (the buffer bounds them).
+//!
 //! The upload sends what is new every [`PATCH_INTERVAL`], or sooner when more
 //! than [`PATCH_THRESHOLD`] bytes wait, with `Content-Range: start-end`
 //! (inclusive). GitLab answers `202` with `Range: 0-N`, N being the size it
 //! has; on `416` the runner resyncs from that N.
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
+
+use runner_telemetry::logs::{JobLogs, LineAssembler, Stream};
 
 use tokio::sync::{watch, Notify};
 
@@ -115,6 +125,8 @@ struct LogState {
     sent: usize,
     truncated: bool,
     closed: bool,
+    /// OTLP log records, when exported.
+    records: Option<(JobLogs, LineAssembler)>,
 }
 
 /// The log of one job, shared by the executor (writing) and the uploader.
@@ -138,6 +150,7 @@ impl JobLog {
                 sent: 0,
                 truncated: false,
                 closed: false,
+                records: None,
             })),
             wake: Arc::new(Notify::new()),
             limit,
@@ -148,14 +161,26 @@ impl JobLog {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Appends raw output (masked on the way in).
+    /// From now on, every line also goes to `records` (OTLP log records).
+    pub fn export_records(&self, records: JobLogs) {
+        self.lock().records = Some((records, LineAssembler::new()));
+    }
+
+    /// Appends raw output written by the runner itself (masked on the way
+    /// in).
     pub fn write(&self, bytes: &[u8]) {
+        self.write_stream(bytes, Stream::Runner);
+    }
+
+    /// Appends raw output of `stream` (masked on the way in).
+    pub fn write_stream(&self, bytes: &[u8], stream: Stream) {
         let mut state = self.lock();
         if state.closed {
             return;
         }
         let masked = state.masker.push(bytes);
         self.append(&mut state, &masked);
+        to_records(&mut state, &masked, stream);
     }
 
     fn append(&self, state: &mut LogState, masked: &[u8]) {
@@ -207,6 +232,10 @@ impl JobLog {
         }
         let rest = state.masker.finish();
         self.append(&mut state, &rest);
+        to_records(&mut state, &rest, Stream::Runner);
+        if let Some((records, assembler)) = state.records.as_mut() {
+            assembler.finish(|line, stream, at| records.emit_raw_line(line, stream, at));
+        }
         state.closed = true;
         drop(state);
         self.wake.notify_one();
@@ -253,6 +282,18 @@ impl JobLog {
     fn is_fully_sent(&self) -> bool {
         let state = self.lock();
         state.sent >= state.data.len()
+    }
+}
+
+/// Hands complete lines of `masked` to the log records, if exported.
+fn to_records(state: &mut LogState, masked: &[u8], stream: Stream) {
+    if masked.is_empty() {
+        return;
+    }
+    if let Some((records, assembler)) = state.records.as_mut() {
+        assembler.push(masked, stream, SystemTime::now(), |line, stream, at| {
+            records.emit_raw_line(line, stream, at)
+        });
     }
 }
 

@@ -194,7 +194,44 @@ impl Tree {
         self.roots.iter().map(|r| self.render_from(*r)).collect()
     }
 
+    /// [`Tree::render_from`] with `notes[span_id]` (e.g. a stage's last log
+    /// lines) printed under each span, prefixed with `| `.
+    pub fn render_with_notes(&self, root: usize, notes: &HashMap<String, Vec<String>>) -> String {
+        let mut out = String::new();
+        self.render_notes_into(root, 0, notes, &mut out);
+        out
+    }
+
+    fn render_notes_into(
+        &self,
+        index: usize,
+        depth: usize,
+        notes: &HashMap<String, Vec<String>>,
+        out: &mut String,
+    ) {
+        let mut line = String::new();
+        self.render_line(index, depth, &mut line);
+        out.push_str(&line);
+        for note in notes
+            .get(&self.spans[index].span_id)
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
+        {
+            out.push_str(&format!("{}  | {note}\n", "  ".repeat(depth)));
+        }
+        for child in self.children_of(index) {
+            self.render_notes_into(*child, depth + 1, notes, out);
+        }
+    }
+
     fn render_into(&self, index: usize, depth: usize, out: &mut String) {
+        self.render_line(index, depth, out);
+        for child in self.children_of(index) {
+            self.render_into(*child, depth + 1, out);
+        }
+    }
+
+    fn render_line(&self, index: usize, depth: usize, out: &mut String) {
         let span = &self.spans[index];
         let status = match span.status_code.as_str() {
             "Error" | "STATUS_CODE_ERROR" => format!("  ERROR {}", span.status_message),
@@ -211,9 +248,6 @@ impl Tree {
             format_duration(span.duration_ns),
             span.service
         ));
-        for child in self.children_of(index) {
-            self.render_into(*child, depth + 1, out);
-        }
     }
 }
 

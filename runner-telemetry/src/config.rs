@@ -40,6 +40,23 @@
 //! them: they belong to the static collector). The static endpoint is the
 //! fallback for contract v1.
 //!
+//! # Job logs (opt-in)
+//!
+//! Log records of the job log ([`crate::logs`]) are exported when
+//! `logs = true` in `[runners.telemetry]`, the `--telemetry-logs` flag, or
+//! [`CI_TELEMETRY_LOGS`]`=true` says so (any of them). Their endpoint:
+//!
+//! 1. [`OTEL_EXPORTER_OTLP_LOGS_ENDPOINT`], as-is;
+//! 2. [`OTEL_EXPORTER_OTLP_ENDPOINT`], with `/v1/logs` appended for HTTP;
+//! 3. the traces endpoint's collector: for HTTP its URL with a final
+//!    `/v1/traces` replaced by `/v1/logs` (or `/v1/logs` appended to its
+//!    path), for gRPC the same URL.
+//!
+//! The protocol is [`OTEL_EXPORTER_OTLP_LOGS_PROTOCOL`], then
+//! [`OTEL_EXPORTER_OTLP_PROTOCOL`], then the traces endpoint's; the headers
+//! are the traces endpoint's. A contract v2 payload's endpoints get the
+//! job's records too, at [`logs_url`] of each.
+//!
 //! # Connection string grammar
 //!
 //! ```text
@@ -65,6 +82,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::negotiate::{NegotiationOptions, Transport};
 
+/// Logs endpoint, used as-is.
+pub const OTEL_EXPORTER_OTLP_LOGS_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT";
+/// Logs protocol, `http/protobuf` or `grpc`.
+pub const OTEL_EXPORTER_OTLP_LOGS_PROTOCOL: &str = "OTEL_EXPORTER_OTLP_LOGS_PROTOCOL";
+/// `true` exports job logs as OTLP log records (opt-in).
+pub const CI_TELEMETRY_LOGS: &str = "CI_TELEMETRY_LOGS";
 /// Generic OTLP endpoint (all signals); `/v1/traces` is appended for HTTP.
 pub const OTEL_EXPORTER_OTLP_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
 /// Traces endpoint, used as-is.
@@ -176,6 +199,9 @@ pub struct TelemetrySettings {
     /// `true` switches telemetry off for every job of this runner.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub disabled: bool,
+    /// `true` exports the job log as OTLP log records too.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub logs: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
     /// `http/protobuf` or `grpc`.
@@ -340,6 +366,8 @@ pub struct TelemetryOverrides {
     pub protocol: Option<String>,
     pub flush_timeout: Option<Duration>,
     pub disabled: bool,
+    /// `--telemetry-logs`.
+    pub logs: bool,
 }
 
 /// The resolved static export configuration of one runner.
@@ -369,6 +397,9 @@ pub struct ExportSettings {
     /// fallback); not read from `[runners.telemetry]`: the runner sets it
     /// (`--derive-trace-id-from-pipeline`).
     pub negotiation: NegotiationOptions,
+    /// Where the job logs' records go (contract v1), `None` when log export
+    /// is off.
+    pub logs: Option<StaticEndpoint>,
 }
 
 /// Limits of the runner-wide export buffer and the retry schedule.
@@ -450,6 +481,7 @@ impl Default for ExportSettings {
             gcp_metadata_url: DEFAULT_GCP_METADATA_URL.to_string(),
             warnings: Vec::new(),
             negotiation: NegotiationOptions::default(),
+            logs: None,
         }
     }
 }
@@ -696,6 +728,7 @@ pub fn resolve(
         (None, None) => env_var(env, CI_TELEMETRY_FLUSH_TIMEOUT)
             .and_then(
                 |v| match v.trim().parse::<f64>().map(Duration::try_from_secs_f64) {
+                    // Too large or negative values fall through to the warning.
                     Ok(Ok(duration)) => Some(duration),
                     _ => {
                         warnings.push(format!(
@@ -773,16 +806,27 @@ pub fn resolve(
         },
     };
 
+    let endpoint = StaticEndpoint {
+        transport,
+        url,
+        headers,
+    };
+    let logs_on = overrides.logs
+        || file.logs
+        || env_var(env, CI_TELEMETRY_LOGS).is_some_and(|v| {
+            matches!(v.trim().to_ascii_lowercase().as_str(), "true" | "1" | "yes")
+        });
+    let logs = match logs_on {
+        true => Some(resolve_logs_endpoint(&endpoint, env, &mut warnings)?),
+        false => None,
+    };
     Ok(ExportSettings {
         enabled: !(overrides.disabled || file.disabled),
         service_name,
         flush_timeout,
         export_timeout,
-        endpoint: StaticEndpoint {
-            transport,
-            url,
-            headers,
-        },
+        endpoint,
+        logs,
         buffer,
         shutdown_timeout,
         ca_file,
@@ -791,6 +835,60 @@ pub fn resolve(
         warnings,
         negotiation: NegotiationOptions::default(),
     })
+}
+
+/// The logs endpoint (see the module docs), given the traces endpoint.
+fn resolve_logs_endpoint(
+    traces: &StaticEndpoint,
+    env: &dyn Env,
+    warnings: &mut Vec<String>,
+) -> Result<StaticEndpoint, ConfigError> {
+    let mut env_protocol = |name: &str| {
+        let value = env_var(env, name)?;
+        match parse_protocol(&value) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                warnings.push(format!("ignored {name}: {e}"));
+                None
+            }
+        }
+    };
+    let transport = env_protocol(OTEL_EXPORTER_OTLP_LOGS_PROTOCOL)
+        .or_else(|| env_protocol(OTEL_EXPORTER_OTLP_PROTOCOL))
+        .unwrap_or(traces.transport);
+    let url = if let Some(endpoint) = env_var(env, OTEL_EXPORTER_OTLP_LOGS_ENDPOINT) {
+        endpoint
+    } else if let Some(endpoint) = env_var(env, OTEL_EXPORTER_OTLP_ENDPOINT) {
+        match transport {
+            Transport::HttpProtobuf => format!("{}/v1/logs", endpoint.trim_end_matches('/')),
+            Transport::Grpc => endpoint,
+        }
+    } else {
+        logs_url(transport, &traces.url)
+    };
+    let url = validate_endpoint(transport, url.trim())
+        .map_err(|e| ConfigError::Invalid(format!("logs endpoint: {e}")))?;
+    Ok(StaticEndpoint {
+        transport,
+        url,
+        headers: traces.headers.clone(),
+    })
+}
+
+/// The logs URL of the collector whose traces URL is `traces_url`: for HTTP,
+/// a final `/v1/traces` becomes `/v1/logs` (else `/v1/logs` is appended to
+/// the path); gRPC URLs are the same for every signal.
+pub fn logs_url(transport: Transport, traces_url: &str) -> String {
+    match transport {
+        Transport::Grpc => traces_url.to_string(),
+        Transport::HttpProtobuf => {
+            let url = traces_url.trim_end_matches('/');
+            match url.strip_suffix("/v1/traces") {
+                Some(base) => format!("{base}/v1/logs"),
+                None => format!("{url}/v1/logs"),
+            }
+        }
+    }
 }
 
 /// A duration from the file (an error when invalid) or else from the

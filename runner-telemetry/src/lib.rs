@@ -19,6 +19,7 @@ pub mod config;
 pub mod export;
 pub mod job;
 pub mod keys;
+pub mod logs;
 pub mod metrics;
 pub mod negotiate;
 pub mod secrets;

@@ -146,12 +146,14 @@ pub fn run(args: &[String]) -> Result<()> {
         &RunnerOptions {
             otlp_endpoint: (contract == Contract::V1).then(|| endpoints.otlp_http.clone()),
             otlp_protocol: Some("http/protobuf".into()),
+            // Job logs as OTLP log records too (into `otel_logs`).
+            extra_env: vec![("CI_TELEMETRY_LOGS".into(), "true".into())],
             ..RunnerOptions::default()
         },
         Lifetime::Owned,
     )?;
     println!(
-        "==> ci-runner (shell executor, log {})",
+        "==> ci-runner (shell executor, job logs exported too, log {})",
         runner.log_path().display()
     );
 
@@ -164,6 +166,7 @@ pub fn run(args: &[String]) -> Result<()> {
     let trace_id = format!("{pipeline:032x}");
     let spans = trace::spans_of_trace(&clickhouse, &trace_id)?;
     let tree = Tree::new(spans);
+    let log_lines = last_log_lines(&clickhouse, &trace_id, watch.jobs.len())?;
     for job in &watch.jobs {
         let id = job["id"].as_u64().unwrap_or_default();
         let name = job["name"].as_str().unwrap_or("?");
@@ -171,8 +174,21 @@ pub fn run(args: &[String]) -> Result<()> {
         println!();
         println!("Job {id} `{name}`: {status}, trace {trace_id}");
         match job_root(&tree, id) {
-            Some(root) => print!("{}", indent(&tree.render_from(root))),
+            Some(root) => print!("{}", indent(&tree.render_with_notes(root, &log_lines))),
             None => println!("  (no spans found)"),
+        }
+        let has_lines = tree
+            .spans
+            .iter()
+            .filter(|s| {
+                s.attribute("ci.job.id") == Some(&id.to_string())
+                    || s.resource.get("ci.job.id") == Some(&id.to_string())
+            })
+            .any(|s| log_lines.contains_key(&s.span_id));
+        if !has_lines {
+            failures.push(format!(
+                "job {id}: no log lines in otel_logs under its spans"
+            ));
         }
         failures.extend(check_job(&tree, job, &trace_id));
     }
@@ -325,6 +341,46 @@ fn print_pages(pages: &PageUrls, jobs: &[Value], pipeline: u64) {
 }
 
 /// A pipeline id no earlier demo used: seconds since 2026-01-01.
+/// The last [`LOG_LINES_PER_SPAN`] log lines of each span of the trace, read
+/// back from `otel_logs` (keyed by `SpanId`), once every job has records.
+fn last_log_lines(
+    clickhouse: &ClickHouse,
+    trace_id: &str,
+    jobs: usize,
+) -> Result<std::collections::HashMap<String, Vec<String>>> {
+    let jobs_with_records = format!(
+        "SELECT uniqExact(LogAttributes['ci.job.id']) FROM otel.otel_logs WHERE TraceId = '{trace_id}'"
+    );
+    let _ =
+        conformance::process::wait_for("the jobs' log records", Duration::from_secs(30), || {
+            Ok((clickhouse.count(&jobs_with_records)? >= jobs as u64).then_some(()))
+        });
+    let rows = clickhouse.json_rows(&format!(
+        "SELECT SpanId, arraySlice(groupArray(Body), -{LOG_LINES_PER_SPAN}) AS lines FROM \
+         (SELECT SpanId, Body FROM otel.otel_logs WHERE TraceId = '{trace_id}' \
+          ORDER BY toUInt64OrZero(LogAttributes['ci.job.id']), toUInt64OrZero(LogAttributes['ci.log.line_number'])) \
+         GROUP BY SpanId"
+    ))?;
+    let mut out = std::collections::HashMap::new();
+    for row in rows {
+        let span = row["SpanId"].as_str().unwrap_or_default().to_string();
+        let lines: Vec<String> = row["lines"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|l| l.as_str())
+                    .map(|l| l.chars().take(100).collect())
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.insert(span, lines);
+    }
+    Ok(out)
+}
+
+/// Log lines shown under each span of the demo's trees.
+const LOG_LINES_PER_SPAN: usize = 3;
+
 fn first_id() -> u64 {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)

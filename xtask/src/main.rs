@@ -31,6 +31,7 @@ Commands:
   bench                         measure telemetry's cost side by side (ratios)
   bench-scaling                 measure the inputs of docs/scaling.md on this machine
   bench ingest [--no-ceiling]   landed spans/s vs the engine's ceiling, and a 5x overload
+  bench logs                    only the job log export scenario (1M lines)
   stack up|down|status [--dir DIR]
                                 control the embedded stack (default target/stack)
   cluster-schema [--cluster NAME]

@@ -40,6 +40,7 @@ pub mod auth;
 pub mod encode;
 pub mod error;
 pub mod hub;
+pub mod logs_encode;
 pub mod retry;
 pub mod sink;
 pub mod transport;
@@ -83,6 +84,9 @@ impl SpanProcessor for JobSpanProcessor {
 
     fn on_end(&self, span: SpanData) {
         self.account.span_ended();
+        let root = span.name == crate::job::JOB_SPAN_NAME
+            && (span.parent_span_is_remote
+                || span.parent_span_id == opentelemetry::trace::SpanId::INVALID);
         let scope = {
             let mut scopes = self.scopes.lock().unwrap_or_else(|e| e.into_inner());
             scopes
@@ -97,7 +101,10 @@ impl SpanProcessor for JobSpanProcessor {
         };
         for (index, sink) in self.sinks.iter().enumerate() {
             self.account.span_created(index);
-            sink.accept(encoded.clone(), &self.account, index);
+            match root {
+                true => sink.accept_root(encoded.clone(), &self.account, index),
+                false => sink.accept(encoded.clone(), &self.account, index),
+            }
         }
     }
 

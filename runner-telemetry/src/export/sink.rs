@@ -17,6 +17,12 @@ pub trait SpanSink: Send + Sync + 'static {
     /// Takes one ended span without blocking. From here on the sink accounts
     /// for it in `account` at `endpoint`: exported, or dropped with a reason.
     fn accept(&self, span: EncodedSpan, account: &Arc<JobAccount>, endpoint: usize);
+    /// Takes the job's root item (its `job_execution` span, or its final
+    /// log record), which may use the room the sink holds for it (see
+    /// [`super::hub`]: a trace keeps its root).
+    fn accept_root(&self, span: EncodedSpan, account: &Arc<JobAccount>, endpoint: usize) {
+        self.accept(span, account, endpoint)
+    }
 }
 
 /// Where one job's spans go. `Debug` shows header names, not values.

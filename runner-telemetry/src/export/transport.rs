@@ -23,6 +23,7 @@ use prost::Message;
 
 use super::encode::RawExportRequest;
 use super::error::SetupError;
+use super::logs_encode::Signal;
 use super::retry::{classify_grpc, classify_http, Verdict};
 use crate::negotiate::Transport;
 use crate::secrets::{redact_all, url_credentials, Secret};
@@ -305,10 +306,28 @@ impl Transports {
         bearer: Option<&Secret>,
         request: RawExportRequest,
     ) -> Attempt {
+        self.send_signal(Signal::Traces, transport, url, headers, bearer, request)
+            .await
+    }
+
+    /// One export attempt of `signal` (the gRPC method differs; an HTTP URL
+    /// already has the signal's path).
+    pub async fn send_signal(
+        &self,
+        signal: Signal,
+        transport: Transport,
+        url: &str,
+        headers: &Headers,
+        bearer: Option<&Secret>,
+        request: RawExportRequest,
+    ) -> Attempt {
         let attempt = async {
             match transport {
                 Transport::HttpProtobuf => self.send_http(url, headers, bearer, request).await,
-                Transport::Grpc => self.send_grpc(url, headers, bearer, request).await,
+                Transport::Grpc => {
+                    self.send_grpc(signal.grpc_path(), url, headers, bearer, request)
+                        .await
+                }
             }
         };
         match tokio::time::timeout(self.export_timeout, attempt).await {
@@ -391,6 +410,7 @@ impl Transports {
 
     async fn send_grpc(
         &self,
+        method: &'static str,
         url: &str,
         headers: &Headers,
         bearer: Option<&Secret>,
@@ -447,7 +467,7 @@ impl Transports {
         }
         let codec =
             tonic_prost::ProstCodec::<RawExportRequest, ExportTraceServiceResponse>::default();
-        let path = http::uri::PathAndQuery::from_static(GRPC_EXPORT_PATH);
+        let path = http::uri::PathAndQuery::from_static(method);
         match grpc.unary(request, path, codec).await {
             Ok(response) => delivered(response.into_inner(), url, headers, bearer),
             Err(status) => {

@@ -1,7 +1,8 @@
 //! runner-telemetry's integration tests, one binary: span export to
 //! recording collectors ([`export`]), credentials and TLS ([`export_auth`]),
 //! retries, buffering and accounting against scripted collectors
-//! ([`export_retry`]), and input robustness ([`export_input_proptest`]).
+//! ([`export_retry`]), input robustness ([`export_input_proptest`]), and job log records
+//! through the same buffer ([`logs`]).
 
 #![allow(dead_code)]
 
@@ -10,3 +11,4 @@ mod export_auth;
 mod export_input_proptest;
 mod export_retry;
 mod export_support;
+mod logs;
