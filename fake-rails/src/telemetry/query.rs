@@ -129,7 +129,11 @@ impl Reader {
 
     fn span_sql(&self, key: &str, limit: u64) -> String {
         // Bounds: the lookup table keeps whole seconds of span starts, so the
-        // upper bound is the next second.
+        // upper bound is the next second. They are DateTime64 on purpose: the
+        // engine (ClickHouse 26.9.2.1 in chDB 26.9.0) drops every row when a
+        // DateTime64 key column is compared strictly (`<`, `>`) with a
+        // DateTime; see compose/README.md and the chDB server's
+        // `test_engine_defects.py`.
         format!(
             "SELECT build_id, span_id, parent_span_id, \
                     toString(span_name) AS span_name, toString(service_name) AS service_name, \
@@ -137,7 +141,7 @@ impl Reader {
                     toUnixTimestamp64Nano(start_time) AS start_ns, duration_ns, metadata \
              FROM {db}.ci_job_telemetry_traces \
              WHERE {key} = ? AND trace_id = ? \
-               AND start_time >= toDateTime(?) AND start_time < toDateTime(?) \
+               AND start_time >= toDateTime64(?, 9) AND start_time < toDateTime64(?, 9) \
              ORDER BY start_time, span_name \
              LIMIT 1 BY span_id \
              LIMIT {limit}",
@@ -196,7 +200,7 @@ impl Reader {
             "SELECT toUnixTimestamp64Nano(Timestamp) AS time_ns, SpanId AS span_id, \
                     toString(SeverityText) AS severity, Body AS body \
              FROM {db}.otel_logs \
-             WHERE TimestampTime >= toDateTime(?) AND TimestampTime <= toDateTime(?) \
+             WHERE Timestamp >= toDateTime64(?, 9) AND Timestamp < toDateTime64(?, 9) + 1 \
                AND TraceId = ? \
                AND (has(?, SpanId) OR ResourceAttributes['ci.job.id'] = ? OR LogAttributes['ci.job.id'] = ?) \
              ORDER BY Timestamp \
