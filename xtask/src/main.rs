@@ -3,7 +3,8 @@
 //! - `cargo xtask demo`           the main demo (stack + fake-rails + runner)
 //! - `cargo xtask test`           every check and test CI runs
 //! - `cargo xtask e2e`            the conformance suite only
-//! - `cargo xtask bench`          telemetry on vs off, side by side
+//! - `cargo xtask bench [--gate]` every performance goal, side by side; `--gate`
+//!                                checks ratios and losses against thresholds
 //! - `cargo xtask stack up|down|status [--dir DIR]`
 
 mod bench;
@@ -20,7 +21,9 @@ Commands:
   demo [--contract v1|v2]       run the demo: stack, fake-rails, runner, traces
   test                          run every check and test (what CI runs)
   e2e                           run the conformance suite against a real stack
-  bench                         measure telemetry's cost side by side (ratios)
+  bench [--gate|--short]        measure every performance goal side by side
+                                (release build); --gate: short profile, fail
+                                on a ratio or loss over xtask/bench-thresholds.toml
   stack up|down|status [--dir DIR]
                                 control the embedded stack (default target/stack)
 ";
@@ -31,6 +34,8 @@ fn main() -> ExitCode {
         Some("stack") => stack::run(&args[1..]),
         Some("demo") => demo::run(&args[1..]),
         Some("bench") => bench::run(&args[1..]),
+        // The bench's instrumented peer (one export pipeline per process).
+        Some("bench-peer") => bench::peer::run(&args[1..]),
         Some("test") => test::run_all(&args[1..]),
         Some("e2e") => test::run_e2e(&args[1..]),
         Some("-h" | "--help" | "help") | None => {
