@@ -260,10 +260,11 @@ fn ours(config: &PeerConfig) -> Result<PeerResult> {
             all.merge(task.await.expect("a bench job"));
         }
         // Wait until every span is decided (exported or dropped), bounded.
+        let ended = (all.spans.len() + all.starts.len()) as u64;
         let until = Instant::now() + Duration::from_secs_f64(config.settle_secs);
         loop {
             let s = telemetry.metrics().snapshot();
-            if s.exported + s.dropped_total() >= s.spans || Instant::now() >= until {
+            if s.exported + s.dropped_total() >= ended || Instant::now() >= until {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
