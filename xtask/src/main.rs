@@ -3,8 +3,8 @@
 //! - `cargo xtask demo`           the main demo (stack + fake-rails + runner)
 //! - `cargo xtask test`           every check and test CI runs
 //! - `cargo xtask e2e`            the conformance suite only
-//! - `cargo xtask bench [--gate]` every performance goal, side by side; `--gate`
-//!                                checks ratios and losses against thresholds
+//! - `cargo xtask bench [--gate]` every performance goal side by side (`--gate`:
+//!   ratios and losses against thresholds)
 //! - `cargo xtask stack up|down|status [--dir DIR]`
 
 mod bench;

@@ -106,7 +106,7 @@ fn stage_attributes(i: usize) -> Vec<KeyValue> {
     vec![
         KeyValue::new("ci.stage.status", "success"),
         KeyValue::new("ci.cache.key", format!("bench-cache-key-{}", i % 7)),
-        KeyValue::new("ci.cache.hit", i % 2 == 0),
+        KeyValue::new("ci.cache.hit", i & 1 == 0),
         KeyValue::new("ci.cache.size_bytes", (i * 1024) as i64),
         KeyValue::new("ci.function.name", "gitlab.com/components/bench/step"),
     ]
