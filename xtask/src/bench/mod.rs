@@ -125,10 +125,7 @@ pub fn run(args: &[String]) -> Result<()> {
     if cfg!(debug_assertions) && std::env::var_os(RELEASE_VAR).is_none() {
         return rerun_in_release(args);
     }
-    for (binary, var) in [
-        ("fake-rails", "CONFORMANCE_FAKE_RAILS_BIN"),
-        ("ci-runner", "CONFORMANCE_CI_RUNNER_BIN"),
-    ] {
+    for (binary, var) in [("fake-rails", "CONFORMANCE_FAKE_RAILS_BIN")] {
         let path = release_dir().join(binary);
         if std::env::var_os(var).is_none() && path.is_file() {
             // Still single-threaded here: nothing reads the environment
@@ -161,7 +158,7 @@ fn release_dir() -> PathBuf {
 /// Builds what the bench runs in release mode and runs the bench there.
 fn rerun_in_release(args: &[String]) -> Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    println!("==> cargo build --release -p xtask -p ci-runner -p fake-rails");
+    println!("==> cargo build --release -p xtask -p fake-rails");
     let status = Command::new(&cargo)
         .current_dir(paths::repo_root())
         .args([
