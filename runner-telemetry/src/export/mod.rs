@@ -2,7 +2,7 @@
 //! runner-wide buffer, with retries and an account of every span.
 //!
 //! ```text
-//! span.end() ─> JobSpanProcessor::on_end ─ encode once ─> SpanSink::accept (per endpoint, never blocks)
+//! span.end() ─> JobSpanProcessor::on_end ─ job's encoder task: encode once ─> SpanSink::accept (per endpoint, never blocks)
 //!                                                              │ buffer full: dropped (queue_full)
 //!                                                              v
 //!                                    runner-wide buffer (spans + bytes bound, max_age)
@@ -12,9 +12,11 @@
 //! ```
 //!
 //! * A span is handed over as soon as it ends (streaming: Phase 2 stage
-//!   spans leave while the job still runs), encoded to OTLP protobuf once
-//!   ([`encode`]), and never blocks the job: the buffer is a lock-protected
-//!   queue with a budget ([`hub`]).
+//!   spans leave while the job still runs), as data, to the job's encoder
+//!   task, which encodes it to OTLP protobuf once ([`encode`]) and puts it
+//!   in the buffer; nothing of that runs on the job's thread (unless the
+//!   encoder falls [`ENCODER_QUEUE`] spans behind) and nothing blocks the
+//!   job: the buffer is a lock-protected queue with a budget ([`hub`]).
 //! * What goes over the wire and which failures are retried: [`transport`]
 //!   and [`retry`] (the OTLP specification's rules, with the citations).
 //! * Credentials: static headers, a bearer token file, GCP ID tokens
@@ -99,28 +101,31 @@ impl fmt::Display for ExportTarget {
     }
 }
 
-/// The [`SpanProcessor`] of one job: encodes every ended span once and hands
-/// it to each sink, never blocking.
+/// Spans a job may have waiting for its encoder task; past this many, the
+/// job's own thread encodes (it never waits).
+pub const ENCODER_QUEUE: usize = 256;
+
+/// The [`SpanProcessor`] of one job: counts every ended span and hands it,
+/// as data, to the job's encoder task, which encodes it once and hands it
+/// to each sink. Encoding is thus off the job's thread; the sinks' decisions
+/// (buffer budget in bytes, drops and their reasons) are the same as if the
+/// job's thread had made them.
 pub(crate) struct JobSpanProcessor {
+    shared: Arc<JobSpans>,
+    encoder: tokio::sync::mpsc::Sender<Handoff>,
+}
+
+/// What a job's spans go to, shared by the processor and its encoder task.
+struct JobSpans {
     sinks: Vec<Box<dyn SpanSink>>,
     account: Arc<JobAccount>,
     resource: Arc<ResourceBlock>,
     scopes: Mutex<HashMap<InstrumentationScope, Arc<ScopeBlock>>>,
 }
 
-impl fmt::Debug for JobSpanProcessor {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("JobSpanProcessor")
-            .field("job_id", &self.account.job_id)
-            .finish_non_exhaustive()
-    }
-}
-
-impl SpanProcessor for JobSpanProcessor {
-    fn on_start(&self, _span: &mut Span, _cx: &Context) {}
-
-    fn on_end(&self, span: SpanData) {
-        self.account.span_ended();
+impl JobSpans {
+    /// Encodes `span` once and hands it to every sink.
+    fn deliver(&self, span: SpanData) {
         let scope = {
             let mut scopes = self.scopes.lock().unwrap_or_else(|e| e.into_inner());
             scopes
@@ -134,9 +139,57 @@ impl SpanProcessor for JobSpanProcessor {
             scope,
         };
         for (index, sink) in self.sinks.iter().enumerate() {
-            self.account.span_created(index);
             sink.accept(encoded.clone(), &self.account, index);
         }
+    }
+}
+
+/// An ended span on its way to the encoder. It is delivered exactly once:
+/// by the encoder task, or, if it never gets there (queue full, task or
+/// runtime gone), where it is dropped. So no span is lost uncounted.
+struct Handoff {
+    span: Option<SpanData>,
+    to: Arc<JobSpans>,
+}
+
+impl Drop for Handoff {
+    fn drop(&mut self) {
+        if let Some(span) = self.span.take() {
+            self.to.deliver(span);
+        }
+    }
+}
+
+async fn encode_spans(mut handoffs: tokio::sync::mpsc::Receiver<Handoff>) {
+    while let Some(handoff) = handoffs.recv().await {
+        drop(handoff);
+    }
+}
+
+impl fmt::Debug for JobSpanProcessor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("JobSpanProcessor")
+            .field("job_id", &self.shared.account.job_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SpanProcessor for JobSpanProcessor {
+    fn on_start(&self, _span: &mut Span, _cx: &Context) {}
+
+    fn on_end(&self, span: SpanData) {
+        let account = &self.shared.account;
+        account.span_ended();
+        for index in 0..self.shared.sinks.len() {
+            account.span_created(index);
+        }
+        let handoff = Handoff {
+            span: Some(span),
+            to: self.shared.clone(),
+        };
+        // A full queue or a gone task hands the span back: dropping it
+        // delivers it here.
+        drop(self.encoder.try_send(handoff));
     }
 
     fn force_flush(&self) -> OTelSdkResult {
@@ -157,13 +210,13 @@ pub struct ExportPipeline {
 }
 
 impl ExportPipeline {
-    /// Returns the processor to install in the job's tracer provider. The
-    /// sinks' workers already run on the runner's runtime; `_runtime` is kept
-    /// for the callers' sake.
+    /// Returns the processor to install in the job's tracer provider, and
+    /// starts the job's encoder task on `runtime` (the sinks' workers
+    /// already run there).
     pub(crate) fn start(
         sinks: Vec<Box<dyn SpanSink>>,
         resource: &Resource,
-        _runtime: &tokio::runtime::Handle,
+        runtime: &tokio::runtime::Handle,
     ) -> (JobSpanProcessor, ExportPipeline) {
         let job_id = resource
             .get(&opentelemetry::Key::from_static_str(crate::keys::CI_JOB_ID))
@@ -173,11 +226,16 @@ impl ExportPipeline {
             });
         let labels = sinks.iter().map(|s| s.label()).collect();
         let account = Arc::new(JobAccount::new(job_id, labels));
+        let (encoder, handoffs) = tokio::sync::mpsc::channel(ENCODER_QUEUE);
+        runtime.spawn(encode_spans(handoffs));
         let processor = JobSpanProcessor {
-            sinks,
-            account: account.clone(),
-            resource: Arc::new(ResourceBlock::new(resource)),
-            scopes: Mutex::new(HashMap::new()),
+            shared: Arc::new(JobSpans {
+                sinks,
+                account: account.clone(),
+                resource: Arc::new(ResourceBlock::new(resource)),
+                scopes: Mutex::new(HashMap::new()),
+            }),
+            encoder,
         };
         (processor, ExportPipeline { account })
     }
