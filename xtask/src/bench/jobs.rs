@@ -15,7 +15,7 @@ use runner_telemetry::{JobOutcome, JobTelemetry, RunnerIdentity, RunnerTelemetry
 use super::collector::{self, Collector};
 use super::peer::{job_info, job_payload, our_settings, Protocol};
 use super::report::{Goal, Kind, Metric, Report};
-use super::stats::{micros, percentile, ratio, spread, summarize};
+use super::stats::{micros, paired_ratio, percentile, ratio, spread, summarize};
 use super::Profile;
 
 fn runner(collector_url: &str) -> RunnerTelemetry {
@@ -146,7 +146,7 @@ pub fn wall_time(report: &mut Report, profile: &Profile, collector: &Collector) 
                 }
             }
             let (a, b) = (summarize(&on), summarize(&off));
-            p50s.push(ratio(a.p50, b.p50));
+            p50s.push(paired_ratio(&on, &off));
             p95s.push(ratio(a.p95, b.p95));
             on_p50.push(a.p50);
             off_p50.push(b.p50);
@@ -156,7 +156,7 @@ pub fn wall_time(report: &mut Report, profile: &Profile, collector: &Collector) 
             Metric::new(
                 &id("p50_ratio"),
                 &scenario,
-                "wall time p50, on/off",
+                "wall time, on/off (median of interleaved pairs)",
                 Kind::Ratio,
                 "x",
                 0.0,

@@ -93,10 +93,10 @@ impl Profile {
             export_spans_per_job: 500,
             outage: Duration::from_secs(3),
             outage_rounds: 1,
-            short_jobs: 20,
-            big_jobs: 3,
-            status_samples: 10,
-            requests: 100,
+            short_jobs: 40,
+            big_jobs: 10,
+            status_samples: 20,
+            requests: 200,
             stack: false,
             query_samples: 0,
             ingest_jobs: 0,
@@ -133,8 +133,8 @@ pub fn run(args: &[String]) -> Result<()> {
             std::env::set_var(var, path);
         }
     }
-    let report = measure(&profile)?;
     let dir = paths::target_dir().join("bench");
+    let report = measure(&profile, &dir)?;
     report.write(&dir)?;
     println!("\n{}", report.table());
     println!(
@@ -190,7 +190,9 @@ fn rerun_in_release(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-fn measure(profile: &Profile) -> Result<Report> {
+/// Runs every scenario of `profile`; the report so far is written to `dir`
+/// after each, so a long run that is cut short still leaves its figures.
+fn measure(profile: &Profile, dir: &std::path::Path) -> Result<Report> {
     let started = Instant::now();
     let mut report = Report {
         profile: profile.name.into(),
@@ -235,7 +237,9 @@ fn measure(profile: &Profile) -> Result<Report> {
     }
     collector.reset();
     jobs::wall_time(&mut report, profile, &collector)?;
+    report.write(dir)?;
     jobs::status_latency(&mut report, profile, &collector)?;
+    report.write(dir)?;
     let scratch = paths::target_dir().join("bench").join("work");
     let _ = std::fs::remove_dir_all(&scratch);
     std::fs::create_dir_all(&scratch)?;
@@ -246,6 +250,7 @@ fn measure(profile: &Profile) -> Result<Report> {
         let stack = Stack::start(StackOptions::isolated())?;
         println!("==> Embedded stack up ({})", stack.dir().display());
         rails::request_latency(&mut report, profile, &scratch, &stack.endpoints().otlp_http)?;
+        report.write(dir)?;
         for protocol in [Protocol::Http, Protocol::Grpc] {
             export::scenario(
                 &mut report,
@@ -257,7 +262,9 @@ fn measure(profile: &Profile) -> Result<Report> {
             )?;
         }
         stack::queryable(&mut report, profile, &stack)?;
+        report.write(dir)?;
         stack::ingest(&mut report, profile, &stack)?;
+        report.write(dir)?;
         stack::lookup(&mut report, profile, &stack)?;
     }
     report.machine.load_after = Machine::load_now();

@@ -12,7 +12,7 @@ use conformance::process::Lifetime;
 use serde_json::json;
 
 use super::report::{Goal, Kind, Metric, Report};
-use super::stats::{micros, ratio, spread, summarize};
+use super::stats::{micros, paired_ratio, ratio, spread, summarize};
 use super::Profile;
 
 fn pipeline_of(jobs: usize) -> String {
@@ -90,7 +90,7 @@ pub fn request_latency(
             }
         }
         let (a, b) = (summarize(&with_flag), summarize(&without));
-        p50s.push(ratio(a.p50, b.p50));
+        p50s.push(paired_ratio(&with_flag, &without));
         p95s.push(ratio(a.p95, b.p95));
         on_p50.push(a.p50);
         off_p50.push(b.p50);
@@ -99,7 +99,7 @@ pub fn request_latency(
         Metric::new(
             "jobs_request.p50_ratio",
             scenario,
-            "latency p50, flag on/off",
+            "latency, flag on/off (median of interleaved pairs)",
             Kind::Ratio,
             "x",
             0.0,

@@ -59,6 +59,13 @@ pub fn spread(rounds: &[f64]) -> Spread {
     }
 }
 
+/// The median of `a[i] / b[i]` over interleaved pairs: on a busy machine,
+/// load that shifts during a round hits both halves of a pair alike.
+pub fn paired_ratio(a: &[f64], b: &[f64]) -> f64 {
+    let ratios: Vec<f64> = a.iter().zip(b).map(|(x, y)| ratio(*x, *y)).collect();
+    percentile(&ratios, 0.5)
+}
+
 /// `a / b`, NaN when `b` is 0.
 pub fn ratio(a: f64, b: f64) -> f64 {
     if b == 0.0 {
