@@ -102,8 +102,13 @@ impl fmt::Display for ExportTarget {
 }
 
 /// Spans a job may have waiting for its encoder task; past this many, the
-/// job's own thread encodes (it never waits).
-pub const ENCODER_QUEUE: usize = 256;
+/// job's own thread encodes (it never waits). A job's whole span cap, so a
+/// job never gets there unless the runtime is starved.
+pub const ENCODER_QUEUE: usize = crate::job::MAX_SPANS_PER_JOB;
+/// The encoder waits this long after a span arrives before encoding what
+/// has gathered: one wake-up of the task per burst, not one per span (each
+/// costs the job a cross-thread wake on a busy machine).
+pub const ENCODER_GATHER: Duration = Duration::from_millis(1);
 
 /// The [`SpanProcessor`] of one job: counts every ended span and hands it,
 /// as data, to the job's encoder task, which encodes it once and hands it
@@ -161,8 +166,12 @@ impl Drop for Handoff {
 }
 
 async fn encode_spans(mut handoffs: tokio::sync::mpsc::Receiver<Handoff>) {
-    while let Some(handoff) = handoffs.recv().await {
-        drop(handoff);
+    while let Some(first) = handoffs.recv().await {
+        tokio::time::sleep(ENCODER_GATHER).await;
+        drop(first);
+        while let Ok(handoff) = handoffs.try_recv() {
+            drop(handoff);
+        }
     }
 }
 

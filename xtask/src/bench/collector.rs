@@ -166,8 +166,14 @@ async fn handle(
     request: Request<Incoming>,
     state: Arc<State>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
-    if request.uri().path().starts_with("/api/v4/jobs/") {
-        let arrived = Instant::now();
+    let arrived = Instant::now();
+    let is_status = request.uri().path().starts_with("/api/v4/jobs/");
+    // Read the whole body first, or the connection cannot be reused.
+    let body = match request.into_body().collect().await {
+        Ok(body) => body.to_bytes(),
+        Err(_) => return Ok(status(400)),
+    };
+    if is_status {
         state
             .statuses
             .lock()
@@ -175,10 +181,6 @@ async fn handle(
             .push(arrived);
         return Ok(status(200));
     }
-    let body = match request.into_body().collect().await {
-        Ok(body) => body.to_bytes(),
-        Err(_) => return Ok(status(400)),
-    };
     if state.stalled.load(Ordering::SeqCst) {
         std::future::pending::<()>().await;
     }
