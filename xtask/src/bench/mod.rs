@@ -125,13 +125,11 @@ pub fn run(args: &[String]) -> Result<()> {
     if cfg!(debug_assertions) && std::env::var_os(RELEASE_VAR).is_none() {
         return rerun_in_release(args);
     }
-    for (binary, var) in [("fake-rails", "CONFORMANCE_FAKE_RAILS_BIN")] {
-        let path = release_dir().join(binary);
-        if std::env::var_os(var).is_none() && path.is_file() {
-            // Still single-threaded here: nothing reads the environment
-            // concurrently.
-            std::env::set_var(var, path);
-        }
+    let fake_rails = release_dir().join("fake-rails");
+    if std::env::var_os("CONFORMANCE_FAKE_RAILS_BIN").is_none() && fake_rails.is_file() {
+        // Still single-threaded here: nothing reads the environment
+        // concurrently.
+        std::env::set_var("CONFORMANCE_FAKE_RAILS_BIN", fake_rails);
     }
     let dir = paths::target_dir().join("bench");
     let report = measure(&profile, &dir)?;
