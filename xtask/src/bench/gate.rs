@@ -173,10 +173,12 @@ mod tests {
         let thresholds = Thresholds::load().unwrap();
         assert!(!thresholds.max.is_empty());
         for id in thresholds.max.keys().chain(thresholds.min.keys()) {
-            assert!(
-                !id.contains("_us") && !id.contains("_ms") && !id.contains("per_s"),
-                "{id} looks like an absolute figure"
-            );
+            let absolute = id.split('.').any(|part| {
+                ["_us", "_ms", "_s", "_mb", "_per_s"]
+                    .iter()
+                    .any(|unit| part.ends_with(unit))
+            });
+            assert!(!absolute, "{id} looks like an absolute figure");
         }
     }
 }
