@@ -381,6 +381,11 @@ pub fn scenario(
         )
         .value_of(worst(&Run::lost, false)),
     );
+    if target == Target::Stack {
+        report.note(format!(
+            "{scenario}: `lost` counts spans missing from ClickHouse; the client's own account counts what the collector acknowledged, so a span rotel acknowledged but never wrote shows as lost uncounted by the client (a loss inside the stack)."
+        ));
+    }
     report.push(
         metric(
             "uncounted.ours",
