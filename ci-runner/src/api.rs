@@ -12,6 +12,13 @@ use serde_json::{json, Value};
 
 /// Timeout of one API request.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Timeout of one `PATCH .../trace` or `PUT /jobs/:id`: a request that hangs
+/// is cut short and retried rather than waited out (GitLab answers these in
+/// milliseconds; the largest PATCH body is 1 MiB).
+pub const UPDATE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest `Retry-After` honoured (a larger one is capped, so a broken
+/// proxy cannot park a job's final status for hours).
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
 
 /// What went wrong talking to GitLab, in one line.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -20,6 +27,9 @@ pub enum ApiError {
     Forbidden,
     #[error("HTTP {0}")]
     Status(u16),
+    /// 429 or 5xx with a `Retry-After` (seconds), capped at [`MAX_RETRY_AFTER`].
+    #[error("HTTP {status} (Retry-After {secs}s)", status = .0, secs = .1.as_secs())]
+    RetryAfter(u16, Duration),
     #[error("network error: {0}")]
     Network(String),
     #[error("invalid response: {0}")]
@@ -32,8 +42,34 @@ impl ApiError {
         match self {
             ApiError::Network(_) => true,
             ApiError::Status(code) => *code >= 500 || *code == 429,
+            ApiError::RetryAfter(..) => true,
             _ => false,
         }
+    }
+
+    /// The wait GitLab asked for, if it did.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ApiError::RetryAfter(_, wait) => Some(*wait),
+            _ => None,
+        }
+    }
+}
+
+/// `Retry-After` in seconds (the form GitLab and its proxies send), capped at
+/// [`MAX_RETRY_AFTER`]; an HTTP date or garbage counts as absent.
+pub fn parse_retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let value = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
+    let secs: u64 = value.trim().parse().ok()?;
+    Some(Duration::from_secs(secs).min(MAX_RETRY_AFTER))
+}
+
+/// The error for an unexpected status, with its `Retry-After` when it has one.
+fn status_error(response: &reqwest::Response) -> ApiError {
+    let status = response.status().as_u16();
+    match parse_retry_after(response.headers()) {
+        Some(wait) if status == 429 || status >= 500 => ApiError::RetryAfter(status, wait),
+        _ => ApiError::Status(status),
     }
 }
 
@@ -71,6 +107,8 @@ pub struct PatchResult {
     pub remote_size: Option<usize>,
     /// The `Job-Status` header (`running`, `canceling`, `canceled`, ...).
     pub job_status: Option<String>,
+    /// `Retry-After`, when GitLab asked to wait.
+    pub retry_after: Option<Duration>,
 }
 
 /// Body of `PUT /api/v4/jobs/:id`.
@@ -173,10 +211,13 @@ pub struct GitLabClient {
 impl GitLabClient {
     /// `url` is GitLab's root (`https://gitlab.example.com`).
     pub fn new(url: &str) -> Result<Self, String> {
+        let shown = runner_telemetry::secrets::strip_credentials(url);
         let mut base =
-            url::Url::parse(url.trim()).map_err(|e| format!("invalid URL `{url}`: {e}"))?;
+            url::Url::parse(url.trim()).map_err(|e| format!("invalid URL `{shown}`: {e}"))?;
         if !matches!(base.scheme(), "http" | "https") {
-            return Err(format!("invalid URL `{url}`: expected http:// or https://"));
+            return Err(format!(
+                "invalid URL `{shown}`: expected http:// or https://"
+            ));
         }
         let path = format!("{}/api/v4/", base.path().trim_end_matches('/'));
         base.set_path(&path);
@@ -219,7 +260,7 @@ impl GitLabClient {
         match response.status() {
             StatusCode::CREATED | StatusCode::OK => {}
             StatusCode::FORBIDDEN => return Err(ApiError::Forbidden),
-            other => return Err(ApiError::Status(other.as_u16())),
+            _ => return Err(status_error(&response)),
         }
         let value: Value = response
             .json()
@@ -246,7 +287,7 @@ impl GitLabClient {
         match response.status() {
             StatusCode::OK | StatusCode::CREATED => {}
             StatusCode::FORBIDDEN => return Err(ApiError::Forbidden),
-            other => return Err(ApiError::Status(other.as_u16())),
+            _ => return Err(status_error(&response)),
         }
         let value: Value = response.json().await.unwrap_or(Value::Null);
         Ok(value.get("id").and_then(Value::as_i64))
@@ -289,7 +330,7 @@ impl GitLabClient {
                     .map(String::from),
             }),
             StatusCode::FORBIDDEN => Err(ApiError::Forbidden),
-            other => Err(ApiError::Status(other.as_u16())),
+            _ => Err(status_error(&response)),
         }
     }
 
@@ -305,6 +346,7 @@ impl GitLabClient {
             .http
             .put(self.url(&format!("jobs/{}", update.job_id)))
             .header("JOB-TOKEN", job_token)
+            .timeout(UPDATE_TIMEOUT)
             .json(&body)
             .send()
             .await
@@ -313,7 +355,7 @@ impl GitLabClient {
         match status {
             200 => Ok(UpdateResult::Accepted),
             202 => Ok(UpdateResult::Pending),
-            s if s >= 500 || s == 429 => Err(ApiError::Status(s)),
+            s if s >= 500 || s == 429 => Err(status_error(&response)),
             s => Ok(UpdateResult::Rejected(s)),
         }
     }
@@ -321,7 +363,7 @@ impl GitLabClient {
     /// `POST /api/v4/jobs/:id/artifacts` (one attempt): multipart `file`
     /// with `artifact_type`, `artifact_format` and `expire_in` as query
     /// parameters, the job token as `JOB-TOKEN`. Returns the HTTP status;
-    /// `Err` for network errors.
+    /// `Err` for network errors, 5xx and 429 (with their `Retry-After`).
     pub async fn upload_artifacts(
         &self,
         job_id: i64,
@@ -350,7 +392,11 @@ impl GitLabClient {
             .send()
             .await
             .map_err(network)?;
-        Ok(response.status().as_u16())
+        let status = response.status().as_u16();
+        if status >= 500 || status == 429 {
+            return Err(status_error(&response));
+        }
+        Ok(status)
     }
 
     /// `PATCH /api/v4/jobs/:id/trace` with `content` at `start`.
@@ -368,6 +414,7 @@ impl GitLabClient {
             .header("JOB-TOKEN", job_token)
             .header("Content-Type", "text/plain")
             .header("Content-Range", format!("{start}-{end}"))
+            .timeout(UPDATE_TIMEOUT)
             .body(content)
             .send()
             .await
@@ -386,6 +433,7 @@ impl GitLabClient {
             status: response.status().as_u16(),
             remote_size,
             job_status: header("Job-Status"),
+            retry_after: parse_retry_after(response.headers()),
         })
     }
 }

@@ -4,14 +4,14 @@
 //! `artifacts-uploader` does.
 //!
 //! Retries: network errors, 5xx and 429, three attempts with a short
-//! backoff. A 4xx other than 429 is permanent. An upload that fails fails
+//! backoff, or after GitLab's `Retry-After`. A 4xx other than 429 is permanent. An upload that fails fails
 //! the job when the job had succeeded (as in GitLab Runner, where the upload
 //! is a build stage like the others).
 
 use std::path::Path;
 use std::time::Duration;
 
-use super::api::{ArtifactUpload, GitLabClient};
+use super::api::{ApiError, ArtifactUpload, GitLabClient};
 use super::archive;
 use super::payload::ArtifactEntry;
 use super::shell::{self, ExportVar};
@@ -119,6 +119,7 @@ pub async fn upload(
     let mut delay = Duration::from_millis(500);
     let mut last = String::new();
     for attempt in 1..=UPLOAD_ATTEMPTS {
+        let retry_after;
         match client.upload_artifacts(job_id, job_token, upload).await {
             Ok(201) | Ok(200) => {
                 return Ok(format!(
@@ -126,18 +127,23 @@ pub async fn upload(
                     upload.artifact_format
                 ))
             }
-            Ok(status) if status >= 500 || status == 429 => {
-                last = format!("the job API answered {status}");
-            }
             Ok(status) => {
                 return Err(format!(
                     "Uploading artifacts failed: the job API answered {status}"
                 ))
             }
-            Err(e) => last = e.to_string(),
+            Err(e) => {
+                last = match &e {
+                    ApiError::Status(status) | ApiError::RetryAfter(status, _) => {
+                        format!("the job API answered {status}")
+                    }
+                    other => other.to_string(),
+                };
+                retry_after = e.retry_after();
+            }
         }
         if attempt < UPLOAD_ATTEMPTS {
-            tokio::time::sleep(delay).await;
+            tokio::time::sleep(retry_after.unwrap_or(delay)).await;
             delay *= 2;
         }
     }

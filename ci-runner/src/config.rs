@@ -36,6 +36,11 @@ use runner_telemetry::config::{
 
 /// Default time between job requests when there is no job.
 pub const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_millis(1000);
+/// How long a job's final status and log are retried while GitLab fails.
+pub const DEFAULT_FINAL_UPDATE_LIMIT: Duration = Duration::from_secs(3600);
+/// How long, after the first signal, a job's final status and log are still
+/// retried (GitLab Runner's `shutdown_timeout` default).
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 pub struct ConfigFile {
@@ -48,6 +53,10 @@ pub struct ConfigFile {
     /// `:PORT`, as GitLab Runner's `listen_address`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub listen_address: Option<String>,
+    /// Seconds a job's final status and log are still retried after the
+    /// first signal (GitLab Runner's `shutdown_timeout`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shutdown_timeout: Option<DurationValue>,
     #[serde(default)]
     pub runners: Vec<RunnerSection>,
 }
@@ -80,7 +89,13 @@ impl std::fmt::Debug for RunnerSection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RunnerSection")
             .field("name", &self.name)
-            .field("url", &self.url)
+            .field(
+                "url",
+                &self
+                    .url
+                    .as_deref()
+                    .map(runner_telemetry::secrets::strip_credentials),
+            )
             .field("id", &self.id)
             .field("executor", &self.executor)
             .finish_non_exhaustive()
@@ -103,8 +118,13 @@ pub struct RunFlags {
     /// `--cache-dir`: for every runner, wins over the file.
     pub cache_dir: Option<PathBuf>,
     /// `--derive-trace-id-from-pipeline`: the old-GitLab fallback of
-    /// negotiation, for every runner (see `crate::negotiate`).
+    /// negotiation, for every runner (see `runner_telemetry::negotiate`).
     pub derive_trace_id_from_pipeline: bool,
+    /// `--final-update-limit`: how long a job's final status and log are
+    /// retried while GitLab fails.
+    pub final_update_limit: Option<Duration>,
+    /// `--shutdown-timeout`: wins over the file's `shutdown_timeout`.
+    pub shutdown_timeout: Option<Duration>,
 }
 
 /// One runner, ready to run.
@@ -118,7 +138,8 @@ pub struct RunnerConfig {
     pub shell: String,
     pub builds_dir: PathBuf,
     pub cache_dir: PathBuf,
-    pub derive_trace_id_from_pipeline: bool,
+    /// Export and negotiation settings (`telemetry.negotiation` carries
+    /// `--derive-trace-id-from-pipeline`).
     pub telemetry: ExportSettings,
 }
 
@@ -126,7 +147,10 @@ impl std::fmt::Debug for RunnerConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RunnerConfig")
             .field("name", &self.name)
-            .field("url", &self.url)
+            .field(
+                "url",
+                &runner_telemetry::secrets::strip_credentials(&self.url),
+            )
             .field("id", &self.id)
             .field("builds_dir", &self.builds_dir)
             .field("telemetry", &self.telemetry)
@@ -143,6 +167,10 @@ pub struct RunConfig {
     pub runners: Vec<RunnerConfig>,
     /// Where to serve Prometheus metrics, if anywhere.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// How long a job's final status and log are retried while GitLab fails.
+    pub final_update_limit: Duration,
+    /// How long they are still retried after the first signal.
+    pub shutdown_timeout: Duration,
 }
 
 /// The default config path: `$HOME/.gitlab-runner/config.toml` (GitLab
@@ -256,12 +284,13 @@ pub fn resolve(
         } else {
             cwd.join(cache_dir)
         };
-        let telemetry = telemetry_config::resolve(
+        let mut telemetry = telemetry_config::resolve(
             &section.telemetry.clone().unwrap_or_default(),
             &flags.telemetry,
             env,
         )
         .map_err(|e| format!("{what} [runners.telemetry]: {e}"))?;
+        telemetry.negotiation.derive_trace_id_from_pipeline = flags.derive_trace_id_from_pipeline;
         runners.push(RunnerConfig {
             name,
             url,
@@ -271,7 +300,6 @@ pub fn resolve(
             shell,
             builds_dir,
             cache_dir,
-            derive_trace_id_from_pipeline: flags.derive_trace_id_from_pipeline,
             telemetry,
         });
     }
@@ -297,12 +325,23 @@ pub fn resolve(
         Some(address) => Some(parse_listen_address(address)?),
         None => None,
     };
+    let shutdown_timeout = match (flags.shutdown_timeout, &file.shutdown_timeout) {
+        (Some(timeout), _) => timeout,
+        (None, Some(value)) => value
+            .to_duration()
+            .map_err(|e| format!("shutdown_timeout: {e}"))?,
+        (None, None) => DEFAULT_SHUTDOWN_TIMEOUT,
+    };
     Ok(RunConfig {
         concurrent,
         check_interval,
         max_jobs: flags.max_jobs,
         runners,
         metrics_listen,
+        final_update_limit: flags
+            .final_update_limit
+            .unwrap_or(DEFAULT_FINAL_UPDATE_LIMIT),
+        shutdown_timeout,
     })
 }
 
@@ -515,7 +554,7 @@ listen_address = ":9252"   # unknown to us: ignored
             RunFlags::default(),
             "error: runner #1 (`x`): executor `docker` is not supported, only `shell`",
         );
-        check(Some("[[runners]]\nname='x'\nurl='http://g'\ntoken='t'\n[runners.telemetry]\nendpont='typo'"), RunFlags::default(), "error: unknown field `endpont`, expected one of `disabled`, `endpoint`, `protocol`, `headers`, `timeout`, `flush_timeout`, `service_name`, `connection_string`, `buffer_max_spans`, `buffer_max_bytes`, `max_age`, `retry_initial_backoff`, `retry_max_backoff`, `shutdown_timeout`, `ca_file`, `bearer_token_file`, `gcp_metadata_url`");
+        check(Some("[[runners]]\nname='x'\nurl='http://g'\ntoken='t'\n[runners.telemetry]\nendpont='typo'"), RunFlags::default(), "error: unknown field `endpont`, expected one of `disabled`, `logs`, `endpoint`, `protocol`, `headers`, `timeout`, `flush_timeout`, `service_name`, `connection_string`, `buffer_max_spans`, `buffer_max_bytes`, `max_age`, `retry_initial_backoff`, `retry_max_backoff`, `shutdown_timeout`, `ca_file`, `bearer_token_file`, `gcp_metadata_url`");
     }
 
     #[test]

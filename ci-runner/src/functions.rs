@@ -27,194 +27,18 @@
 //! fails the function. Inputs are not exported as environment variables.
 //!
 //! Telemetry sees input NAMES only, never their values.
+//!
+//! The `run` model ([`FunctionCall`]) and its parsing live in
+//! [`crate::payload`]; this module resolves and runs the calls.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
+use super::payload::{is_local, split_version, value_text, FunctionCall, FunctionKind};
 use super::shell::{shell_quote, ExportVar};
 use runner_telemetry::secrets::strip_credentials;
-
-/// One invocation in `run`.
-#[derive(Clone, PartialEq)]
-pub struct FunctionCall {
-    pub name: String,
-    pub kind: FunctionKind,
-    pub inputs: BTreeMap<String, Value>,
-    pub env: Vec<(String, String)>,
-}
-
-impl std::fmt::Debug for FunctionCall {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // Input and env values may be secrets: names only.
-        f.debug_struct("FunctionCall")
-            .field("name", &self.name)
-            .field("kind", &self.kind)
-            .field("inputs", &self.inputs.keys().collect::<Vec<_>>())
-            .field("env", &self.env.iter().map(|(k, _)| k).collect::<Vec<_>>())
-            .finish()
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum FunctionKind {
-    /// `script:` lines.
-    Script(Vec<String>),
-    /// `step:` or `func:` (the keyword) and the reference.
-    Reference {
-        keyword: &'static str,
-        reference: String,
-    },
-}
-
-impl FunctionCall {
-    /// `script`, `step` or `func`.
-    pub fn kind_name(&self) -> &'static str {
-        match &self.kind {
-            FunctionKind::Script(_) => "script",
-            FunctionKind::Reference { keyword, .. } => keyword,
-        }
-    }
-
-    /// `v1` for `name@v1`; `local` for scripts and local paths; empty for a
-    /// remote reference without a version.
-    pub fn version(&self) -> String {
-        match &self.kind {
-            FunctionKind::Script(_) => "local".into(),
-            FunctionKind::Reference { reference, .. } if is_local(reference) => "local".into(),
-            FunctionKind::Reference { reference, .. } => {
-                split_version(reference).1.unwrap_or_default().to_string()
-            }
-        }
-    }
-
-    /// The reference without its version, credentials stripped.
-    pub fn reference(&self) -> Option<String> {
-        match &self.kind {
-            FunctionKind::Script(_) => None,
-            FunctionKind::Reference { reference, .. } if is_local(reference) => {
-                Some(reference.clone())
-            }
-            FunctionKind::Reference { reference, .. } => {
-                Some(strip_credentials(split_version(reference).0))
-            }
-        }
-    }
-
-    /// Input names, sorted.
-    pub fn input_names(&self) -> Vec<String> {
-        self.inputs.keys().cloned().collect()
-    }
-}
-
-fn is_local(reference: &str) -> bool {
-    reference.starts_with("./") || reference.starts_with("../") || reference.starts_with('/')
-}
-
-/// `gitlab.com/org/fn@v1` -> (`gitlab.com/org/fn`, `v1`). An `@` before the
-/// last `/` (credentials in a URL) is not a version.
-fn split_version(reference: &str) -> (&str, Option<&str>) {
-    match reference.rsplit_once('@') {
-        Some((base, version)) if !version.contains('/') && !version.is_empty() => {
-            (base, Some(version))
-        }
-        _ => (reference, None),
-    }
-}
-
-/// Reads `run`: a JSON string holding the list, or the list itself.
-pub fn parse_run(value: &Value) -> Result<Vec<FunctionCall>, String> {
-    let parsed;
-    let list = match value {
-        Value::String(text) => {
-            parsed = serde_json::from_str::<Value>(text)
-                .map_err(|e| format!("is not valid JSON: {e}"))?;
-            &parsed
-        }
-        other => other,
-    };
-    let Value::Array(items) = list else {
-        return Err("is not a list of functions".into());
-    };
-    if items.is_empty() {
-        return Err("is an empty list".into());
-    }
-    items
-        .iter()
-        .enumerate()
-        .map(|(i, item)| parse_call(item).map_err(|e| format!("run[{i}] {e}")))
-        .collect()
-}
-
-fn parse_call(item: &Value) -> Result<FunctionCall, String> {
-    let Value::Object(call) = item else {
-        return Err("is not an object".into());
-    };
-    let name = match call.get("name") {
-        Some(Value::String(n)) if !n.trim().is_empty() => n.trim().to_string(),
-        _ => return Err("has no `name`".into()),
-    };
-    let script = call.get("script").filter(|v| !v.is_null());
-    let step = call.get("step").filter(|v| !v.is_null());
-    let func = call.get("func").filter(|v| !v.is_null());
-    let kind = match (script, step, func) {
-        (Some(script), None, None) => FunctionKind::Script(match script {
-            Value::String(s) => vec![s.clone()],
-            Value::Array(lines) => lines
-                .iter()
-                .map(|l| {
-                    l.as_str()
-                        .map(String::from)
-                        .ok_or_else(|| format!("(`{name}`) has a script line that is not a string"))
-                })
-                .collect::<Result<_, _>>()?,
-            _ => return Err(format!("(`{name}`) script is not a string or a list")),
-        }),
-        (None, Some(reference), None) | (None, None, Some(reference)) => {
-            let keyword = if step.is_some() { "step" } else { "func" };
-            match reference {
-                Value::String(r) if !r.trim().is_empty() => FunctionKind::Reference {
-                    keyword,
-                    reference: r.trim().to_string(),
-                },
-                _ => return Err(format!("(`{name}`) {keyword} is not a reference string")),
-            }
-        }
-        _ => {
-            return Err(format!(
-                "(`{name}`) needs exactly one of `script`, `step` or `func`"
-            ))
-        }
-    };
-    let inputs = match call.get("inputs") {
-        None | Some(Value::Null) => BTreeMap::new(),
-        Some(Value::Object(inputs)) => inputs.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-        Some(_) => return Err(format!("(`{name}`) inputs is not an object")),
-    };
-    let env = match call.get("env") {
-        None | Some(Value::Null) => Vec::new(),
-        Some(Value::Object(env)) => env
-            .iter()
-            .map(|(k, v)| (k.clone(), value_text(v)))
-            .collect(),
-        Some(_) => return Err(format!("(`{name}`) env is not an object")),
-    };
-    Ok(FunctionCall {
-        name,
-        kind,
-        inputs,
-        env,
-    })
-}
-
-/// A value as text: strings as they are, anything else as JSON.
-fn value_text(value: &Value) -> String {
-    match value {
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    }
-}
 
 /// What expressions can see.
 pub struct Scope<'a> {
@@ -550,6 +374,7 @@ fn merge_inputs(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::payload::parse_run;
     use serde_json::json;
 
     fn summary(calls: &[FunctionCall]) -> String {

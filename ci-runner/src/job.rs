@@ -33,9 +33,10 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use futures::FutureExt;
 use opentelemetry::{Array, KeyValue, StringValue, Value as OtelValue};
 use serde_json::Value;
 use tokio::sync::watch;
@@ -43,9 +44,10 @@ use tokio::sync::watch;
 use super::api::{GitLabClient, JobOutput, UpdateJob, UpdateResult};
 use super::artifacts::{self, Preparation};
 use super::cache;
-use super::functions::{self, FunctionCall};
+use super::deliver::Patience;
+use super::functions;
 use super::git;
-use super::payload::{CacheEntry, JobPayload, PayloadError};
+use super::payload::{CacheEntry, FunctionCall, JobPayload, PayloadError};
 use super::shell::{self, ExportVar, ScriptResult};
 use super::trace::{self, JobLog, StopRequest};
 use runner_telemetry::job::{
@@ -60,6 +62,10 @@ pub const AFTER_SCRIPT_TIMEOUT: Duration = Duration::from_secs(300);
 /// Name of the span of one CI Function invocation (Phase 3). One fixed,
 /// low-cardinality name; the function's own name is `ci.function.name`.
 pub const FUNCTION_SPAN_NAME: &str = "ci_function";
+
+/// In debug builds, a job variable that makes the job's task panic (value
+/// `execute`): how the tests reach the panic handling.
+pub const DEBUG_PANIC_VARIABLE: &str = "CI_RUNNER_DEBUG_PANIC";
 
 /// Stage span names (GitLab Runner's build stage names).
 pub mod stages {
@@ -81,11 +87,14 @@ pub struct JobContext {
     pub runner_name: String,
     pub gitlab_url: String,
     pub builds_dir: PathBuf,
+    /// The slots of `builds_dir` in use, shared with the manager's other
+    /// runners.
+    pub build_dirs: BuildDirs,
     /// The local cache: `<cache_dir>/<project path>/<key>/cache.zip`.
     pub cache_dir: PathBuf,
-    /// Per-runner negotiation options (the old-GitLab trace ID fallback).
-    pub negotiation: NegotiationOptions,
     pub telemetry: RunnerTelemetry,
+    /// How long the end of a job's log and its final status are retried.
+    pub patience: Patience,
 }
 
 /// The end of a job.
@@ -95,6 +104,12 @@ pub struct JobDone {
     pub outcome: Option<JobOutcome>,
     /// The telemetry flush, to run in the background.
     pub flush: Option<PendingFlush>,
+    /// False when GitLab never got the job's final status (the job is lost:
+    /// it stays `running` there).
+    pub delivered: bool,
+    /// The job's task panicked; the job was failed with
+    /// `runner_system_failure`.
+    pub panicked: bool,
 }
 
 /// How a job ended, with what GitLab is told.
@@ -209,33 +224,44 @@ fn script_stage_end(result: &ScriptResult, timeout: Duration) -> (StageEnd, Opti
     }
 }
 
-/// Build directories held by running jobs of this process.
-static BUSY_BUILD_DIRS: Mutex<BTreeSet<PathBuf>> = Mutex::new(BTreeSet::new());
-
-/// A project's build directory, held while its job runs.
-#[derive(Debug)]
-struct BuildSlot {
-    dir: PathBuf,
+/// The build directories held by running jobs. The runner manager owns one
+/// set for all its runners (they may share a `builds_dir`) and hands a clone
+/// to each [`JobContext`].
+#[derive(Debug, Clone, Default)]
+pub struct BuildDirs {
+    busy: Arc<Mutex<BTreeSet<PathBuf>>>,
 }
 
-impl BuildSlot {
-    /// The lowest free slot of the project: `<builds_dir>/<slot>/<path>`.
-    fn acquire(builds_dir: &Path, project_path: &str) -> BuildSlot {
-        let mut busy = BUSY_BUILD_DIRS.lock().unwrap_or_else(|e| e.into_inner());
+impl BuildDirs {
+    /// The lowest free slot of the project: `<builds_dir>/<slot>/<path>`,
+    /// held until the returned [`BuildSlot`] is dropped.
+    pub fn acquire(&self, builds_dir: &Path, project_path: &str) -> BuildSlot {
+        let mut busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
         let mut slot = 0;
         loop {
             let dir = shell::build_dir(builds_dir, slot, project_path);
             if busy.insert(dir.clone()) {
-                return BuildSlot { dir };
+                return BuildSlot {
+                    dir,
+                    owner: self.clone(),
+                };
             }
             slot += 1;
         }
     }
 }
 
+/// A project's build directory, held while its job runs.
+#[derive(Debug)]
+pub struct BuildSlot {
+    dir: PathBuf,
+    owner: BuildDirs,
+}
+
 impl Drop for BuildSlot {
     fn drop(&mut self) {
-        BUSY_BUILD_DIRS
+        self.owner
+            .busy
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&self.dir);
@@ -269,10 +295,8 @@ pub async fn run_job(
         payload.timeout_secs
     );
     let span_info = payload.span_info(&ctx.gitlab_url);
-    let mut telemetry = negotiate::with_options(ctx.negotiation, || {
-        ctx.telemetry.start_job(&raw, &span_info, received)
-    });
-    if telemetry.is_enabled() && uses_derived_trace_id(ctx.negotiation, &raw) {
+    let mut telemetry = ctx.telemetry.start_job(&raw, &span_info, received);
+    if telemetry.is_enabled() && uses_derived_trace_id(ctx.telemetry.settings().negotiation, &raw) {
         if let Some(derived) = negotiate::derived_trace_context(&raw) {
             tracing::info!(
                 "job={job_id} telemetry trace_id={} derived from the pipeline id (the payload has no trace context): job_execution is a root span",
@@ -286,6 +310,9 @@ pub async fn run_job(
     }
 
     let log = JobLog::new(payload.secrets());
+    if let Some(records) = telemetry.logs() {
+        log.export_records(records);
+    }
     let (cancel_tx, cancel_rx) = watch::channel(None::<StopRequest>);
     let uploader = tokio::spawn(trace::upload(
         ctx.client.clone(),
@@ -293,6 +320,7 @@ pub async fn run_job(
         payload.token.clone(),
         log.clone(),
         cancel_tx,
+        ctx.patience.clone(),
     ));
 
     // One stop signal for the scripts: GitLab canceled the job, or the runner
@@ -318,21 +346,44 @@ pub async fn run_job(
         abort: &abort,
         cancel: &cancel_rx,
     };
-    let ending = job.execute(&mut stop_rx).await;
+    // A panic anywhere in the job's stages fails the job (and only it).
+    let executed = std::panic::AssertUnwindSafe(job.execute(&mut stop_rx))
+        .catch_unwind()
+        .await;
+    let (ending, panicked) = match executed {
+        Ok(ending) => (ending, false),
+        Err(panic) => {
+            let why = panic_message(panic.as_ref());
+            tracing::error!("job={job_id} The job's task panicked, failing the job: {why}");
+            (
+                Ending::system_failure(&format!("the runner failed internally: {why}")),
+                true,
+            )
+        }
+    };
     stop_watcher.abort();
 
     log.line("");
     log.line(&ending.message);
     log.close();
-    if tokio::time::timeout(Duration::from_secs(30), uploader)
-        .await
-        .is_err()
-    {
-        tracing::warn!("job={job_id} Sending the job log took longer than 30s, going on");
-    }
+    // The whole log reaches GitLab before the final update.
+    let log_complete = uploader.await.unwrap_or(false);
     let end_time = SystemTime::now();
 
-    send_status(&ctx.client, &payload.token, job_id, &ending.outcome, &log).await;
+    let delivered = send_status(
+        &ctx.client,
+        &payload.token,
+        job_id,
+        &ending.outcome,
+        &log,
+        &ctx.patience,
+    )
+    .await;
+    if delivered && !log_complete {
+        tracing::error!(
+            "job={job_id} GitLab has the job's final status but not the end of its log"
+        );
+    }
     let duration = started.elapsed().as_secs_f64();
     match &ending.outcome {
         JobOutcome::Success => tracing::info!("job={job_id} Job succeeded duration={duration:.3}s"),
@@ -356,6 +407,19 @@ pub async fn run_job(
         job_id: Some(job_id),
         outcome: Some(ending.outcome),
         flush,
+        delivered,
+        panicked,
+    }
+}
+
+/// The message of a panic payload.
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(text) = panic.downcast_ref::<&str>() {
+        (*text).to_string()
+    } else if let Some(text) = panic.downcast_ref::<String>() {
+        text.clone()
+    } else {
+        "unknown panic".to_string()
     }
 }
 
@@ -442,7 +506,13 @@ impl Job<'_> {
     }
 
     async fn execute(&mut self, stop: &mut watch::Receiver<bool>) -> Ending {
-        let deadline = tokio::time::Instant::now() + self.timeout();
+        // Debug builds only: a job can ask for a panic, so the tests can show
+        // that a panic fails that job and nothing else.
+        #[cfg(debug_assertions)]
+        if self.payload.variable(DEBUG_PANIC_VARIABLE) == Some("execute") {
+            panic!("{DEBUG_PANIC_VARIABLE} asked for a panic");
+        }
+        let deadline = deadline_after(self.timeout());
         self.log.line(&format!(
             "\x1b[0KRunning with ci-runner {} (reference runner)",
             env!("CARGO_PKG_VERSION")
@@ -524,7 +594,7 @@ impl Job<'_> {
 
         log.section_start("prepare_script", "Preparing environment");
         log.line(&format!("Running on {}...", super::config::hostname()));
-        let slot = BuildSlot::acquire(
+        let slot = self.ctx.build_dirs.acquire(
             &self.ctx.builds_dir,
             &self.payload.job_info.project_full_path,
         );
@@ -739,7 +809,9 @@ impl Job<'_> {
             "step_script",
             "Executing \"step_script\" stage of the job script",
         );
-        let script = shell::build_script(&ws.exports, ws.dir(), &commands);
+        let mut exports = ws.exports.clone();
+        exports.extend(trace_context_env(&span));
+        let script = shell::build_script(&exports, ws.dir(), &commands);
         let result = ws
             .run_script("step_script.sh", &script, deadline, self.log, stop)
             .await;
@@ -852,7 +924,7 @@ impl Job<'_> {
             .into(),
         });
         let script = shell::build_script(&exports, ws.dir(), &step.script);
-        let after_deadline = tokio::time::Instant::now() + limit;
+        let after_deadline = deadline_after(limit);
         let result = ws
             .run_script("after_script.sh", &script, after_deadline, log, stop)
             .await;
@@ -1041,6 +1113,42 @@ impl Job<'_> {
     }
 }
 
+/// `TRACEPARENT` (and `TRACESTATE`) of `span`, as OpenTelemetry's
+/// environment-variable carrier specifies, so that instrumented tools in the
+/// job join its trace (with their own exporter settings). None when the
+/// span does not record (telemetry off).
+fn trace_context_env(span: &ChildSpan) -> Vec<ExportVar> {
+    let Some(context) = span.span_context().filter(|c| c.is_valid()) else {
+        return Vec::new();
+    };
+    let mut vars = vec![ExportVar {
+        key: "TRACEPARENT".into(),
+        value: format!(
+            "00-{}-{}-{:02x}",
+            context.trace_id(),
+            context.span_id(),
+            context.trace_flags().to_u8()
+        ),
+    }];
+    let state = context.trace_state().header();
+    if !state.is_empty() {
+        vars.push(ExportVar {
+            key: "TRACESTATE".into(),
+            value: state,
+        });
+    }
+    vars
+}
+
+/// `now + timeout`, or a year from now when that does not fit an `Instant`
+/// (payload values are clamped, this is the last line of defence).
+fn deadline_after(timeout: Duration) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    now.checked_add(timeout)
+        .or_else(|| now.checked_add(Duration::from_secs(365 * 86_400)))
+        .unwrap_or(now)
+}
+
 /// Whether a `when` (`on_success|on_failure|always`) applies.
 fn when_matches(when: &str, success: bool) -> bool {
     match when {
@@ -1132,15 +1240,19 @@ fn build_quiet_script(exports: &[ExportVar], dir: &Path, commands: &[String]) ->
     script
 }
 
-/// `PUT /api/v4/jobs/:id`, retried on 5xx and network errors (about 15 s in
-/// all) and while GitLab answers 202.
-async fn send_status(
+/// `PUT /api/v4/jobs/:id`, retried with backoff (honouring `Retry-After`)
+/// on 5xx, 429, timeouts and network errors, and while GitLab answers 202,
+/// for as long as `patience` allows. Returns whether GitLab accepted or
+/// refused it for good (a 4xx other than 429: the job is no longer ours);
+/// false means the status is lost, said in an ERROR line.
+pub async fn send_status(
     client: &GitLabClient,
     job_token: &str,
     job_id: i64,
     outcome: &JobOutcome,
     log: &JobLog,
-) {
+    patience: &Patience,
+) -> bool {
     let (checksum, bytesize) = log.checksum();
     let (state, failure_reason, exit_code) = match outcome {
         JobOutcome::Success => ("success", None, None),
@@ -1158,23 +1270,48 @@ async fn send_status(
         exit_code,
         output: JobOutput { checksum, bytesize },
     };
-    let mut delay = Duration::from_millis(500);
-    for attempt in 1..=6 {
-        match client.update_job(job_token, &update).await {
-            Ok(UpdateResult::Accepted) => return,
+    let mut attempts = patience.start();
+    let mut failing_since: Option<std::time::Instant> = None;
+    let mut next_warning = 1;
+    loop {
+        let attempt = attempts.attempts() + 1;
+        let retry_after = match client.update_job(job_token, &update).await {
+            Ok(UpdateResult::Accepted) => {
+                if let Some(since) = failing_since {
+                    tracing::info!(
+                        "job={job_id} Final status delivered after {attempt} attempts ({:.1}s of errors)",
+                        since.elapsed().as_secs_f64()
+                    );
+                }
+                return true;
+            }
             Ok(UpdateResult::Pending) => {
                 tracing::debug!("job={job_id} Status update accepted, GitLab still processing (attempt {attempt})");
+                None
             }
             Ok(UpdateResult::Rejected(code)) => {
                 tracing::warn!("job={job_id} GitLab refused the status update with HTTP {code}");
-                return;
+                return true;
             }
-            Err(e) => tracing::warn!("job={job_id} Status update failed (attempt {attempt}): {e}"),
+            Err(e) => {
+                failing_since.get_or_insert_with(std::time::Instant::now);
+                // One line when it starts failing, then one every 10 attempts.
+                if attempt >= next_warning {
+                    next_warning = attempt + 10;
+                    tracing::warn!(
+                        "job={job_id} Status update failed (attempt {attempt}), retrying: {e}"
+                    );
+                }
+                e.retry_after()
+            }
+        };
+        if !attempts.wait(retry_after).await {
+            tracing::error!(
+                "job={job_id} Could not send the job's final status to GitLab after {attempt} attempts: the job is lost (it stays `running` in GitLab)"
+            );
+            return false;
         }
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(4));
     }
-    tracing::error!("job={job_id} Could not send the job's final status to GitLab");
 }
 
 /// A payload that cannot be run: report it failed with
@@ -1191,6 +1328,8 @@ async fn report_unparseable(
             job_id: None,
             outcome: None,
             flush: None,
+            delivered: false,
+            panicked: false,
         };
     };
     tracing::error!("job={job_id} Invalid job payload, reporting the job failed: {error}");
@@ -1198,9 +1337,7 @@ async fn report_unparseable(
         job_id,
         ..Default::default()
     };
-    let telemetry = negotiate::with_options(ctx.negotiation, || {
-        ctx.telemetry.start_job(raw, &info, received)
-    });
+    let telemetry = ctx.telemetry.start_job(raw, &info, received);
     let log = JobLog::new(vec![token.clone()]);
     log.line(&format!(
         "\x1b[0KRunning with ci-runner {}",
@@ -1210,24 +1347,55 @@ async fn report_unparseable(
     log.line(&ending.message);
     log.close();
     let (cancel_tx, _cancel_rx) = watch::channel(None);
-    let _ = tokio::time::timeout(
-        Duration::from_secs(10),
-        trace::upload(
-            ctx.client.clone(),
-            job_id,
-            token.clone(),
-            log.clone(),
-            cancel_tx,
-        ),
+    trace::upload(
+        ctx.client.clone(),
+        job_id,
+        token.clone(),
+        log.clone(),
+        cancel_tx,
+        ctx.patience.clone(),
     )
     .await;
     let end_time = SystemTime::now();
-    send_status(&ctx.client, &token, job_id, &ending.outcome, &log).await;
+    let delivered = send_status(
+        &ctx.client,
+        &token,
+        job_id,
+        &ending.outcome,
+        &log,
+        &ctx.patience,
+    )
+    .await;
     tracing::info!("job={job_id} Job failed reason=runner_system_failure exit_code=-");
     let flush = telemetry.finish(&ending.outcome, end_time);
     JobDone {
         job_id: Some(job_id),
         outcome: Some(ending.outcome),
         flush,
+        delivered,
+        panicked: false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn build_slots_are_held_until_dropped_and_belong_to_their_owner() {
+        let root = Path::new("/builds");
+        let dirs = BuildDirs::default();
+        let first = dirs.acquire(root, "g/p");
+        let second = dirs.acquire(root, "g/p");
+        assert_eq!(first.dir, root.join("0/g/p"));
+        assert_eq!(second.dir, root.join("1/g/p"));
+        assert_eq!(dirs.acquire(root, "g/q").dir, root.join("0/g/q"));
+        drop(first);
+        assert_eq!(dirs.acquire(root, "g/p").dir, root.join("0/g/p"));
+        // Another manager's slots are its own.
+        assert_eq!(
+            BuildDirs::default().acquire(root, "g/p").dir,
+            root.join("0/g/p")
+        );
     }
 }

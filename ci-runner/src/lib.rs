@@ -16,6 +16,7 @@
 //! * [`functions`]: CI Functions (`run:`).
 //! * [`manager`]: polling, concurrency, signals.
 //! * [`config`]: `config.toml` and the flags.
+//! * [`deliver`]: how long a job's log and final status are retried.
 //! * [`metrics`]: `GET /metrics` (`--metrics-listen`).
 
 pub mod api;
@@ -23,6 +24,7 @@ pub mod archive;
 pub mod artifacts;
 pub mod cache;
 pub mod config;
+pub mod deliver;
 pub mod functions;
 pub mod git;
 pub mod job;

@@ -7,6 +7,7 @@
 //!               [--otlp-endpoint URL] [--otlp-protocol grpc|http/protobuf]
 //!               [--flush-timeout SECS] [--telemetry-disabled] [--metrics-listen ADDR]
 //!               [--cache-dir DIR] [--derive-trace-id-from-pipeline]
+//!               [--final-update-limit SECS] [--shutdown-timeout SECS]
 //! ```
 //!
 //! Logs go to stderr, one event per line; `CI_RUNNER_LOG` takes a
@@ -86,6 +87,10 @@ struct RunArgs {
     /// No telemetry for any job.
     #[arg(long)]
     telemetry_disabled: bool,
+    /// Export job logs as OTLP log records too (or `logs = true` in
+    /// `[runners.telemetry]`, or `CI_TELEMETRY_LOGS=true`).
+    #[arg(long)]
+    telemetry_logs: bool,
     /// Serve Prometheus metrics (`GET /metrics`) on `HOST:PORT` or `:PORT`.
     #[arg(long, env = "CI_RUNNER_METRICS_LISTEN")]
     metrics_listen: Option<String>,
@@ -96,6 +101,15 @@ struct RunArgs {
     /// pipeline id and make `job_execution` a root span (off by default).
     #[arg(long, env = "CI_RUNNER_DERIVE_TRACE_ID_FROM_PIPELINE")]
     derive_trace_id_from_pipeline: bool,
+    /// Seconds a job's final status and the end of its log are retried
+    /// while GitLab fails (default 3600); then the job is lost and the
+    /// runner exits 2.
+    #[arg(long)]
+    final_update_limit: Option<f64>,
+    /// Seconds a job's final status is still retried after the first
+    /// SIGTERM/SIGINT (default: the config file's `shutdown_timeout`, or 30).
+    #[arg(long)]
+    shutdown_timeout: Option<f64>,
 }
 
 fn init_logging() {
@@ -176,12 +190,16 @@ async fn register(
         }
         Err(api::ApiError::Forbidden) => {
             tracing::error!(
-                "Registration refused by {url}: 403 Forbidden (is the registration token right?)"
+                "Registration refused by {}: 403 Forbidden (is the registration token right?)",
+                runner_telemetry::secrets::strip_credentials(&url)
             );
             1
         }
         Err(e) => {
-            tracing::error!("Registration at {url} failed: {e}");
+            tracing::error!(
+                "Registration at {} failed: {e}",
+                runner_telemetry::secrets::strip_credentials(&url)
+            );
             1
         }
     }
@@ -193,6 +211,21 @@ async fn run(args: RunArgs) -> i32 {
         Some(Ok(d)) => Some(d),
         Some(Err(_)) => {
             tracing::error!("--flush-timeout must be a non-negative number of seconds");
+            return 1;
+        }
+    };
+    let seconds = |flag: &str, value: Option<f64>| match value.map(Duration::try_from_secs_f64) {
+        None => Ok(None),
+        Some(Ok(d)) => Ok(Some(d)),
+        Some(Err(_)) => Err(format!("--{flag} must be a non-negative number of seconds")),
+    };
+    let (final_update_limit, shutdown_timeout) = match (
+        seconds("final-update-limit", args.final_update_limit),
+        seconds("shutdown-timeout", args.shutdown_timeout),
+    ) {
+        (Ok(a), Ok(b)) => (a, b),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::error!("{e}");
             return 1;
         }
     };
@@ -209,10 +242,13 @@ async fn run(args: RunArgs) -> i32 {
             protocol: args.otlp_protocol,
             flush_timeout,
             disabled: args.telemetry_disabled,
+            logs: args.telemetry_logs,
         },
         metrics_listen: args.metrics_listen,
         cache_dir: args.cache_dir,
         derive_trace_id_from_pipeline: args.derive_trace_id_from_pipeline,
+        final_update_limit,
+        shutdown_timeout,
     };
     let file = match &args.config {
         Some(path) => match config::load(path) {

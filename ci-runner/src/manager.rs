@@ -4,8 +4,11 @@
 //!
 //! Shutdown: the first signal stops taking jobs and lets the running ones
 //! finish; a second one aborts them (reported as `runner_system_failure`).
-//! Either way every job's telemetry flush gets its deadline, then the process
-//! exits 0.
+//! Either way every job's telemetry flush gets its deadline. A job's final
+//! status is retried while GitLab fails (see [`crate::deliver`]); after the
+//! first signal for at most the shutdown timeout. The process exits 0, or
+//! 2 when a job was lost (GitLab never got its final status, each named in
+//! an ERROR line).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -16,8 +19,12 @@ use tokio::task::JoinHandle;
 
 use super::api::{self, ApiError, GitLabClient, JobRequest};
 use super::config::{RunConfig, RunnerConfig};
-use super::job::{run_job, JobContext};
+use super::deliver::Patience;
+use super::job::{panic_message, run_job, send_status, BuildDirs, JobContext};
+use super::trace::JobLog;
+use futures::FutureExt;
 use runner_telemetry::job::RunnerIdentity;
+use runner_telemetry::secrets::strip_credentials;
 use runner_telemetry::telemetry::RunnerTelemetry;
 
 /// Longest wait between job requests after errors.
@@ -41,6 +48,10 @@ struct Shared {
     abort: watch::Receiver<bool>,
     jobs: Mutex<Vec<JoinHandle<()>>>,
     system_id: String,
+    /// Jobs whose final status GitLab never got.
+    lost: AtomicU64,
+    /// Jobs whose task panicked (each failed with `runner_system_failure`).
+    panicked: AtomicU64,
 }
 
 impl Shared {
@@ -92,9 +103,24 @@ pub async fn run(config: RunConfig) -> i32 {
             }
         }
     }
+    let patience = Patience {
+        limit: config.final_update_limit,
+        shutdown_timeout: config.shutdown_timeout,
+        shutdown: shutdown_rx.clone(),
+    };
+    // One set of build-directory slots for the process (runners may share a
+    // builds_dir).
+    let build_dirs = BuildDirs::default();
     let mut contexts = Vec::new();
     for runner in &config.runners {
-        match prepare_runner(runner, &system_id, shutdown_rx.clone(), metrics.clone()).await {
+        let prepared = prepare_runner(
+            runner,
+            &system_id,
+            patience.clone(),
+            metrics.clone(),
+            build_dirs.clone(),
+        );
+        match prepared.await {
             Ok(ctx) => contexts.push(ctx),
             Err(e) => {
                 tracing::error!("{e}");
@@ -112,6 +138,8 @@ pub async fn run(config: RunConfig) -> i32 {
         abort: abort_rx,
         jobs: Mutex::new(Vec::new()),
         system_id,
+        lost: AtomicU64::new(0),
+        panicked: AtomicU64::new(0),
     });
     tracing::info!(
         "Runner started concurrent={} check_interval={}ms runners={}{}",
@@ -149,11 +177,20 @@ pub async fn run(config: RunConfig) -> i32 {
     for ctx in &contexts {
         ctx.telemetry.shutdown().await;
     }
+    let lost = shared.lost.load(Ordering::SeqCst);
+    let panicked = shared.panicked.load(Ordering::SeqCst);
+    drop(shutdown_tx);
+    if lost > 0 {
+        tracing::error!(
+            "Runner stopped jobs={} lost={lost} panicked={panicked}: GitLab never got the final status of {lost} job(s)",
+            shared.taken.load(Ordering::SeqCst)
+        );
+        return 2;
+    }
     tracing::info!(
-        "Runner stopped jobs={}",
+        "Runner stopped jobs={} lost=0 panicked={panicked}",
         shared.taken.load(Ordering::SeqCst)
     );
-    drop(shutdown_tx);
     0
 }
 
@@ -187,11 +224,13 @@ fn spawn_signal_handler(
 async fn prepare_runner(
     runner: &RunnerConfig,
     system_id: &str,
-    mut shutdown: watch::Receiver<bool>,
+    patience: Patience,
     metrics: Arc<runner_telemetry::metrics::Metrics>,
+    build_dirs: BuildDirs,
 ) -> Result<JobContext, String> {
     let client =
         GitLabClient::new(&runner.url).map_err(|e| format!("Runner `{}`: {e}", runner.name))?;
+    let mut shutdown = patience.shutdown.clone();
     let started = std::time::Instant::now();
     let mut delay = Duration::from_millis(500);
     let verified_id = loop {
@@ -200,13 +239,14 @@ async fn prepare_runner(
             Err(ApiError::Forbidden) => {
                 return Err(format!(
                     "Runner `{}`: the runner token was refused by {} (POST /api/v4/runners/verify answered 403 Forbidden)",
-                    runner.name, runner.url
+                    runner.name, strip_credentials(&runner.url)
                 ))
             }
             Err(e) if e.is_transient() && started.elapsed() < VERIFY_PATIENCE => {
                 tracing::warn!("Runner `{}`: verifying the token failed, retrying: {e}", runner.name);
+                let wait = e.retry_after().unwrap_or(delay);
                 tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
+                    _ = tokio::time::sleep(wait) => {}
                     _ = shutdown.wait_for(|s| *s) => return Err("Stopped before the runner token was verified".into()),
                 }
                 delay = (delay * 2).min(Duration::from_secs(5));
@@ -214,7 +254,7 @@ async fn prepare_runner(
             Err(e) => {
                 return Err(format!(
                     "Runner `{}`: cannot verify the runner token at {}: {e}",
-                    runner.name, runner.url
+                    runner.name, strip_credentials(&runner.url)
                 ))
             }
         }
@@ -233,7 +273,7 @@ async fn prepare_runner(
     tracing::info!(
         "Runner verified name={} url={} id={} executor={} builds_dir={} cache_dir={} telemetry={} static_endpoint={} flush_timeout={}ms",
         runner.name,
-        runner.url,
+        strip_credentials(&runner.url),
         identity.id.map(|i| i.to_string()).unwrap_or_else(|| "-".into()),
         runner.executor,
         runner.builds_dir.display(),
@@ -247,11 +287,10 @@ async fn prepare_runner(
         runner_name: runner.name.clone(),
         gitlab_url: runner.url.clone(),
         builds_dir: runner.builds_dir.clone(),
+        build_dirs,
         cache_dir: runner.cache_dir.clone(),
-        negotiation: runner_telemetry::negotiate::NegotiationOptions {
-            derive_trace_id_from_pipeline: runner.derive_trace_id_from_pipeline,
-        },
         telemetry: RunnerTelemetry::with_metrics(runner.telemetry.clone(), identity, metrics),
+        patience,
     })
 }
 
@@ -265,6 +304,7 @@ async fn poll(ctx: Arc<JobContext>, runner: RunnerConfig, shared: Arc<Shared>) {
     let mut shutdown = shared.shutdown.clone();
     let mut last_update: Option<String> = None;
     let mut backoff = shared.check_interval;
+    let mut failures: u64 = 0;
     loop {
         if *shutdown.borrow() || shared.all_taken() {
             return;
@@ -291,14 +331,36 @@ async fn poll(ctx: Arc<JobContext>, runner: RunnerConfig, shared: Arc<Shared>) {
         {
             Ok(JobRequest::Job(raw)) => {
                 let received = SystemTime::now();
+                recovered(&runner.name, &mut failures);
                 backoff = shared.check_interval;
                 let ctx = ctx.clone();
                 let abort = shared.abort.clone();
+                let shared_job = shared.clone();
                 let handle = tokio::spawn(async move {
-                    let done = run_job(&ctx, raw, received, abort).await;
+                    let reportable = job_id_and_token(&raw);
+                    let done = std::panic::AssertUnwindSafe(run_job(&ctx, raw, received, abort))
+                        .catch_unwind()
+                        .await;
                     drop(permit);
-                    if let Some(flush) = done.flush {
-                        ctx.telemetry.flush_job(flush).await;
+                    match done {
+                        Ok(done) => {
+                            if done.panicked {
+                                shared_job.panicked.fetch_add(1, Ordering::SeqCst);
+                            }
+                            if !done.delivered {
+                                shared_job.lost.fetch_add(1, Ordering::SeqCst);
+                            }
+                            if let Some(flush) = done.flush {
+                                ctx.telemetry.flush_job(flush).await;
+                            }
+                        }
+                        Err(panic) => {
+                            shared_job.panicked.fetch_add(1, Ordering::SeqCst);
+                            let why = panic_message(panic.as_ref());
+                            if !report_panicked(&ctx, reportable, &why).await {
+                                shared_job.lost.fetch_add(1, Ordering::SeqCst);
+                            }
+                        }
                     }
                 });
                 shared
@@ -314,6 +376,7 @@ async fn poll(ctx: Arc<JobContext>, runner: RunnerConfig, shared: Arc<Shared>) {
                 if update.is_some() {
                     last_update = update;
                 }
+                recovered(&runner.name, &mut failures);
                 backoff = shared.check_interval;
                 shared.check_interval
             }
@@ -333,11 +396,20 @@ async fn poll(ctx: Arc<JobContext>, runner: RunnerConfig, shared: Arc<Shared>) {
                 shared.check_interval
             }
             Err(e) => {
-                tracing::warn!("Runner `{}`: job request failed: {e}", runner.name);
-                backoff = (backoff * 2).min(MAX_BACKOFF);
-                backoff
+                // GitLab failing (5xx, 429, down): ask again at the check
+                // interval, or when it said, so polling resumes as soon as
+                // GitLab answers again. One line when it starts failing.
+                if failures == 0 {
+                    tracing::warn!(
+                        "Runner `{}`: job request failed, retrying: {e}",
+                        runner.name
+                    );
+                }
+                failures += 1;
+                e.retry_after().unwrap_or(shared.check_interval)
             }
         };
+
         shared.release();
         drop(permit);
         tokio::select! {
@@ -345,4 +417,44 @@ async fn poll(ctx: Arc<JobContext>, runner: RunnerConfig, shared: Arc<Shared>) {
             _ = shutdown.wait_for(|s| *s) => return,
         }
     }
+}
+
+/// Logs that job requests work again after `failures` failed ones.
+fn recovered(runner: &str, failures: &mut u64) {
+    if *failures > 0 {
+        tracing::info!("Runner `{runner}`: job requests work again after {failures} failed");
+        *failures = 0;
+    }
+}
+
+/// The job's ID and token, read before anything else can go wrong.
+fn job_id_and_token(raw: &serde_json::Value) -> Option<(i64, String)> {
+    let id = raw.get("id").and_then(|v| {
+        v.as_i64()
+            .or_else(|| v.as_str().and_then(|s| s.trim().parse().ok()))
+    })?;
+    let token = raw.get("token").and_then(|v| v.as_str())?;
+    (!token.is_empty()).then(|| (id, token.to_string()))
+}
+
+/// A job whose task panicked before it could report itself: fail it with
+/// `runner_system_failure`. Returns whether GitLab got the final status.
+async fn report_panicked(ctx: &JobContext, job: Option<(i64, String)>, why: &str) -> bool {
+    let Some((job_id, token)) = job else {
+        tracing::error!(
+            "A job's task panicked and its payload has no ID and token to report it with: {why}"
+        );
+        return false;
+    };
+    tracing::error!("job={job_id} The job's task panicked, failing the job: {why}");
+    let log = JobLog::new(vec![token.clone()]);
+    log.line(&format!(
+        "\x1b[31;1mERROR: Job failed (system failure): the runner failed internally: {why}\x1b[0;m"
+    ));
+    log.close();
+    let outcome = runner_telemetry::job::JobOutcome::Failed {
+        failure_reason: "runner_system_failure".into(),
+        exit_code: None,
+    };
+    send_status(&ctx.client, &token, job_id, &outcome, &log, &ctx.patience).await
 }

@@ -2,13 +2,28 @@
 //! `spec.Job`), read leniently: unknown fields are ignored, missing optional
 //! fields take defaults, and a field of the wrong type is treated as missing
 //! unless the job cannot run without it (`id`, `token`, `steps`).
+//!
+//! A model: this module imports nothing from the rest of the runner. The
+//! CI Functions of `run` are parsed here ([`parse_run`]); [`crate::functions`]
+//! resolves and runs them.
+
+use std::collections::BTreeMap;
 
 use serde_json::{Map, Value};
 
 use runner_telemetry::job::JobSpanInfo;
+use runner_telemetry::secrets::strip_credentials;
 
 /// Default job timeout when `runner_info.timeout` is missing (GitLab's).
 pub const DEFAULT_JOB_TIMEOUT_SECS: u64 = 3600;
+/// The longest timeout a job (or one of its steps) can have: GitLab refuses
+/// more (`Project::MAX_BUILD_TIMEOUT`, one month of 30.436875 days, the bound
+/// of the project setting and of the `timeout` keyword); a larger value in
+/// a payload is clamped to it, so no deadline can overflow.
+pub const MAX_JOB_TIMEOUT_SECS: u64 = 2_629_746;
+/// Caches a job can have (GitLab's `cache` keyword allows four); more in a
+/// payload are ignored.
+pub const MAX_CACHES: usize = 4;
 
 #[derive(Clone, Default, PartialEq)]
 pub struct JobPayload {
@@ -28,7 +43,7 @@ pub struct JobPayload {
     /// `artifacts[]`: the archive and any reports.
     pub artifacts: Vec<ArtifactEntry>,
     /// `run` (CI Functions), in order; `None` when the job has a script.
-    pub run: Option<Vec<super::functions::FunctionCall>>,
+    pub run: Option<Vec<FunctionCall>>,
 }
 
 impl std::fmt::Debug for JobPayload {
@@ -105,10 +120,7 @@ pub struct GitInfo {
 impl std::fmt::Debug for GitInfo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("GitInfo")
-            .field(
-                "repo_url",
-                &runner_telemetry::secrets::strip_credentials(&self.repo_url),
-            )
+            .field("repo_url", &strip_credentials(&self.repo_url))
             .field("git_ref", &self.git_ref)
             .field("sha", &self.sha)
             .field("depth", &self.depth)
@@ -293,12 +305,12 @@ impl JobPayload {
                     .collect(),
                 _ => Vec::new(),
             },
-            depth: int(git.get("depth")).unwrap_or(0),
+            depth: int(git.get("depth")).unwrap_or(0).max(0),
         };
         let runner_info = object(root.get("runner_info"));
         let timeout_secs = int(runner_info.get("timeout"))
             .filter(|t| *t > 0)
-            .map(|t| t as u64)
+            .map(|t| (t as u64).min(MAX_JOB_TIMEOUT_SECS))
             .unwrap_or(DEFAULT_JOB_TIMEOUT_SECS);
 
         let variables = match root.get("variables") {
@@ -355,7 +367,7 @@ impl JobPayload {
                         script,
                         timeout_secs: int(step.get("timeout"))
                             .filter(|t| *t > 0)
-                            .map(|t| t as u64),
+                            .map(|t| (t as u64).min(MAX_JOB_TIMEOUT_SECS)),
                         when: if when.is_empty() {
                             "on_success".into()
                         } else {
@@ -376,6 +388,7 @@ impl JobPayload {
         };
         let caches = entries(root.get("cache"))
             .iter()
+            .take(MAX_CACHES)
             .map(|c| CacheEntry {
                 key: text_or(c.get("key"), "default"),
                 untracked: flag(c.get("untracked")),
@@ -401,9 +414,7 @@ impl JobPayload {
         let run = match root.get("run") {
             None | Some(Value::Null) => None,
             Some(Value::String(s)) if s.trim().is_empty() => None,
-            Some(value) => {
-                Some(super::functions::parse_run(value).map_err(|e| fail(format!("`run`: {e}")))?)
-            }
+            Some(value) => Some(parse_run(value).map_err(|e| fail(format!("`run`: {e}")))?),
         };
 
         Ok(JobPayload {
@@ -475,10 +486,203 @@ impl JobPayload {
     }
 }
 
+/// One invocation in `run`.
+#[derive(Clone, PartialEq)]
+pub struct FunctionCall {
+    pub name: String,
+    pub kind: FunctionKind,
+    pub inputs: BTreeMap<String, Value>,
+    pub env: Vec<(String, String)>,
+}
+
+impl std::fmt::Debug for FunctionCall {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Input and env values may be secrets: names only.
+        f.debug_struct("FunctionCall")
+            .field("name", &self.name)
+            .field("kind", &self.kind)
+            .field("inputs", &self.inputs.keys().collect::<Vec<_>>())
+            .field("env", &self.env.iter().map(|(k, _)| k).collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FunctionKind {
+    /// `script:` lines.
+    Script(Vec<String>),
+    /// `step:` or `func:` (the keyword) and the reference.
+    Reference {
+        keyword: &'static str,
+        reference: String,
+    },
+}
+
+impl FunctionCall {
+    /// `script`, `step` or `func`.
+    pub fn kind_name(&self) -> &'static str {
+        match &self.kind {
+            FunctionKind::Script(_) => "script",
+            FunctionKind::Reference { keyword, .. } => keyword,
+        }
+    }
+
+    /// `v1` for `name@v1`; `local` for scripts and local paths; empty for a
+    /// remote reference without a version.
+    pub fn version(&self) -> String {
+        match &self.kind {
+            FunctionKind::Script(_) => "local".into(),
+            FunctionKind::Reference { reference, .. } if is_local(reference) => "local".into(),
+            FunctionKind::Reference { reference, .. } => {
+                split_version(reference).1.unwrap_or_default().to_string()
+            }
+        }
+    }
+
+    /// The reference without its version, credentials stripped.
+    pub fn reference(&self) -> Option<String> {
+        match &self.kind {
+            FunctionKind::Script(_) => None,
+            FunctionKind::Reference { reference, .. } if is_local(reference) => {
+                Some(reference.clone())
+            }
+            FunctionKind::Reference { reference, .. } => {
+                Some(strip_credentials(split_version(reference).0))
+            }
+        }
+    }
+
+    /// Input names, sorted.
+    pub fn input_names(&self) -> Vec<String> {
+        self.inputs.keys().cloned().collect()
+    }
+}
+
+pub(crate) fn is_local(reference: &str) -> bool {
+    reference.starts_with("./") || reference.starts_with("../") || reference.starts_with('/')
+}
+
+/// `gitlab.com/org/fn@v1` -> (`gitlab.com/org/fn`, `v1`). An `@` before the
+/// last `/` (credentials in a URL) is not a version.
+pub(crate) fn split_version(reference: &str) -> (&str, Option<&str>) {
+    match reference.rsplit_once('@') {
+        Some((base, version)) if !version.contains('/') && !version.is_empty() => {
+            (base, Some(version))
+        }
+        _ => (reference, None),
+    }
+}
+
+/// Reads `run`: a JSON string holding the list, or the list itself.
+pub fn parse_run(value: &Value) -> Result<Vec<FunctionCall>, String> {
+    let parsed;
+    let list = match value {
+        Value::String(text) => {
+            parsed = serde_json::from_str::<Value>(text)
+                .map_err(|e| format!("is not valid JSON: {e}"))?;
+            &parsed
+        }
+        other => other,
+    };
+    let Value::Array(items) = list else {
+        return Err("is not a list of functions".into());
+    };
+    if items.is_empty() {
+        return Err("is an empty list".into());
+    }
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| parse_call(item).map_err(|e| format!("run[{i}] {e}")))
+        .collect()
+}
+
+fn parse_call(item: &Value) -> Result<FunctionCall, String> {
+    let Value::Object(call) = item else {
+        return Err("is not an object".into());
+    };
+    let name = match call.get("name") {
+        Some(Value::String(n)) if !n.trim().is_empty() => n.trim().to_string(),
+        _ => return Err("has no `name`".into()),
+    };
+    let script = call.get("script").filter(|v| !v.is_null());
+    let step = call.get("step").filter(|v| !v.is_null());
+    let func = call.get("func").filter(|v| !v.is_null());
+    let kind = match (script, step, func) {
+        (Some(script), None, None) => FunctionKind::Script(match script {
+            Value::String(s) => vec![s.clone()],
+            Value::Array(lines) => lines
+                .iter()
+                .map(|l| {
+                    l.as_str()
+                        .map(String::from)
+                        .ok_or_else(|| format!("(`{name}`) has a script line that is not a string"))
+                })
+                .collect::<Result<_, _>>()?,
+            _ => return Err(format!("(`{name}`) script is not a string or a list")),
+        }),
+        (None, Some(reference), None) | (None, None, Some(reference)) => {
+            let keyword = if step.is_some() { "step" } else { "func" };
+            match reference {
+                Value::String(r) if !r.trim().is_empty() => FunctionKind::Reference {
+                    keyword,
+                    reference: r.trim().to_string(),
+                },
+                _ => return Err(format!("(`{name}`) {keyword} is not a reference string")),
+            }
+        }
+        _ => {
+            return Err(format!(
+                "(`{name}`) needs exactly one of `script`, `step` or `func`"
+            ))
+        }
+    };
+    let inputs = match call.get("inputs") {
+        None | Some(Value::Null) => BTreeMap::new(),
+        Some(Value::Object(inputs)) => inputs.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        Some(_) => return Err(format!("(`{name}`) inputs is not an object")),
+    };
+    let env = match call.get("env") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Object(env)) => env
+            .iter()
+            .map(|(k, v)| (k.clone(), value_text(v)))
+            .collect(),
+        Some(_) => return Err(format!("(`{name}`) env is not an object")),
+    };
+    Ok(FunctionCall {
+        name,
+        kind,
+        inputs,
+        env,
+    })
+}
+
+/// A value as text: strings as they are, anything else as JSON.
+pub(crate) fn value_text(value: &Value) -> String {
+    match value {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn counts_and_sizes_are_bounded() {
+        let caches: Vec<Value> = (0..10).map(|i| json!({"key": format!("k{i}")})).collect();
+        let payload = JobPayload::from_value(&json!({
+            "id": 1, "token": "t", "cache": caches, "git_info": {"depth": -5},
+            "steps": [{"name": "script", "script": ["true"], "timeout": 1e300}],
+        }))
+        .unwrap();
+        assert_eq!(payload.caches.len(), MAX_CACHES);
+        assert_eq!(payload.git_info.depth, 0);
+        assert_eq!(payload.steps[0].timeout_secs, Some(MAX_JOB_TIMEOUT_SECS));
+    }
 
     fn check(input: Value, expected: &str) {
         let actual = match JobPayload::from_value(&input) {
@@ -521,6 +725,14 @@ mod tests {
             "ok id=7 name=build pipeline=Some(3) timeout=60 vars=A steps=script:on_success:echo hi;ls|after_script:always:echo bye",
         );
         // Lenient types: string IDs, missing sections, wrong-typed optional fields.
+        check(
+            json!({"id": 9, "token": "t", "runner_info": {"timeout": 18446744073709551615_u64}}),
+            "ok id=9 name= pipeline=None timeout=2629746 vars= steps=",
+        );
+        check(
+            json!({"id": 10, "token": "t", "runner_info": {"timeout": 1e300}}),
+            "ok id=10 name= pipeline=None timeout=2629746 vars= steps=",
+        );
         check(
             json!({"id": "8", "token": "t", "job_info": "oops", "runner_info": {"timeout": "x"}, "variables": {}}),
             "ok id=8 name= pipeline=None timeout=3600 vars= steps=",

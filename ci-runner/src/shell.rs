@@ -15,6 +15,7 @@ use tokio::sync::watch;
 
 use super::payload::Variable;
 use super::trace::JobLog;
+use runner_telemetry::logs::Stream;
 
 /// A variable as the script exports it.
 #[derive(Clone, PartialEq, Eq)]
@@ -214,6 +215,20 @@ impl Drop for GroupKiller {
     }
 }
 
+/// Whether an environment variable of the runner's process is the runner's
+/// own setting, kept from jobs: its telemetry settings and credentials
+/// (`OTEL_*`, `CI_TELEMETRY_*`, `GITLAB_TRACING`), its own flags
+/// (`CI_RUNNER_*`), and a trace context of its own (`TRACEPARENT`,
+/// `TRACESTATE`: a job gets that of its `step_script` span instead). A job's
+/// own variables of these names still reach it (they are exported by its
+/// script).
+pub fn is_runner_setting(name: &str) -> bool {
+    ["OTEL_", "CI_TELEMETRY_", "CI_RUNNER_"]
+        .iter()
+        .any(|prefix| name.starts_with(prefix))
+        || ["GITLAB_TRACING", "TRACEPARENT", "TRACESTATE", "BAGGAGE"].contains(&name)
+}
+
 /// Runs `script` (written to `path`) with bash in `cwd`, streaming its output
 /// to `log`, until it exits, `deadline` passes, or `stop` turns true. Leftover
 /// processes of its group are killed when it ends.
@@ -239,6 +254,11 @@ pub async fn run_script(
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
+    for (name, _) in std::env::vars_os() {
+        if name.to_str().is_some_and(is_runner_setting) {
+            command.env_remove(&name);
+        }
+    }
     let mut child = match command.spawn() {
         Ok(child) => child,
         Err(e) => return ScriptResult::SpawnFailed(format!("cannot start bash: {e}")),
@@ -247,25 +267,29 @@ pub async fn run_script(
         pgid: child.id().map(|id| id as i32),
     };
     let readers: Vec<_> = [
-        child
-            .stdout
-            .take()
-            .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
-        child
-            .stderr
-            .take()
-            .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
+        child.stdout.take().map(|s| {
+            (
+                Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+                Stream::Stdout,
+            )
+        }),
+        child.stderr.take().map(|s| {
+            (
+                Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+                Stream::Stderr,
+            )
+        }),
     ]
     .into_iter()
     .flatten()
-    .map(|mut pipe| {
+    .map(|(mut pipe, stream)| {
         let log = log.clone();
         tokio::spawn(async move {
             let mut buf = vec![0u8; 8192];
             loop {
                 match pipe.read(&mut buf).await {
                     Ok(0) | Err(_) => break,
-                    Ok(n) => log.write(&buf[..n]),
+                    Ok(n) => log.write_stream(&buf[..n], stream),
                 }
             }
         })

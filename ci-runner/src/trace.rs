@@ -5,17 +5,28 @@
 //! straddles two writes is held back until it can be decided, so nothing
 //! that leaves the process (a PATCH, the checksum) ever contains it.
 //!
+//! With log export on, the same masked bytes are also split into lines and
+//! handed to the job's OTLP log records ([`runner_telemetry::logs`]): one
+//! record per line, with the stream it came from (`stdout`/`stderr` from
+//! the script, `runner` for the runner's own lines) and the time its first
+//! byte arrived (the scripts run with `exec 2>&1`, as GitLab Runner's
+//! shell executor runs them, so their lines are `stdout`). Records are not cut by [`OUTPUT_LIMIT`]: GitLab's copy
+//! stops there, the records go on (the buffer bounds them).
+//!
 //! The upload sends what is new every [`PATCH_INTERVAL`], or sooner when more
 //! than [`PATCH_THRESHOLD`] bytes wait, with `Content-Range: start-end`
 //! (inclusive). GitLab answers `202` with `Range: 0-N`, N being the size it
 //! has; on `416` the runner resyncs from that N.
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
+
+use runner_telemetry::logs::{JobLogs, LineAssembler, Stream};
 
 use tokio::sync::{watch, Notify};
 
 use super::api::GitLabClient;
+use super::deliver::{Attempts, Patience};
 
 /// What replaces a secret in the log.
 pub const MASK: &[u8] = runner_telemetry::secrets::MASKED.as_bytes();
@@ -114,6 +125,8 @@ struct LogState {
     sent: usize,
     truncated: bool,
     closed: bool,
+    /// OTLP log records, when exported.
+    records: Option<(JobLogs, LineAssembler)>,
 }
 
 /// The log of one job, shared by the executor (writing) and the uploader.
@@ -137,6 +150,7 @@ impl JobLog {
                 sent: 0,
                 truncated: false,
                 closed: false,
+                records: None,
             })),
             wake: Arc::new(Notify::new()),
             limit,
@@ -147,14 +161,26 @@ impl JobLog {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Appends raw output (masked on the way in).
+    /// From now on, every line also goes to `records` (OTLP log records).
+    pub fn export_records(&self, records: JobLogs) {
+        self.lock().records = Some((records, LineAssembler::new()));
+    }
+
+    /// Appends raw output written by the runner itself (masked on the way
+    /// in).
     pub fn write(&self, bytes: &[u8]) {
+        self.write_stream(bytes, Stream::Runner);
+    }
+
+    /// Appends raw output of `stream` (masked on the way in).
+    pub fn write_stream(&self, bytes: &[u8], stream: Stream) {
         let mut state = self.lock();
         if state.closed {
             return;
         }
         let masked = state.masker.push(bytes);
         self.append(&mut state, &masked);
+        to_records(&mut state, &masked, stream);
     }
 
     fn append(&self, state: &mut LogState, masked: &[u8]) {
@@ -206,6 +232,10 @@ impl JobLog {
         }
         let rest = state.masker.finish();
         self.append(&mut state, &rest);
+        to_records(&mut state, &rest, Stream::Runner);
+        if let Some((records, assembler)) = state.records.as_mut() {
+            assembler.finish(|line, stream, at| records.emit_raw_line(line, stream, at));
+        }
         state.closed = true;
         drop(state);
         self.wake.notify_one();
@@ -243,9 +273,27 @@ impl JobLog {
         self.lock().closed
     }
 
+    /// Bytes GitLab confirmed, and the log's size.
+    fn progress(&self) -> (usize, usize) {
+        let state = self.lock();
+        (state.sent, state.data.len())
+    }
+
     fn is_fully_sent(&self) -> bool {
         let state = self.lock();
         state.sent >= state.data.len()
+    }
+}
+
+/// Hands complete lines of `masked` to the log records, if exported.
+fn to_records(state: &mut LogState, masked: &[u8], stream: Stream) {
+    if masked.is_empty() {
+        return;
+    }
+    if let Some((records, assembler)) = state.records.as_mut() {
+        assembler.push(masked, stream, SystemTime::now(), |line, stream, at| {
+            records.emit_raw_line(line, stream, at)
+        });
     }
 }
 
@@ -263,29 +311,27 @@ pub enum StopRequest {
     Canceled,
 }
 
-/// Uploads `log` until it is closed and fully sent (or the final attempts are
-/// used up). Sends a [`StopRequest`] when GitLab says the job was canceled.
+/// Uploads `log` until it is closed and fully sent. Once it is closed, the
+/// rest is retried (with backoff, honouring `Retry-After`) for as long as
+/// `patience` allows. Sends a [`StopRequest`] when GitLab says the job was
+/// canceled. Returns whether GitLab has the whole log (or refused it for
+/// good: 403/404, the job is gone).
 pub async fn upload(
     client: GitLabClient,
     job_id: i64,
     job_token: String,
     log: JobLog,
     stop: watch::Sender<Option<StopRequest>>,
-) {
-    let mut final_attempts = 0;
+    patience: Patience,
+) -> bool {
+    let mut final_attempts: Option<Attempts> = None;
     loop {
         let closed = log.is_closed();
         if closed && log.is_fully_sent() {
-            return;
-        }
-        if closed {
-            final_attempts += 1;
-            if final_attempts > 5 {
-                tracing::warn!("job={job_id} Giving up sending the end of the job log");
-                return;
-            }
+            return true;
         }
         let mut progressed = false;
+        let mut retry_after = None;
         while let Some((start, chunk)) = log.unsent() {
             let len = chunk.len();
             match client.patch_trace(job_id, &job_token, start, chunk).await {
@@ -310,30 +356,45 @@ pub async fn upload(
                         403 => {
                             // The job is no longer running (canceled or gone).
                             let _ = stop.send(Some(StopRequest::Canceled));
-                            return;
+                            return true;
                         }
-                        404 => return,
+                        404 => return true,
                         status => {
                             tracing::debug!("job={job_id} Job log PATCH answered {status}");
+                            retry_after = result.retry_after;
                             break;
                         }
                     }
                 }
                 Err(e) => {
                     tracing::debug!("job={job_id} Job log PATCH failed: {e}");
+                    retry_after = e.retry_after();
                     break;
                 }
             }
         }
         if closed {
-            if !progressed {
-                tokio::time::sleep(Duration::from_millis(200 * final_attempts)).await;
+            if log.is_fully_sent() {
+                return true;
+            }
+            let attempts = final_attempts.get_or_insert_with(|| patience.start());
+            if progressed && retry_after.is_none() {
+                continue;
+            }
+            if !attempts.wait(retry_after).await {
+                let (sent, size) = log.progress();
+                tracing::error!(
+                    "job={job_id} Could not send the end of the job log to GitLab: {sent} of {size} bytes sent after {} attempts",
+                    attempts.attempts()
+                );
+                return false;
             }
             continue;
         }
+        let pause = retry_after.unwrap_or(PATCH_INTERVAL);
         tokio::select! {
-            _ = tokio::time::sleep(PATCH_INTERVAL) => {}
-            _ = log.wake.notified() => {}
+            _ = tokio::time::sleep(pause) => {}
+            _ = log.wake.notified(), if retry_after.is_none() => {}
         }
     }
 }

@@ -26,8 +26,29 @@ What goes over the wire (the subset of ClickHouse's HTTP interface we speak):
   TabSeparated; a FORMAT clause in the query wins), `param_<name>` (query
   parameters `{name:Type}`), `user`/`password`, and ClickHouse settings,
   which are applied to the one query (see `Engine.execute`).
+- `multipart/form-data` bodies: their fields are parameters like the URL's
+  (`query`, `param_<name>`, settings), as the `clickhouse` crate sends
+  `.param()` values. Parts with a file are external data: a temporary table
+  named like the part, for this query only (`<name>_structure` or
+  `<name>_types`, `<name>_format`).
+- Compressed transfer (module `http_compression`): a request
+  `Content-Encoding` (gzip, deflate, br, zstd, lz4, xz), `decompress=1`
+  bodies in ClickHouse's compressed blocks (LZ4, ZSTD, none; CityHash128
+  checksums verified), `compress=1` answers in blocks (LZ4), and with
+  `enable_http_compression=1` answers in an `Accept-Encoding` ClickHouse
+  knows.
+- Bodies go to a temporary file as they arrive (at most MAX_BODY_BYTES on
+  the wire, MAX_DECODED_BODY_BYTES decoded); only `max_query_size` bytes
+  (ClickHouse's default 262144, or the URL setting) are read as query text.
+  INSERT data beyond them is inserted from the file; any other query longer
+  than that fails with ClickHouse's "Max query size exceeded" (code 62).
 - Errors never answer 200: the body is ClickHouse's message, the header
-  `X-ClickHouse-Exception-Code` carries the code.
+  `X-ClickHouse-Exception-Code` carries the code, and the status is the one
+  ClickHouse gives that code (`http_status_for_code`). The request body is
+  read to its end before an error is answered, so keep-alive clients get
+  the error instead of a closed connection. POST without Content-Length
+  or chunked encoding answers 411 (HTTP_LENGTH_REQUIRED);
+  a malformed or conflicting Content-Length 400.
 
 **Architecture Invariant:** one process owns the data directory, and it owns
 exactly one chDB session, used under one lock. Requests are served by
@@ -47,10 +68,8 @@ requested database for every statement kind, with no SQL rewriting.
 Security: queries run with this process's privileges (`file()`, `INFILE`,
 `INTO OUTFILE` reach the whole file system). Bind to localhost, set a password.
 
-Not implemented: ClickHouse's compressed transfer (`compress=1`,
-`decompress=1`, a request `Content-Encoding`) is refused with a clear error,
-so clients must be built with compression off. Responses are never
-compressed. HTTP sessions (`session_id`) are ignored.
+Not implemented: HTTP sessions (`session_id` is
+ignored), progress headers (`send_progress_in_http_headers`).
 """
 
 import argparse
@@ -73,8 +92,21 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Optional
 from urllib.parse import parse_qsl, urlsplit
 
+import form_data
+import http_compression
+import ingest
+
 PASSWORD_ENV = "CHDB_HTTP_PASSWORD"
+# A request body as sent (possibly compressed) goes to a temporary file and may
+# be at most this large; decoded (content encoding, compressed blocks) at most
+# MAX_DECODED_BODY_BYTES. Only max_query_size bytes of it are ever read into
+# memory as query text; the rest is INSERT data, inserted from the file.
 MAX_BODY_BYTES = 256 * 1024 * 1024
+MAX_DECODED_BODY_BYTES = 1024 * 1024 * 1024
+# ClickHouse's default for the max_query_size setting.
+DEFAULT_MAX_QUERY_SIZE = 256 * 1024
+# A form field (a parameter value, the query) read into memory at most.
+MAX_FORM_FIELD_BYTES = 16 * 1024 * 1024
 MAX_CHUNK_LINE_BYTES = 4096
 MAX_TRAILER_LINES = 64
 READ_PIECE_BYTES = 1024 * 1024
@@ -89,7 +121,9 @@ CODE_SYNTAX_ERROR = 62
 CODE_BAD_ARGUMENTS = 36
 CODE_UNKNOWN_FORMAT = 73
 CODE_READONLY = 164
-CODE_QUERY_IS_TOO_LARGE = 202
+CODE_QUERY_IS_TOO_LARGE = 229
+CODE_HTTP_LENGTH_REQUIRED = 381
+CODE_UNKNOWN_COMPRESSION_METHOD = 89
 CODE_CANNOT_READ_ALL_DATA = 33
 CODE_UNKNOWN_SETTING = 115
 CODE_AUTHENTICATION_FAILED = 516
@@ -100,57 +134,66 @@ AUTH_FAILED_MESSAGE = (
     "or there is no user with such name. (AUTHENTICATION_FAILED)"
 )
 
-# HTTP status per ClickHouse error code. ClickHouse's own table
-# (HTTPHandler.cpp, exceptionCodeToHTTPStatus) with one deliberate change:
-# UNKNOWN_IDENTIFIER (47) is a client mistake in the query text and answers
-# 400 here, where ClickHouse answers 404. Everything not listed is 500.
+# HTTP status per ClickHouse error code: ClickHouse's own table
+# (src/Server/HTTP/exceptionCodeToHTTPStatus.cpp), code for code. Everything
+# not listed is 500, as there.
+_STATUS_BY_CODE = {
+    194: 401,  # REQUIRED_PASSWORD
+    192: 403,  # UNKNOWN_USER
+    193: 403,  # WRONG_PASSWORD
+    516: 403,  # AUTHENTICATION_FAILED
+    512: 403,  # SET_NON_GRANTED_ROLE
+    497: 403,  # ACCESS_DENIED
+    229: 413,  # QUERY_IS_TOO_LARGE
+    48: 501,  # NOT_IMPLEMENTED
+    209: 503,  # SOCKET_TIMEOUT
+    76: 503,  # CANNOT_OPEN_FILE
+    439: 503,  # CANNOT_SCHEDULE_TASK
+    381: 411,  # HTTP_LENGTH_REQUIRED
+    159: 408,  # TIMEOUT_EXCEEDED
+    779: 415,  # UNSUPPORTED_MEDIA_TYPE
+}
 _BAD_REQUEST_CODES = {
+    36,  # BAD_ARGUMENTS
+    427,  # CANNOT_COMPILE_REGEXP
     6,  # CANNOT_PARSE_TEXT
-    8,  # THERE_IS_NO_COLUMN
-    15,  # DUPLICATE_COLUMN
-    16,  # NO_SUCH_COLUMN_IN_TABLE
     25,  # CANNOT_PARSE_ESCAPE_SEQUENCE
     26,  # CANNOT_PARSE_QUOTED_STRING
-    27,  # CANNOT_PARSE_INPUT_ASSERTION_FAILED
-    33,  # CANNOT_READ_ALL_DATA (truncated RowBinary and the like)
-    36,  # BAD_ARGUMENTS
     38,  # CANNOT_PARSE_DATE
     41,  # CANNOT_PARSE_DATETIME
-    42,  # NUMBER_OF_ARGUMENTS_DOESNT_MATCH
-    43,  # ILLEGAL_TYPE_OF_ARGUMENT
-    44,  # ILLEGAL_COLUMN
-    47,  # UNKNOWN_IDENTIFIER
-    53,  # TYPE_MISMATCH
-    62,  # SYNTAX_ERROR
     72,  # CANNOT_PARSE_NUMBER
-    117,  # INCORRECT_DATA
+    441,  # CANNOT_PARSE_DOMAIN_VALUE_FROM_STRING
+    675,  # CANNOT_PARSE_IPV4
+    676,  # CANNOT_PARSE_IPV6
+    27,  # CANNOT_PARSE_INPUT_ASSERTION_FAILED
+    376,  # CANNOT_PARSE_UUID
+    15,  # DUPLICATE_COLUMN
+    44,  # ILLEGAL_COLUMN
+    37,  # UNKNOWN_ELEMENT_IN_AST
+    123,  # UNKNOWN_TYPE_OF_AST_NODE
+    8,  # THERE_IS_NO_COLUMN
     167,  # TOO_DEEP_AST
     168,  # TOO_BIG_AST
     223,  # UNEXPECTED_AST_STRUCTURE
+    62,  # SYNTAX_ERROR
+    117,  # INCORRECT_DATA
+    53,  # TYPE_MISMATCH
     321,  # VALUE_IS_OUT_OF_RANGE_OF_DATA_TYPE
-    376,  # CANNOT_PARSE_UUID
-    441,  # CANNOT_PARSE_IPV4
-    442,  # CANNOT_PARSE_IPV6
 }
 _NOT_FOUND_CODES = {
+    60,  # UNKNOWN_TABLE
     46,  # UNKNOWN_FUNCTION
+    47,  # UNKNOWN_IDENTIFIER
     50,  # UNKNOWN_TYPE
     56,  # UNKNOWN_STORAGE
-    60,  # UNKNOWN_TABLE
-    63,  # UNKNOWN_AGGREGATE_FUNCTION
-    73,  # UNKNOWN_FORMAT
     81,  # UNKNOWN_DATABASE
     115,  # UNKNOWN_SETTING
+    152,  # UNKNOWN_DIRECTION_OF_SORTING
+    63,  # UNKNOWN_AGGREGATE_FUNCTION
+    73,  # UNKNOWN_FORMAT
     336,  # UNKNOWN_DATABASE_ENGINE
-}
-_STATUS_BY_CODE = {
-    192: 403,  # UNKNOWN_USER
-    193: 403,  # WRONG_PASSWORD
-    194: 401,  # REQUIRED_PASSWORD
-    516: 403,  # AUTHENTICATION_FAILED
-    202: 413,  # QUERY_IS_TOO_LARGE
-    48: 501,  # NOT_IMPLEMENTED
-    209: 503,  # SOCKET_TIMEOUT
+    78,  # UNKNOWN_TYPE_OF_QUERY
+    511,  # UNKNOWN_ROLE
 }
 
 
@@ -413,7 +456,7 @@ class Engine:
                 self._session.close()
                 self._session = None
 
-    def execute(self, sql: str, database: str, settings, output_format: str, params) -> EngineResult:
+    def execute(self, sql: str, database: str, settings, output_format: str, params, external_tables=()) -> EngineResult:
         """Run one query with `database` current and `settings` applied.
 
         chDB 26.9 keeps `USE` and `SET` in the session (a ClickHouse server
@@ -422,13 +465,22 @@ class Engine:
         `SET x = DEFAULT` afterwards, all under the lock. This works for every
         statement kind (no SQL rewriting). An unknown setting is ignored with
         a warning; a bad value fails the query like ClickHouse does.
+
+        `external_tables` (ExternalTable) become temporary tables for this
+        query only, created from their files and dropped afterwards.
         """
         with self._lock:
             if self._session is None:
                 raise QueryError.ours(CODE_UNKNOWN_EXCEPTION, "UNKNOWN_EXCEPTION", "Server is shutting down", 503)
             self._query_locked(f"USE {quote_identifier(database)}")
             applied = []
+            created = []
             try:
+                for table in external_tables:
+                    name = quote_identifier(table.name)
+                    self._query_locked(f"CREATE TEMPORARY TABLE {name} ({table.structure}) ENGINE = Memory")
+                    created.append(name)
+                    self._query_locked(f"INSERT INTO {name} FROM INFILE {quote_string(table.path)} FORMAT {table.format}")
                 for name, value in settings:
                     try:
                         self._query_locked(f"SET {name} = {quote_string(value)}")
@@ -444,6 +496,11 @@ class Engine:
                 result = self._query_locked(sql, output_format, params)
                 elapsed = time.monotonic_ns() - started
             finally:
+                for name in created:
+                    try:
+                        self._query_locked(f"DROP TEMPORARY TABLE IF EXISTS {name}")
+                    except QueryError as error:
+                        self._log(f"Could not drop external table {name}: {error.message}")
                 for name in applied:
                     try:
                         self._query_locked(f"SET {name} = DEFAULT")
@@ -488,6 +545,16 @@ class Config:
 
 
 @dataclass
+class ExternalTable:
+    """A table sent with the query as a file part of a form (external data)."""
+
+    name: str
+    structure: str  # column list, `a UInt32, b String`
+    format: str
+    path: str
+
+
+@dataclass
 class Response:
     status: int
     body: bytes
@@ -517,6 +584,8 @@ class Handler(BaseHTTPRequestHandler):
     # Set by make_server.
     engine: Engine = None
     config: Config = None
+    committer: Optional[ingest.GroupCommitter] = None
+    wait_for_async_insert = "1"  # the server's default, as in a ClickHouse profile
 
     # -- logging ----------------------------------------------------------
 
@@ -547,11 +616,17 @@ class Handler(BaseHTTPRequestHandler):
         started = time.monotonic()
         self._preview = ""
         self._body_consumed = False
+        self._temp_paths = []
         try:
-            response = self._route()
+            try:
+                response = self._route()
+            finally:
+                for path in self._temp_paths:
+                    _unlink(path)
         except MalformedRequest as error:
             self.close_connection = True
-            response = self._error_response(QueryError.ours(error.code, _code_name(error.code), error.message, 400))
+            status = 413 if error.code == CODE_QUERY_IS_TOO_LARGE else 400
+            response = self._error_response(QueryError.ours(error.code, _code_name(error.code), error.message, status))
         except QueryError as error:
             response = self._error_response(error)
         except (BrokenPipeError, ConnectionResetError):
@@ -563,9 +638,14 @@ class Handler(BaseHTTPRequestHandler):
             response = self._error_response(
                 QueryError.ours(CODE_UNKNOWN_EXCEPTION, "UNKNOWN_EXCEPTION", f"Internal error in chdb-http: {exc!r}", 500)
             )
-        if self._has_body() and not self._body_consumed:
-            # Answered without reading the body: the connection cannot be reused.
-            self.close_connection = True
+        if self._has_body() and not self._body_consumed and not self.close_connection:
+            # Answering before the body was read (an error): read it to its
+            # end first, as ClickHouse does, so the client sees the answer and
+            # not a connection closed under its upload.
+            try:
+                self._read_body(lambda _piece: None)
+            except (MalformedRequest, QueryError, OSError):
+                self.close_connection = True
         try:
             self._send(response)
         except (BrokenPipeError, ConnectionResetError):
@@ -618,8 +698,24 @@ class Handler(BaseHTTPRequestHandler):
             return ok
         self._preview = param.get("query", "")
 
+        self._check_framing()
+        body_path = self._spool_body()
         self._authenticate(param)
-        self._refuse_compression(param)
+        body_path = self._decode_body(param, body_path)
+        external_files = []
+        content_type = self.headers.get("Content-Type") or ""
+        try:
+            boundary = form_data.boundary_of(content_type)
+        except form_data.FormError as error:
+            raise QueryError.ours(CODE_BAD_ARGUMENTS, "BAD_ARGUMENTS", f"Cannot parse the request body: {error}") from None
+        if boundary is not None:
+            # Form fields are parameters like the URL's (query, param_*,
+            # settings); the body holds no query text then.
+            fields, external_files = self._form_fields(body_path, boundary)
+            params = params + fields
+            param = dict(params)
+            body_path = None
+            self._preview = param.get("query", "")
 
         database = param.get("database") or self.headers.get("X-ClickHouse-Database") or "default"
         default_format = param.get("default_format") or self.headers.get("X-ClickHouse-Format") or "TabSeparated"
@@ -628,15 +724,22 @@ class Handler(BaseHTTPRequestHandler):
         query_id = param.get("query_id") or str(uuid.uuid4())
         read_only = self.command in ("GET", "HEAD") or param.get("readonly", "0") not in ("", "0")
         query_params = {name[len("param_"):]: value for name, value in params if name.startswith("param_")}
+        external_tables = [_external_table(name, path, param) for name, path in external_files]
+        external_params = {f"{t.name}_{suffix}" for t in external_tables for suffix in ("format", "structure", "types")}
         settings = []
         for name, value in params:
             if name in _NON_SETTING_PARAMS or name.startswith("param_") or name.startswith("async_insert"):
+                continue
+            if name in external_params:
                 continue
             if not _SETTING_NAME_RE.fullmatch(name):
                 raise QueryError.ours(CODE_BAD_ARGUMENTS, "BAD_ARGUMENTS", f"Invalid URL parameter name {name!r}")
             settings.append((name, value))
 
-        plan = self._plan(param.get("query"))
+        max_query_size = DEFAULT_MAX_QUERY_SIZE
+        if param.get("max_query_size", "").isdigit():
+            max_query_size = int(param["max_query_size"])
+        plan = self._plan(param.get("query"), body_path, max_query_size)
         self._preview = plan.preview
         try:
             if plan.keyword == "":
@@ -658,18 +761,56 @@ class Handler(BaseHTTPRequestHandler):
                 headers["X-ClickHouse-Summary"] = _summary(EngineResult(b""))
                 return Response(200, b"", headers)
             if plan.data_path is not None:
-                sql = plan.insert_sql()
-                result = self.engine.execute(sql, database, settings, "TabSeparated", query_params)
+                result = self._insert(plan, database, settings, query_params)
                 headers["Content-Type"] = "text/plain; charset=UTF-8"
             else:
-                result = self.engine.execute(plan.sql, database, settings, default_format, query_params)
+                result = self.engine.execute(plan.sql, database, settings, default_format, query_params, external_tables)
                 effective = plan.output_format or default_format
                 headers["Content-Type"] = content_type_for(effective)
                 headers["X-ClickHouse-Format"] = effective
             headers["X-ClickHouse-Summary"] = _summary(result)
-            return Response(200, result.body, headers)
+            return Response(200, self._encode_result(result.body, param, headers), headers)
         finally:
             plan.cleanup()
+
+    def _insert(self, plan: "Plan", database: str, settings, query_params) -> EngineResult:
+        """An INSERT whose data is in a file; grouped with concurrent ones when it can be (ingest.py).
+
+        An asynchronous insert that does not wait (`async_insert=1`, and
+        `wait_for_async_insert=0` in the URL or as the server's default) is
+        answered once it is in the spool, when the server has one.
+        """
+        if self.committer is None or not ingest.GroupCommitter.groupable(plan._format, bool(query_params)):
+            return self.engine.execute(plan.insert_sql(), database, settings, "TabSeparated", query_params)
+        template = plan.insert_sql(ingest.PATH_MARKER)
+        insert = grouped_insert(self.engine, database, settings, template, plan.data_path)
+        param = dict(parse_qsl(urlsplit(self.path).query))
+        no_wait = (
+            param.get("async_insert", "0") == "1"
+            and param.get("wait_for_async_insert", self.wait_for_async_insert) == "0"
+        )
+        try:
+            if no_wait and self.committer.spool_dir is not None:
+                record = {"database": database, "settings": settings, "template": template}
+                self.committer.spool(insert, record)
+                return EngineResult(b"")
+            return self.committer.submit(insert)
+        except ingest.Busy as busy:
+            raise QueryError(busy.code, busy.message, 503) from None
+
+    def _encode_result(self, body: bytes, param: dict, headers: dict) -> bytes:
+        """`compress=1` wraps the result in ClickHouse's compressed blocks (LZ4);
+        with `enable_http_compression=1` an `Accept-Encoding` ClickHouse knows
+        is applied on top, as ClickHouse does."""
+        if param.get("compress", "0") not in ("", "0"):
+            body = http_compression.compress_blocks(body)
+        if param.get("enable_http_compression", "0") in ("", "0"):
+            return body
+        encoding = http_compression.choose_response_encoding(self.headers.get("Accept-Encoding") or "")
+        if encoding is None:
+            return body
+        headers["Content-Encoding"] = encoding
+        return http_compression.encode_content(encoding, body)
 
     # -- request body -----------------------------------------------------
 
@@ -758,33 +899,117 @@ class Handler(BaseHTTPRequestHandler):
 
     # -- query planning ---------------------------------------------------
 
-    def _plan(self, url_query: Optional[str]) -> "Plan":
-        """Decide what to run: a query text, or an INSERT whose data is in a file."""
+    def _plan(self, url_query: Optional[str], body_path: Optional[str], max_query_size: int) -> "Plan":
+        """Decide what to run: a query text, or an INSERT whose data is in a file.
+
+        `body_path` is the decoded request body (or None). Only the first
+        `max_query_size` bytes of URL query and body are read as query text.
+        """
+        tmp_dir = self.config.tmp_dir
         if url_query is not None:
             analysis = analyze(url_query)
             inline_data = url_query[analysis.data_start:] if analysis.insert_format else ""
             if analysis.insert_format and not inline_data.strip() and not analysis.multi_statement:
                 # The common case (rotel, the clickhouse crate): the body is
-                # the data. Stream it to a file, never into memory.
-                plan = Plan.for_insert(url_query, analysis, self.config.tmp_dir)
-                try:
-                    with open(plan.data_path, "wb") as data_file:
-                        self._read_body(data_file.write)
-                except BaseException:
-                    plan.cleanup()
-                    raise
+                # the data, already in a file.
+                plan = Plan.for_insert(url_query, analysis, tmp_dir)
+                if body_path is not None:
+                    os.replace(body_path, plan.data_path)
                 return plan
-            if not self._has_body():
-                return Plan.for_text(url_query, self.config.tmp_dir)
             # ClickHouse concatenates the URL query, a newline and the body.
-            body = self._read_body_bytes()
-            return Plan.for_bytes(url_query.encode("utf-8") + b"\n" + body, self.config.tmp_dir)
-        return Plan.for_bytes(self._read_body_bytes(), self.config.tmp_dir)
+            prefix = url_query.encode("utf-8") + (b"\n" if body_path is not None else b"")
+            return Plan.from_source(prefix, body_path, max_query_size, tmp_dir)
+        return Plan.from_source(b"", body_path, max_query_size, tmp_dir)
 
-    def _read_body_bytes(self) -> bytes:
-        pieces = []
-        self._read_body(pieces.append)
-        return b"".join(pieces)
+    def _new_temp_path(self, kind: str) -> str:
+        fd, path = tempfile.mkstemp(prefix=f"{kind}-", suffix=".body", dir=self.config.tmp_dir)
+        os.close(fd)
+        self._temp_paths.append(path)
+        return path
+
+    def _check_framing(self) -> None:
+        """Header checks ClickHouse (Poco) makes before reading a body."""
+        lengths = self.headers.get_all("Content-Length") or []
+        if len(lengths) > 1 and len(set(v.strip() for v in lengths)) > 1:
+            self.close_connection = True
+            raise MalformedRequest(CODE_BAD_ARGUMENTS, "Conflicting Content-Length headers")
+        if lengths and not lengths[0].strip().isdigit():
+            self.close_connection = True
+            raise MalformedRequest(CODE_BAD_ARGUMENTS, f"Invalid Content-Length: {lengths[0][:64]!r}")
+        if lengths and self.headers.get("Transfer-Encoding"):
+            self.close_connection = True
+            raise MalformedRequest(CODE_BAD_ARGUMENTS, "Both Content-Length and Transfer-Encoding are set")
+        if self.command == "POST" and not lengths and not self.headers.get("Transfer-Encoding"):
+            raise QueryError.ours(
+                CODE_HTTP_LENGTH_REQUIRED,
+                "HTTP_LENGTH_REQUIRED",
+                "The Transfer-Encoding is not chunked and there is no Content-Length header for POST request",
+            )
+
+    def _spool_body(self) -> Optional[str]:
+        """The request body as sent, in a temporary file (None when empty)."""
+        if not self._has_body():
+            self._body_consumed = True
+            return None
+        path = self._new_temp_path("request")
+        with open(path, "wb") as sink:
+            size = self._read_body(sink.write)
+        return path if size else None
+
+    def _decode_body(self, param: dict, body_path: Optional[str]) -> Optional[str]:
+        """Undoes the request's Content-Encoding, then `decompress=1` blocks."""
+        encoding_header = (self.headers.get("Content-Encoding") or "identity").strip()
+        encoding = http_compression.known_encoding(encoding_header)
+        if encoding is None:
+            raise QueryError.ours(
+                CODE_UNKNOWN_COMPRESSION_METHOD,
+                "UNKNOWN_COMPRESSION_METHOD",
+                f"Unknown compression method '{one_line(encoding_header, 64)}' in Content-Encoding",
+            )
+        blocks = param.get("decompress", "0") not in ("", "0")
+        if body_path is None:
+            return None
+        verify = param.get("http_native_compression_disable_checksumming_on_decompress", "0") in ("", "0")
+        try:
+            if encoding != "identity":
+                decoded = self._new_temp_path("decoded")
+                with open(body_path, "rb") as source, open(decoded, "wb") as sink:
+                    http_compression.decode_content(encoding, source, sink.write, MAX_DECODED_BODY_BYTES)
+                body_path = decoded
+            if blocks:
+                decoded = self._new_temp_path("decompressed")
+                with open(body_path, "rb") as source, open(decoded, "wb") as sink:
+                    http_compression.decompress_blocks(source, sink.write, verify, MAX_DECODED_BODY_BYTES)
+                body_path = decoded
+        except http_compression.TransferError as error:
+            raise QueryError.ours(error.code, error.name, error.text) from None
+        return body_path if os.path.getsize(body_path) else None
+
+    def _form_fields(self, body_path: Optional[str], boundary: str):
+        """The fields of a multipart/form-data body as (name, value) pairs, and
+        its file parts (external data) as (table name, path of a copy)."""
+        if body_path is None:
+            return [], []
+        try:
+            with open(body_path, "rb") as source:
+                parts = form_data.parse(source, boundary, self.config.tmp_dir)
+            try:
+                fields, files = [], []
+                for part in parts:
+                    if part.filename is None:
+                        fields.append((part.name, part.text(MAX_FORM_FIELD_BYTES)))
+                        continue
+                    path = self._new_temp_path("external")
+                    with open(path, "wb") as sink:
+                        part.file.seek(0)
+                        shutil.copyfileobj(part.file, sink, 1024 * 1024)
+                    files.append((part.name, path))
+                return fields, files
+            finally:
+                for part in parts:
+                    part.close()
+        except form_data.FormError as error:
+            raise QueryError.ours(CODE_BAD_ARGUMENTS, "BAD_ARGUMENTS", f"Cannot parse the request body: {error}") from None
 
     # -- auth and compression -----------------------------------------------
 
@@ -817,25 +1042,6 @@ class Handler(BaseHTTPRequestHandler):
         password_ok = hmac.compare_digest(password.encode("utf-8"), expected_password.encode("utf-8"))
         if not (user_ok and password_ok):
             raise QueryError(CODE_AUTHENTICATION_FAILED, AUTH_FAILED_MESSAGE.format(user=one_line(user, 64)), 403)
-
-    def _refuse_compression(self, param: dict) -> None:
-        encoding = (self.headers.get("Content-Encoding") or "identity").strip().lower()
-        wants = []
-        if param.get("compress", "0") not in ("", "0"):
-            wants.append("compress=1 (compressed response)")
-        if param.get("decompress", "0") not in ("", "0"):
-            wants.append("decompress=1 (compressed request body)")
-        if encoding != "identity":
-            wants.append(f"Content-Encoding: {encoding}")
-        if wants:
-            raise QueryError.ours(
-                CODE_BAD_ARGUMENTS,
-                "BAD_ARGUMENTS",
-                "chdb-http does not implement compressed transfer, the request asked for "
-                + ", ".join(wants)
-                + ". Configure the client with compression off",
-                400,
-            )
 
 
 def _summary(result: EngineResult) -> str:
@@ -877,10 +1083,6 @@ class Plan:
         self._format = ""
 
     @classmethod
-    def for_text(cls, text: str, tmp_dir: str) -> "Plan":
-        return cls.for_bytes(text.encode("utf-8"), tmp_dir)
-
-    @classmethod
     def for_insert(cls, text: str, analysis: Analysis, tmp_dir: str) -> "Plan":
         plan = cls()
         plan.keyword = analysis.keyword
@@ -893,31 +1095,54 @@ class Plan:
         return plan
 
     @classmethod
-    def for_bytes(cls, raw: bytes, tmp_dir: str) -> "Plan":
+    def from_source(cls, prefix: bytes, body_path: Optional[str], max_query_size: int, tmp_dir: str) -> "Plan":
+        """The query text is `prefix` followed by the file `body_path`.
+
+        At most `max_query_size` bytes are read as query text, as ClickHouse
+        does: an INSERT's data may follow them (it is copied to a file), any
+        other query longer than that fails with "Max query size exceeded".
+        """
+        head = prefix
+        body_size = 0
+        if body_path is not None:
+            body_size = os.path.getsize(body_path)
+            with open(body_path, "rb") as body:
+                head += body.read(max(0, max_query_size + 1 - len(prefix)))
+        total = len(prefix) + body_size
         # latin-1 maps bytes 1:1 to characters: offsets stay byte offsets, and
         # binary INSERT data after the FORMAT clause survives the lexer.
-        analysis = analyze(raw.decode("latin-1"))
-        if analysis.insert_format and not analysis.multi_statement:
-            head = _decode_query(raw[: analysis.data_start])
-            head_analysis = analyze(head)
-            plan = cls.for_insert(head, head_analysis, tmp_dir)
+        analysis = analyze(head[: max_query_size + 1].decode("latin-1"))
+        if analysis.insert_format and not analysis.multi_statement and analysis.data_start <= max_query_size:
+            head_text = _decode_query(head[: analysis.data_start])
+            plan = cls.for_insert(head_text, analyze(head_text), tmp_dir)
             try:
                 with open(plan.data_path, "wb") as data_file:
-                    data_file.write(raw[analysis.data_start:])
+                    data_file.write(head[analysis.data_start :])
+                    if body_path is not None:
+                        with open(body_path, "rb") as body:
+                            body.seek(len(head) - len(prefix))
+                            shutil.copyfileobj(body, data_file, 1024 * 1024)
             except BaseException:
                 plan.cleanup()
                 raise
             return plan
+        if total > max_query_size:
+            raise QueryError.ours(
+                CODE_SYNTAX_ERROR,
+                "SYNTAX_ERROR",
+                f"Syntax error: failed at position {max_query_size + 1}: Max query size exceeded "
+                f"(the query is {total} bytes, max_query_size is {max_query_size})",
+            )
         plan = cls()
         plan.keyword = analysis.keyword
         plan.multi_statement = analysis.multi_statement
         plan.output_format = analysis.output_format
-        plan.sql = _decode_query(raw)
+        plan.sql = _decode_query(head)
         plan.preview = plan.sql
         return plan
 
-    def insert_sql(self) -> str:
-        infile = f" FROM INFILE {quote_string(self.data_path)} "
+    def insert_sql(self, data_path: Optional[str] = None) -> str:
+        infile = f" FROM INFILE {quote_string(data_path or self.data_path)} "
         if self._settings_at is not None:
             head = self._head[: self._settings_at] + infile + self._head[self._settings_at:]
         else:
@@ -926,11 +1151,68 @@ class Plan:
 
     def cleanup(self) -> None:
         if self.data_path is not None:
-            try:
-                os.unlink(self.data_path)
-            except FileNotFoundError:
-                pass
+            _unlink(self.data_path)
             self.data_path = None
+
+
+def _external_table(name: str, path: str, param: dict) -> ExternalTable:
+    """ClickHouse's parameters for external data: `<name>_format` (default
+    TabSeparated), and `<name>_structure` (`a UInt32, b String`) or
+    `<name>_types` (`UInt32,String`, columns named _1, _2, ...)."""
+    if not _SETTING_NAME_RE.fullmatch(name):
+        raise QueryError.ours(CODE_BAD_ARGUMENTS, "BAD_ARGUMENTS", f"Invalid external table name {one_line(name, 64)!r}")
+    structure = param.get(f"{name}_structure")
+    if not structure and param.get(f"{name}_types"):
+        types = _split_top_level(param[f"{name}_types"])
+        structure = ", ".join(f"_{i} {t}" for i, t in enumerate(types, 1))
+    if not structure:
+        raise QueryError.ours(
+            CODE_BAD_ARGUMENTS,
+            "BAD_ARGUMENTS",
+            f"Neither structure nor types have been provided for external table {name}. "
+            f"Use fields {name}_structure or {name}_types to do so",
+        )
+    fmt = param.get(f"{name}_format") or "TabSeparated"
+    if not _SETTING_NAME_RE.fullmatch(fmt):
+        raise QueryError.ours(CODE_UNKNOWN_FORMAT, "UNKNOWN_FORMAT", f"Unknown format {one_line(fmt, 64)}")
+    return ExternalTable(name, structure, fmt, path)
+
+
+def _split_top_level(text: str):
+    """`UInt32,Map(String,String)` -> ['UInt32', 'Map(String,String)']."""
+    items, depth, current = [], 0, []
+    for char in text:
+        if char == "," and depth == 0:
+            items.append("".join(current).strip())
+            current = []
+            continue
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        current.append(char)
+    items.append("".join(current).strip())
+    return [item for item in items if item]
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+def grouped_insert(engine: Engine, database: str, settings, template: str, data_path: str) -> ingest.Insert:
+    """An insert for the group committer; `template` has ingest.PATH_MARKER where the data file goes."""
+    settings = [tuple(s) for s in settings]
+    marker = quote_string(ingest.PATH_MARKER)
+
+    def run(sql, extra_settings):
+        return engine.execute(sql, database, settings + extra_settings, "TabSeparated", {})
+
+    return ingest.Insert(
+        key=(database, template, tuple(settings)),
+        data_path=data_path,
+        size=os.path.getsize(data_path),
+        sql_for=lambda path: template.replace(marker, quote_string(path)),
+        run=run,
+    )
 
 
 def _decode_query(raw: bytes) -> str:
@@ -993,6 +1275,24 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--password", default=None, help=f"password clients must present (prefer the {PASSWORD_ENV} environment variable)"
     )
+    parser.add_argument(
+        "--max-pending-insert-mb",
+        type=int,
+        default=ingest.DEFAULT_MAX_PENDING_BYTES // (1024 * 1024),
+        help="refuse inserts with 503 while more than this many MiB of inserts wait to be committed (0: no group commit)",
+    )
+    parser.add_argument(
+        "--insert-spool",
+        default=None,
+        help="directory where inserts with async_insert=1 and wait_for_async_insert=0 are kept until committed "
+        "(answered once there; committed again after a restart)",
+    )
+    parser.add_argument(
+        "--wait-for-async-insert",
+        choices=["0", "1"],
+        default="1",
+        help="the default of wait_for_async_insert for requests that do not set it (ClickHouse's is 1)",
+    )
     args = parser.parse_args(argv)
 
     password = args.password if args.password is not None else os.environ.get(PASSWORD_ENV)
@@ -1022,6 +1322,19 @@ def main(argv=None) -> int:
 
     tmp_dir = tempfile.mkdtemp(prefix="chdb-http-")
     Handler.engine = engine
+    Handler.wait_for_async_insert = args.wait_for_async_insert
+    if args.max_pending_insert_mb > 0:
+        Handler.committer = ingest.GroupCommitter(
+            tmp_dir,
+            log,
+            max_pending_bytes=args.max_pending_insert_mb * 1024 * 1024,
+            spool_dir=os.path.abspath(args.insert_spool) if args.insert_spool else None,
+        )
+        Handler.committer.recover(
+            lambda record, path, _size: grouped_insert(
+                engine, record["database"], record["settings"], record["template"], path
+            )
+        )
     Handler.config = Config(
         user=args.user,
         password=password,
@@ -1052,6 +1365,8 @@ def main(argv=None) -> int:
         server.serve_forever(poll_interval=0.2)
     finally:
         server.server_close()
+        if Handler.committer is not None:
+            Handler.committer.close()  # commits what is queued
         engine.close()  # waits for a running query, then releases the data directory
         shutil.rmtree(tmp_dir, ignore_errors=True)
         log("Stopped")

@@ -1,6 +1,9 @@
--- Spans, exactly as the OpenTelemetry Collector contrib ClickHouse exporter creates them.
+-- Spans, exactly as the OpenTelemetry Collector contrib ClickHouse exporter
+-- creates them at the collector version the Docker stack pins (v0.159.0; the
+-- traces tables kept their columns, types and keys from 0.140.0 to 0.159.0,
+-- only otel_logs changed, see 20_otel_logs.sql).
 --
--- Source (open-telemetry/opentelemetry-collector-contrib):
+-- Source (open-telemetry/opentelemetry-collector-contrib, v0.159.0):
 --   exporter/clickhouseexporter/internal/sqltemplates/traces_table.sql
 --   exporter/clickhouseexporter/internal/sqltemplates/traces_id_ts_lookup_table.sql
 --   exporter/clickhouseexporter/internal/sqltemplates/traces_id_ts_lookup_mv.sql

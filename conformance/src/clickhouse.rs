@@ -1,78 +1,110 @@
-//! A small ClickHouse HTTP client for the harness: enough to apply the schema
-//! and read rows back as JSON. Speaks to the embedded stack's chDB endpoint
-//! and to a real ClickHouse server alike.
+//! The harness's ClickHouse: the `clickhouse` crate (ClickHouse's own Rust
+//! client, at its defaults: lz4 compression, schema validation of typed rows)
+//! behind a small synchronous facade, so the harness and its tests stay
+//! synchronous. Speaks to the embedded stack's chDB endpoint and to a real
+//! ClickHouse server alike.
+//!
+//! Reads are typed: `fetch_all::<T>` with `#[derive(clickhouse::Row,
+//! Deserialize)]` rows (see `trace::StoredSpan` and the rows in `rows`).
+//! `execute` and `json_rows` remain for statements and for SQL whose columns
+//! are not known in advance (the dashboards' queries).
 
-use std::time::Duration;
+use std::future::Future;
+use std::sync::OnceLock;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
+use clickhouse::{Client, Row, RowOwned, RowRead};
 use serde_json::Value;
 
-/// Where ClickHouse is and how to log in.
-#[derive(Debug, Clone)]
+/// Where ClickHouse is and how to log in, with a client ready to use.
+#[derive(Clone)]
 pub struct ClickHouse {
     pub url: String,
     pub user: String,
     pub password: String,
-    agent: ureq::Agent,
+    client: Client,
+}
+
+impl std::fmt::Debug for ClickHouse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClickHouse")
+            .field("url", &self.url)
+            .field("user", &self.user)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ClickHouse {
     pub fn new(url: &str, user: &str, password: &str) -> ClickHouse {
-        let agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(30)))
-            .build()
-            .into();
+        let url = url.trim_end_matches('/').to_string();
+        let client = Client::default()
+            .with_url(&url)
+            .with_user(user)
+            .with_password(password);
         ClickHouse {
-            url: url.trim_end_matches('/').to_string(),
+            url,
             user: user.to_string(),
             password: password.to_string(),
-            agent,
+            client,
         }
     }
 
-    /// Runs one statement; the answer body on success, ClickHouse's message
-    /// (with its exception code) on failure.
+    /// The underlying client, for what the facade does not cover (inserts,
+    /// parameters); run its futures with [`ClickHouse::block_on`].
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// Runs a future of the `clickhouse` crate to completion, from sync code
+    /// or from inside another tokio runtime.
+    pub fn block_on<F>(&self, future: F) -> F::Output
+    where
+        F: Future + Send,
+        F::Output: Send,
+    {
+        block_on(future)
+    }
+
+    /// Rows of a SELECT, typed. `?` in `sql` is not a placeholder here.
+    pub fn fetch_all<T>(&self, sql: &str) -> Result<Vec<T>>
+    where
+        T: Row + RowOwned + RowRead + Send,
+    {
+        let query = self.client.query_raw(sql);
+        self.block_on(query.fetch_all::<T>())
+            .with_context(|| format!("ClickHouse at {} failed: {}", self.url, short(sql)))
+    }
+
+    /// Runs one statement; its answer as text (TabSeparated), ClickHouse's
+    /// message (with its exception code) on failure.
     pub fn execute(&self, sql: &str) -> Result<String> {
-        let mut response = self
-            .agent
-            .post(&format!("{}/", self.url))
-            .header("X-ClickHouse-User", &self.user)
-            .header("X-ClickHouse-Key", &self.password)
-            .send(sql.as_bytes())
-            .with_context(|| format!("sending a query to ClickHouse at {}", self.url))?;
-        let status = response.status();
-        let code = response
-            .headers()
-            .get("X-ClickHouse-Exception-Code")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
-        let body = response.body_mut().read_to_string()?;
-        if status != 200 {
-            let code = code.unwrap_or_else(|| "?".into());
-            bail!(
-                "ClickHouse answered {status} (exception code {code}): {}",
-                body.trim()
-            );
-        }
-        Ok(body)
+        self.fetch_text(sql, "TabSeparated")
     }
 
-    /// Runs a SELECT and returns its rows as JSON objects.
-    pub fn rows(&self, select: &str) -> Result<Vec<Value>> {
-        let body = self.execute(&format!("{select}\nFORMAT JSONEachRow"))?;
+    fn fetch_text(&self, sql: &str, format: &str) -> Result<String> {
+        let query = self.client.query_raw(sql);
+        let bytes = self
+            .block_on(async move { query.fetch_bytes(format)?.collect().await })
+            .with_context(|| format!("ClickHouse at {} failed: {}", self.url, short(sql)))?;
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    /// Runs a SELECT whose columns are not known in advance and returns its
+    /// rows as JSON objects. Prefer [`ClickHouse::fetch_all`].
+    pub fn json_rows(&self, select: &str) -> Result<Vec<Value>> {
+        let body = self.fetch_text(select, "JSONEachRow")?;
         body.lines()
             .filter(|l| !l.trim().is_empty())
             .map(|l| serde_json::from_str(l).with_context(|| format!("parsing row {l}")))
             .collect()
     }
 
-    /// Runs a query returning a single number.
+    /// Runs a query returning a single number (any integer type).
     pub fn count(&self, select: &str) -> Result<u64> {
-        let body = self.execute(&format!("{select}\nFORMAT TabSeparated"))?;
-        body.trim()
-            .parse()
-            .with_context(|| format!("expected a number, got {body:?}"))
+        let sql = format!("SELECT toUInt64(ifNull(({select}), 0))");
+        let query = self.client.query_raw(&sql);
+        self.block_on(query.fetch_one::<u64>())
+            .with_context(|| format!("ClickHouse at {} failed: {}", self.url, short(&sql)))
     }
 
     /// Applies the SQL files of `dir` in lexical order, statement by statement.
@@ -88,7 +120,8 @@ impl ClickHouse {
         for file in files {
             let text = std::fs::read_to_string(&file)?;
             for statement in split_statements(&text) {
-                self.execute(&statement).with_context(|| {
+                let query = self.client.query_raw(&statement);
+                self.block_on(query.execute()).with_context(|| {
                     format!("applying {} (statement {})", file.display(), applied + 1)
                 })?;
                 applied += 1;
@@ -96,6 +129,44 @@ impl ClickHouse {
         }
         Ok(applied)
     }
+}
+
+fn short(sql: &str) -> String {
+    let one_line: String = sql.split_whitespace().collect::<Vec<_>>().join(" ");
+    match one_line.char_indices().nth(120) {
+        Some((at, _)) => format!("{}...", &one_line[..at]),
+        None => one_line,
+    }
+}
+
+/// Runs `future` on the harness's ClickHouse runtime: one small tokio
+/// runtime for the process (one worker; the harness waits on its queries),
+/// built on first use and never shut down.
+fn block_on<F>(future: F) -> F::Output
+where
+    F: Future + Send,
+    F::Output: Send,
+{
+    static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    let runtime = RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("clickhouse-client")
+            .enable_all()
+            .build()
+            .expect("the ClickHouse client's tokio runtime can be built")
+    });
+    if tokio::runtime::Handle::try_current().is_err() {
+        return runtime.block_on(future);
+    }
+    // Called from async code (a `#[tokio::test]`), where blocking the thread
+    // on another runtime is not allowed: wait on a thread of our own.
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| runtime.block_on(future))
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
 }
 
 /// Splits a SQL file into statements: a statement ends with `;` at the end of

@@ -12,10 +12,10 @@ use serde_json::{json, Value};
 use crate::paths;
 use crate::process::{wait_for, Lifetime, ManagedProcess};
 
-/// Payload contract fake-rails speaks (see `shared/notes/contract.md`).
+/// Payload contract fake-rails speaks (`docs/contract.md` §1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Contract {
-    /// `features.job_telemetry` + `trace_context` (the seeds).
+    /// `features.job_telemetry` + `trace_context` (v1, the first design).
     V1,
     /// `features.tracing{trace_id, span_parent_id, otel_endpoints}` (GitLab today).
     V2,
@@ -239,6 +239,20 @@ impl FakeRails {
             other => other.to_string(),
         })
     }
+}
+
+/// fake-rails flags that let its telemetry API and pages read the stack's
+/// ClickHouse (`password_file` holds the password, e.g. the stack's
+/// `credentials`).
+pub fn clickhouse_args(endpoints: &crate::stack::Endpoints, password_file: &Path) -> Vec<String> {
+    vec![
+        "--clickhouse-url".into(),
+        endpoints.clickhouse_url.clone(),
+        "--clickhouse-user".into(),
+        endpoints.clickhouse_user.clone(),
+        "--clickhouse-password-file".into(),
+        password_file.display().to_string(),
+    ]
 }
 
 /// The job called `name` in a pipeline's job list.

@@ -75,6 +75,9 @@ impl Runner {
             "OTEL_EXPORTER_OTLP_PROTOCOL",
             "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
             "OTEL_EXPORTER_OTLP_HEADERS",
+            "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT",
+            "OTEL_EXPORTER_OTLP_LOGS_PROTOCOL",
+            "CI_TELEMETRY_LOGS",
             "GITLAB_TRACING",
         ] {
             cmd.env_remove(var);

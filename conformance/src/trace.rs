@@ -3,8 +3,8 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use anyhow::{Context, Result};
-use serde_json::Value;
+use anyhow::Result;
+use serde::Deserialize;
 
 use crate::clickhouse::ClickHouse;
 
@@ -37,6 +37,44 @@ impl StoredSpan {
     }
 }
 
+/// A row of `otel.otel_traces` as [`select`] reads it; column names as in
+/// the exporter's DDL.
+#[derive(Debug, clickhouse::Row, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct SpanRow {
+    trace_id: String,
+    span_id: String,
+    parent_span_id: String,
+    span_name: String,
+    service_name: String,
+    scope_name: String,
+    start_ns: i64,
+    duration: u64,
+    status_code: String,
+    status_message: String,
+    span_attributes: Vec<(String, String)>,
+    resource_attributes: Vec<(String, String)>,
+}
+
+impl From<SpanRow> for StoredSpan {
+    fn from(row: SpanRow) -> StoredSpan {
+        StoredSpan {
+            trace_id: row.trace_id,
+            span_id: row.span_id,
+            parent_span_id: row.parent_span_id,
+            name: row.span_name,
+            service: row.service_name,
+            scope: row.scope_name,
+            start_ns: u128::try_from(row.start_ns).unwrap_or(0),
+            duration_ns: row.duration,
+            status_code: row.status_code,
+            status_message: row.status_message,
+            attributes: row.span_attributes.into_iter().collect(),
+            resource: row.resource_attributes.into_iter().collect(),
+        }
+    }
+}
+
 const COLUMNS: &str = "TraceId, SpanId, ParentSpanId, SpanName, ServiceName, ScopeName, \
      toUnixTimestamp64Nano(Timestamp) AS StartNs, Duration, StatusCode, StatusMessage, \
      SpanAttributes, ResourceAttributes";
@@ -48,53 +86,57 @@ pub fn spans_of_trace(clickhouse: &ClickHouse, trace_id: &str) -> Result<Vec<Sto
 
 /// Spans matching a WHERE clause over `otel.otel_traces`, oldest first.
 pub fn select(clickhouse: &ClickHouse, filter: &str) -> Result<Vec<StoredSpan>> {
-    let rows = clickhouse.rows(&format!(
+    let rows = clickhouse.fetch_all::<SpanRow>(&format!(
         "SELECT {COLUMNS} FROM otel.otel_traces WHERE {filter} ORDER BY Timestamp, SpanName"
     ))?;
-    rows.iter().map(parse_row).collect()
+    Ok(rows.into_iter().map(StoredSpan::from).collect())
 }
 
-fn parse_row(row: &Value) -> Result<StoredSpan> {
-    let text = |key: &str| -> String {
-        match &row[key] {
-            Value::String(s) => s.clone(),
-            Value::Null => String::new(),
-            other => other.to_string(),
-        }
-    };
-    let map = |key: &str| -> BTreeMap<String, String> {
-        row[key]
-            .as_object()
-            .map(|o| {
-                o.iter()
-                    .map(|(k, v)| {
-                        let v = v
-                            .as_str()
-                            .map(str::to_string)
-                            .unwrap_or_else(|| v.to_string());
-                        (k.clone(), v)
-                    })
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
-    Ok(StoredSpan {
-        trace_id: text("TraceId"),
-        span_id: text("SpanId"),
-        parent_span_id: text("ParentSpanId"),
-        name: text("SpanName"),
-        service: text("ServiceName"),
-        scope: text("ScopeName"),
-        start_ns: text("StartNs").parse().context("StartNs")?,
-        duration_ns: text("Duration").parse().context("Duration")?,
-        status_code: text("StatusCode"),
-        status_message: text("StatusMessage"),
-        attributes: map("SpanAttributes"),
-        resource: map("ResourceAttributes"),
-    })
+/// A row of `otel.ci_job_telemetry_traces` (the CI view), the columns tests
+/// check.
+#[derive(Debug, Clone, PartialEq, clickhouse::Row, Deserialize)]
+pub struct CiSpanRow {
+    pub trace_id: String,
+    pub span_id: String,
+    pub span_name: String,
+    pub service_name: String,
+    pub build_id: u64,
+    pub pipeline_id: u64,
+    pub project_id: u64,
+    pub job_status: String,
 }
 
-fn escape(s: &str) -> String {
+/// CI view rows matching a WHERE clause, by `build_id` then `span_name`.
+pub fn ci_rows(clickhouse: &ClickHouse, filter: &str) -> Result<Vec<CiSpanRow>> {
+    clickhouse.fetch_all(&format!(
+        "SELECT trace_id, span_id, span_name, service_name, build_id, pipeline_id, project_id, \
+         job_status FROM otel.ci_job_telemetry_traces WHERE {filter} ORDER BY build_id, span_name"
+    ))
+}
+
+/// A row of `otel.otel_logs`.
+#[derive(Debug, Clone, PartialEq, clickhouse::Row, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct LogRecord {
+    pub trace_id: String,
+    pub span_id: String,
+    pub severity_text: String,
+    pub service_name: String,
+    pub body: String,
+    pub log_attributes: Vec<(String, String)>,
+    pub resource_attributes: Vec<(String, String)>,
+}
+
+/// Log records matching a WHERE clause over `otel.otel_logs`, oldest first.
+pub fn log_records(clickhouse: &ClickHouse, filter: &str) -> Result<Vec<LogRecord>> {
+    clickhouse.fetch_all(&format!(
+        "SELECT TraceId, SpanId, SeverityText, ServiceName, Body, LogAttributes, \
+         ResourceAttributes FROM otel.otel_logs WHERE {filter} ORDER BY Timestamp"
+    ))
+}
+
+/// `s` as the inside of a ClickHouse string literal.
+pub fn escape(s: &str) -> String {
     s.replace('\\', "\\\\").replace('\'', "\\'")
 }
 
@@ -152,7 +194,44 @@ impl Tree {
         self.roots.iter().map(|r| self.render_from(*r)).collect()
     }
 
+    /// [`Tree::render_from`] with `notes[span_id]` (e.g. a stage's last log
+    /// lines) printed under each span, prefixed with `| `.
+    pub fn render_with_notes(&self, root: usize, notes: &HashMap<String, Vec<String>>) -> String {
+        let mut out = String::new();
+        self.render_notes_into(root, 0, notes, &mut out);
+        out
+    }
+
+    fn render_notes_into(
+        &self,
+        index: usize,
+        depth: usize,
+        notes: &HashMap<String, Vec<String>>,
+        out: &mut String,
+    ) {
+        let mut line = String::new();
+        self.render_line(index, depth, &mut line);
+        out.push_str(&line);
+        for note in notes
+            .get(&self.spans[index].span_id)
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
+        {
+            out.push_str(&format!("{}  | {note}\n", "  ".repeat(depth)));
+        }
+        for child in self.children_of(index) {
+            self.render_notes_into(*child, depth + 1, notes, out);
+        }
+    }
+
     fn render_into(&self, index: usize, depth: usize, out: &mut String) {
+        self.render_line(index, depth, out);
+        for child in self.children_of(index) {
+            self.render_into(*child, depth + 1, out);
+        }
+    }
+
+    fn render_line(&self, index: usize, depth: usize, out: &mut String) {
         let span = &self.spans[index];
         let status = match span.status_code.as_str() {
             "Error" | "STATUS_CODE_ERROR" => format!("  ERROR {}", span.status_message),
@@ -169,9 +248,6 @@ impl Tree {
             format_duration(span.duration_ns),
             span.service
         ));
-        for child in self.children_of(index) {
-            self.render_into(*child, depth + 1, out);
-        }
     }
 }
 

@@ -1,8 +1,9 @@
 //! The project-local Python environment that holds the stack's registry
 //! packages: `chdb-core` (the ClickHouse engine) and `rotel` (the collector).
 //!
-//! Installed once from `compose/requirements.txt` (the pins); a marker file
-//! holding a hash of that file makes the second call free. Concurrent callers
+//! Installed once from `compose/requirements.txt` (the pins) and, when it is
+//! there, `compose/requirements-test.txt` beside it (clients the tests use);
+//! a marker file holding a hash of those files makes the second call free. Concurrent callers
 //! (parallel test processes) serialise on a lock file.
 
 use std::fs::{self, File};
@@ -65,8 +66,15 @@ pub fn ensure_at(
     progress: &mut dyn FnMut(&str),
 ) -> Result<Venv> {
     let dir = dir.to_path_buf();
-    let pins = fs::read_to_string(requirements)
+    let mut pins = fs::read_to_string(requirements)
         .with_context(|| format!("reading {}", requirements.display()))?;
+    let test_requirements = requirements.with_file_name("requirements-test.txt");
+    let test_requirements = test_requirements.is_file().then_some(test_requirements);
+    if let Some(path) = &test_requirements {
+        pins.push_str(
+            &fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
+        );
+    }
     let want = format!("{:016x}\n", fnv1a(pins.as_bytes()));
     let marker = dir.join(".ci-telemetry-installed");
     let venv = Venv { dir: dir.clone() };
@@ -96,17 +104,21 @@ pub fn ensure_at(
         )?;
     }
     progress("Installing chdb-core and rotel from PyPI (first run only, ~200 MB)");
+    let mut pip = Command::new(venv.python());
+    pip.args([
+        "-m",
+        "pip",
+        "install",
+        "--disable-pip-version-check",
+        "-q",
+        "-r",
+    ])
+    .arg(requirements);
+    if let Some(path) = &test_requirements {
+        pip.arg("-r").arg(path);
+    }
     run_quiet(
-        Command::new(venv.python())
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--disable-pip-version-check",
-                "-q",
-                "-r",
-            ])
-            .arg(requirements),
+        &mut pip,
         "pip install -r compose/requirements.txt",
         "check that PyPI is reachable (a proxy may need PIP_INDEX_URL) and try again",
     )?;

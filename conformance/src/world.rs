@@ -36,6 +36,13 @@ impl World {
                 .otel_endpoints
                 .push(format!("{}/v1/traces", stack.endpoints().otlp_http));
         }
+        // The telemetry API and pages read this stack's ClickHouse.
+        rails_options
+            .extra_args
+            .extend(crate::gitlab::clickhouse_args(
+                stack.endpoints(),
+                &stack.password_file(),
+            ));
         let rails = FakeRails::start(stack.dir(), &rails_options, Lifetime::Owned)?;
         Ok(World {
             stack,

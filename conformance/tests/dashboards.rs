@@ -20,8 +20,9 @@ test:
 ";
 
 /// Expands the macros of grafana-clickhouse-datasource for a 1-day window.
-fn expand(sql: &str, trace_id: &str) -> String {
+fn expand(sql: &str, trace_id: &str, job_id: &str) -> String {
     let mut out = sql
+        .replace("${job_id}", job_id)
         .replace("${trace_id}", trace_id)
         .replace("$trace_id", trace_id)
         .replace("$__fromTime", "toDateTime(now() - INTERVAL 1 DAY)")
@@ -49,12 +50,31 @@ fn expand(sql: &str, trace_id: &str) -> String {
 fn every_panel_query_runs_and_the_job_panels_have_data() {
     let mut world = World::new(FakeRailsOptions::default()).unwrap();
     let project = world.create_project_with_flag("dashboards", true).unwrap();
-    world.start_runner(world.to_collector()).unwrap();
+    let mut options = world.to_collector();
+    // The job log panel reads the runner's log records.
+    options
+        .extra_env
+        .push(("CI_TELEMETRY_LOGS".into(), "true".into()));
+    world.start_runner(options).unwrap();
     let (pipeline, jobs) = world.run_pipeline(project, PIPELINE).unwrap();
     for job in &jobs {
         world.job_execution(job["id"].as_u64().unwrap()).unwrap();
     }
     let trace_id = format!("{pipeline:032x}");
+    let job_id = jobs[0]["id"].as_u64().unwrap().to_string();
+    // The job's log records are exported before its span, but land in
+    // their own table: wait for them too.
+    conformance::process::wait_for(
+        "the job's log records",
+        conformance::world::SPAN_DEADLINE,
+        || {
+            let n = world.stack.clickhouse().count(&format!(
+                "SELECT count() FROM otel.otel_logs WHERE LogAttributes['ci.job.id'] = '{job_id}'"
+            ))?;
+            Ok((n > 0).then_some(()))
+        },
+    )
+    .unwrap();
     let clickhouse = world.stack.clickhouse();
 
     let dir = paths::repo_root().join("dashboards");
@@ -69,8 +89,8 @@ fn every_panel_query_runs_and_the_job_panels_have_data() {
         for panel in dashboard["panels"].as_array().unwrap() {
             let title = panel["title"].as_str().unwrap_or("?");
             for target in panel["targets"].as_array().unwrap() {
-                let sql = expand(target["rawSql"].as_str().unwrap(), &trace_id);
-                let rows = clickhouse.rows(&sql).unwrap_or_else(|e| {
+                let sql = expand(target["rawSql"].as_str().unwrap(), &trace_id, &job_id);
+                let rows = clickhouse.json_rows(&sql).unwrap_or_else(|e| {
                     panic!("panel `{title}` of {}: {e:#}\n{sql}", path.display())
                 });
                 ran += 1;
@@ -79,6 +99,7 @@ fn every_panel_query_runs_and_the_job_panels_have_data() {
                     "Slowest jobs",
                     "Trace",
                     "Queue time (job_pending, s)",
+                    "Job log",
                 ]
                 .contains(&title)
                 {

@@ -129,18 +129,17 @@ fn id_list(ids: &[u64]) -> String {
 
 /// Runner spans of these jobs in ClickHouse: (rows, distinct span ids).
 fn runner_rows(world: &World, jobs: &[u64]) -> anyhow::Result<(u64, u64)> {
-    let row = world.stack.clickhouse().rows(&format!(
+    #[derive(clickhouse::Row, serde::Deserialize)]
+    struct Counts {
+        rows: u64,
+        ids: u64,
+    }
+    let counts = world.stack.clickhouse().fetch_all::<Counts>(&format!(
         "SELECT count() AS rows, uniqExact(SpanId) AS ids FROM otel.otel_traces \
          WHERE ServiceName = 'gitlab-ci-runner' AND ResourceAttributes['ci.job.id'] IN ({})",
         id_list(jobs)
     ))?;
-    let value = row.first().cloned().unwrap_or_default();
-    let num = |v: &Value| {
-        v.as_u64()
-            .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
-            .unwrap_or(0)
-    };
-    Ok((num(&value["rows"]), num(&value["ids"])))
+    Ok(counts.first().map_or((0, 0), |c| (c.rows, c.ids)))
 }
 
 /// Waits until `at` by the clock (the outage is the scenario, not a

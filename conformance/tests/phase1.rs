@@ -129,22 +129,18 @@ fn check_job_execution(contract: Contract) {
 
     // The CI view picks the runner's span up.
     let rows = wait_for("ci_job_telemetry_traces", Duration::from_secs(20), || {
-        let rows = clickhouse.rows(&format!(
-            "SELECT build_id, pipeline_id, project_id FROM otel.ci_job_telemetry_traces \
-             WHERE span_name = 'job_execution' AND trace_id = '{}'",
+        let filter = format!(
+            "span_name = 'job_execution' AND trace_id = '{}'",
             span.trace_id
-        ))?;
+        );
+        let rows = trace::ci_rows(&clickhouse, &filter)?;
         Ok((!rows.is_empty()).then_some(rows))
     })
     .unwrap();
-    let text = |v: &Value| {
-        v.as_str()
-            .map(str::to_string)
-            .unwrap_or_else(|| v.to_string())
-    };
-    assert_eq!(text(&rows[0]["build_id"]), job_id.to_string());
-    assert_eq!(text(&rows[0]["pipeline_id"]), pipeline.to_string());
-    assert_eq!(text(&rows[0]["project_id"]), project.to_string());
+    assert_eq!(
+        (rows[0].build_id, rows[0].pipeline_id, rows[0].project_id),
+        (job_id, pipeline, project)
+    );
 }
 
 #[test]

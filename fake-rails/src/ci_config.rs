@@ -216,6 +216,22 @@ const DEFAULT_KEYS: [&str; 9] = [
 ];
 const MAX_EXTENDS_DEPTH: usize = 11;
 
+/// GitLab's limits on a `.gitlab-ci.yml`, at their defaults (the instance
+/// limits page, "Maximum size and depth of CI/CD configuration YAML files":
+/// application settings `max_yaml_size_bytes` and `max_yaml_depth`), and the
+/// job timeout bound (`Project::MAX_BUILD_TIMEOUT`, one month).
+pub mod limits {
+    /// `max_yaml_size_bytes`: 2 MB. GitLab measures the loaded YAML in
+    /// memory; fake-rails measures the text, which is smaller.
+    pub const MAX_YAML_SIZE_BYTES: usize = 2 * 1024 * 1024;
+    /// `max_yaml_depth`: nesting of mappings and sequences.
+    pub const MAX_YAML_DEPTH: usize = 100;
+    /// A job's `timeout` may not exceed one month (30.436875 days).
+    pub const MAX_JOB_TIMEOUT_SECS: u64 = 2_629_746;
+    /// GitLab's message for a config over the size or depth limit.
+    pub const TOO_BIG: &str = "The parsed YAML is too big";
+}
+
 /// Parses a `.gitlab-ci.yml`.
 pub fn parse(text: &str) -> Result<CiConfig> {
     Parser { text }.parse()
@@ -241,8 +257,14 @@ impl Parser<'_> {
     }
 
     fn parse(&self) -> Result<CiConfig> {
+        if self.text.len() > limits::MAX_YAML_SIZE_BYTES {
+            return Err(error(limits::TOO_BIG));
+        }
         let mut root: Value =
             serde_yaml::from_str(self.text).map_err(|e| error(format!("Invalid YAML: {e}")))?;
+        if depth(&root) > limits::MAX_YAML_DEPTH {
+            return Err(error(limits::TOO_BIG));
+        }
         root.apply_merge()
             .map_err(|e| error(format!("Invalid YAML: {e}")))?;
         reject_tags(&root, "root")?;
@@ -310,14 +332,21 @@ impl Parser<'_> {
             let mut all = vec![".pre".to_string()];
             let declared =
                 stages.unwrap_or_else(|| DEFAULT_STAGES.iter().map(|s| s.to_string()).collect());
+            // Linear in the number of stages (a set, not a scan per stage).
+            let mut seen = std::collections::HashSet::new();
             for s in declared {
-                if s != ".pre" && s != ".post" && !all.contains(&s) {
+                if s != ".pre" && s != ".post" && seen.insert(s.clone()) {
                     all.push(s);
                 }
             }
             all.push(".post".to_string());
             all
         };
+        let stage_index: HashMap<&str, usize> = stages
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.as_str(), i))
+            .collect();
 
         let templates: HashMap<&str, &Value> =
             raw_jobs.iter().map(|(k, v)| (k.as_str(), v)).collect();
@@ -342,7 +371,7 @@ impl Parser<'_> {
                     job.insert(k.clone(), v.clone());
                 }
             }
-            if let Some(spec) = self.parse_job(name, &job, &stages)? {
+            if let Some(spec) = self.parse_job(name, &job, &stages, &stage_index)? {
                 jobs.push(spec);
             }
         }
@@ -362,7 +391,13 @@ impl Parser<'_> {
         })
     }
 
-    fn parse_job(&self, name: &str, job: &Mapping, stages: &[String]) -> Result<Option<JobSpec>> {
+    fn parse_job(
+        &self,
+        name: &str,
+        job: &Mapping,
+        stages: &[String],
+        stage_index: &HashMap<&str, usize>,
+    ) -> Result<Option<JobSpec>> {
         let mut unknown = Vec::new();
         for key in job.keys() {
             let key = key_string(key).unwrap_or_default();
@@ -440,7 +475,7 @@ impl Parser<'_> {
                 .to_string(),
             None => "test".to_string(),
         };
-        let stage_idx = stages.iter().position(|s| *s == stage).ok_or_else(|| {
+        let stage_idx = stage_index.get(stage.as_str()).copied().ok_or_else(|| {
             self.error_at(
                 Some(name),
                 "stage",
@@ -560,6 +595,13 @@ impl Parser<'_> {
             }
             None => None,
         };
+        if timeout.is_some_and(|t| t > limits::MAX_JOB_TIMEOUT_SECS) {
+            return Err(self.error_at(
+                Some(name),
+                "timeout",
+                format!("jobs:{name} timeout should not exceed the limit"),
+            ));
+        }
         let image = match get("image") {
             Some(v) => Some(parse_image(v, &path("image"), false)?),
             None => None,
@@ -1193,6 +1235,22 @@ fn validate_needs(jobs: &[JobSpec]) -> Result<()> {
     Ok(())
 }
 
+/// Nesting depth of `value` (a scalar is 1), without recursion.
+fn depth(value: &Value) -> usize {
+    let mut deepest = 0;
+    let mut stack = vec![(value, 1usize)];
+    while let Some((value, level)) = stack.pop() {
+        deepest = deepest.max(level);
+        match value {
+            Value::Sequence(items) => stack.extend(items.iter().map(|v| (v, level + 1))),
+            Value::Mapping(map) => stack.extend(map.values().map(|v| (v, level + 1))),
+            Value::Tagged(tagged) => stack.push((&tagged.value, level)),
+            _ => {}
+        }
+    }
+    deepest
+}
+
 /// Durations like GitLab's (ChronicDuration): `3600`, `1h 30m`, `2 hours`,
 /// `10 minutes 30 seconds`, `1d`, `1 week`. Returns seconds.
 pub fn parse_duration(text: &str) -> Option<u64> {
@@ -1287,6 +1345,34 @@ fn find_key_line(text: &str, job: Option<&str>, key: &str) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gitlab_limits() {
+        let refused = |yaml: &str| parse(yaml).unwrap_err().to_string();
+        let big = format!(
+            "a:\n  script: [\"{}\"]\n",
+            "x".repeat(limits::MAX_YAML_SIZE_BYTES)
+        );
+        assert_eq!(refused(&big), limits::TOO_BIG);
+        let deep = format!(
+            "a:\n  script: [echo]\n  variables:\n    V: {}{}\n",
+            "[".repeat(100),
+            "]".repeat(100)
+        );
+        assert_eq!(refused(&deep), limits::TOO_BIG);
+        assert!(
+            refused("a:\n  timeout: 99999999999999999999 years\n  script: [echo]\n")
+                .starts_with("jobs:a timeout should not exceed the limit")
+        );
+        assert!(parse("a:\n  timeout: 1 month\n  script: [echo]\n").is_ok());
+        let mut many = String::from("stages:\n");
+        for i in 0..20_000 {
+            many.push_str(&format!("  - s{i}\n  - s{i}\n"));
+        }
+        many.push_str("a:\n  stage: s19999\n  script: [echo]\n");
+        let config = parse(&many).unwrap();
+        assert_eq!(config.stages.len(), 20_002);
+    }
 
     #[test]
     fn durations() {

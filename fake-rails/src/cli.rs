@@ -70,6 +70,22 @@ pub struct Cli {
     /// Generate a fresh RSA 2048 signing key at startup (takes seconds in debug builds).
     #[arg(long)]
     pub generate_signing_key: bool,
+
+    /// ClickHouse HTTP URL the telemetry API and pages read traces from [default: none, they answer 503].
+    #[arg(long, env = "FAKE_RAILS_CLICKHOUSE_URL")]
+    pub clickhouse_url: Option<String>,
+
+    /// ClickHouse user for reading traces.
+    #[arg(long, default_value = crate::telemetry::DEFAULT_USER, env = "FAKE_RAILS_CLICKHOUSE_USER")]
+    pub clickhouse_user: String,
+
+    /// File holding the ClickHouse password [default: empty password].
+    #[arg(long, env = "FAKE_RAILS_CLICKHOUSE_PASSWORD_FILE")]
+    pub clickhouse_password_file: Option<PathBuf>,
+
+    /// ClickHouse database of the telemetry tables.
+    #[arg(long, default_value = crate::telemetry::DEFAULT_DATABASE, env = "FAKE_RAILS_CLICKHOUSE_DATABASE")]
+    pub clickhouse_database: String,
 }
 
 fn parse_rate(text: &str) -> Result<f64, String> {
@@ -124,6 +140,14 @@ impl Cli {
             id_token_ttl: Duration::from_secs(self.id_token_ttl),
             first_id: self.first_id,
             signing_key,
+            clickhouse: self
+                .clickhouse_url
+                .map(|url| crate::telemetry::ClickHouseSettings {
+                    url,
+                    user: self.clickhouse_user,
+                    password_file: self.clickhouse_password_file,
+                    database: self.clickhouse_database,
+                }),
             ..defaults
         };
         (config, generated)

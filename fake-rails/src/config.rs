@@ -8,7 +8,8 @@ use std::time::Duration;
 /// Which job payload contract fake-rails speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Contract {
-    /// The seeds' contract: `features.job_telemetry` + top-level `trace_context`.
+    /// Contract v1 (`docs/contract.md` §1.1): `features.job_telemetry` +
+    /// top-level `trace_context`.
     #[default]
     V1,
     /// GitLab's shipped contract: `features.tracing{trace_id, span_parent_id, otel_endpoints}`.
@@ -79,6 +80,8 @@ pub struct Config {
     pub export_queue_capacity: usize,
     /// Per-request timeout of the Rails span export.
     pub export_timeout: Duration,
+    /// Where the telemetry API and pages read stored traces; `None`: they answer 503.
+    pub clickhouse: Option<crate::telemetry::ClickHouseSettings>,
 }
 
 impl Default for Config {
@@ -99,6 +102,7 @@ impl Default for Config {
             signing_key: SigningKeySource::EmbeddedTestKey,
             export_queue_capacity: 1024,
             export_timeout: Duration::from_secs(2),
+            clickhouse: None,
         }
     }
 }
@@ -123,6 +127,7 @@ impl Config {
             .iter()
             .chain(&self.otlp_endpoint)
             .chain(&self.public_url)
+            .chain(self.clickhouse.as_ref().map(|c| &c.url))
         {
             url::Url::parse(endpoint).map_err(|e| format!("`{endpoint}` is not a URL: {e}"))?;
         }

@@ -1,4 +1,4 @@
-//! The Rails-side ID formulas of CI job telemetry.
+//! The Rails-side ID formulas of CI job telemetry (`docs/contract.md` §3).
 //!
 //! Every ID is derived, never stored: the trace id from the root pipeline id,
 //! each span id from `SHA256("<root_pipeline_id>:<build_id>:<span>")`. The

@@ -13,6 +13,7 @@
 //! ```
 
 mod api;
+mod app_state;
 pub mod ci_config;
 pub mod cli;
 pub mod config;
@@ -21,12 +22,15 @@ pub mod flags;
 mod git;
 pub mod identity;
 pub mod ids;
+mod pages;
 mod payload;
 mod server;
 mod state;
+pub mod telemetry;
 mod tokens;
 
+pub use app_state::{format_time, AppState, Settings, GITLAB_VERSION};
 pub use cli::{Cli, GeneratedTokens};
 pub use config::{Config, Contract, SigningKeySource};
 pub use export::ExportStatsSnapshot;
-pub use server::{app, format_time, serve, AppState, RunningServer, Settings, GITLAB_VERSION};
+pub use server::{app, gitlab_path, serve, RunningServer};

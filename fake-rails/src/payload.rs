@@ -1,12 +1,13 @@
 //! The job payload of `POST /api/v4/jobs/request`, shaped like GitLab's
-//! `Entities::Ci::JobRequest::Response` (GitLab Runner's `spec.Job`).
+//! `Entities::Ci::JobRequest::Response` (GitLab Runner's `spec.Job`); the
+//! telemetry fields follow `docs/contract.md` §1.
 
 use serde::Serialize;
 use time::OffsetDateTime;
 
+use crate::app_state::Settings;
 use crate::ci_config::{ArtifactSpec, ImageSpec, When};
 use crate::config::Contract;
-use crate::server::Settings;
 use crate::state::{Job, Pipeline, Project, Runner, Store};
 
 /// Default `git_info.depth` (GitLab's default for new projects).
@@ -290,7 +291,7 @@ pub fn variables(store: &Store, job: &Job, settings: &Settings) -> Vec<Variable>
         var(
             "CI_JOB_STARTED_AT",
             job.started_at
-                .map(crate::server::format_time)
+                .map(crate::app_state::format_time)
                 .unwrap_or_default(),
         ),
         var("CI_JOB_NAME", job.spec.name.clone()),
@@ -312,29 +313,29 @@ pub fn variables(store: &Store, job: &Job, settings: &Settings) -> Vec<Variable>
             },
         ),
         var("CI_SERVER_NAME", "GitLab"),
-        var("CI_SERVER_VERSION", crate::server::GITLAB_VERSION),
+        var("CI_SERVER_VERSION", crate::app_state::GITLAB_VERSION),
         var(
             "CI_SERVER_VERSION_MAJOR",
-            crate::server::GITLAB_VERSION
+            crate::app_state::GITLAB_VERSION
                 .split('.')
                 .next()
                 .unwrap_or("0"),
         ),
         var(
             "CI_SERVER_VERSION_MINOR",
-            crate::server::GITLAB_VERSION
+            crate::app_state::GITLAB_VERSION
                 .split('.')
                 .nth(1)
                 .unwrap_or("0"),
         ),
         var(
             "CI_SERVER_VERSION_PATCH",
-            crate::server::GITLAB_VERSION
+            crate::app_state::GITLAB_VERSION
                 .split('.')
                 .nth(2)
                 .unwrap_or("0"),
         ),
-        var("CI_SERVER_REVISION", crate::server::GITLAB_REVISION),
+        var("CI_SERVER_REVISION", crate::app_state::GITLAB_REVISION),
         var("GITLAB_FEATURES", ""),
         var("CI_PROJECT_ID", project.id.to_string()),
         var("CI_PROJECT_NAME", project.path.clone()),
@@ -358,7 +359,7 @@ pub fn variables(store: &Store, job: &Job, settings: &Settings) -> Vec<Variable>
         var("CI_PIPELINE_SOURCE", pipeline.source.clone()),
         var(
             "CI_PIPELINE_CREATED_AT",
-            crate::server::format_time(pipeline.created_at),
+            crate::app_state::format_time(pipeline.created_at),
         ),
         var("CI_COMMIT_SHA", commit.sha.clone()),
         var(

@@ -1,156 +1,23 @@
-//! The router, the shared state and the running server.
+//! The top of fake-rails' HTTP side: the router (each API module brings
+//! its `routes()`), GitLab-style path matching, the operational endpoints
+//! (`/-/health`, `/-/metrics`, `/api/v4/version`) and the running server.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, patch, post, put};
+use axum::routing::get;
 use axum::Router;
-use time::OffsetDateTime;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use crate::api::{self, ApiError, ApiResult};
+use crate::api::{self, Admin, ApiError, ApiResult};
+use crate::app_state::{AppState, GITLAB_REVISION, GITLAB_VERSION, JSON_BODY_LIMIT};
 use crate::config::{Config, Contract};
-use crate::export::{ExportStats, ExportStatsSnapshot, SpanExporter};
-use crate::identity::IdentityKey;
-use crate::state::Store;
-
-/// The GitLab version fake-rails claims (`CI_SERVER_VERSION`, `/api/v4/version`).
-pub const GITLAB_VERSION: &str = "18.6.0";
-pub const GITLAB_REVISION: &str = "fakerails";
-
-/// Limit of JSON, form and multipart bodies.
-pub const JSON_BODY_LIMIT: usize = 10 * 1024 * 1024;
-/// Limit of one trace PATCH.
-pub const TRACE_BODY_LIMIT: usize = 16 * 1024 * 1024;
-/// Limit of one artifact upload.
-pub const ARTIFACT_BODY_LIMIT: usize = 128 * 1024 * 1024;
-
-/// Configuration after startup: what handlers read.
-#[derive(Debug, Clone)]
-pub struct Settings {
-    /// Without a trailing slash.
-    pub public_url: String,
-    pub registration_token: String,
-    pub admin_token: String,
-    pub contract: Contract,
-    pub otel_endpoints: Vec<String>,
-    pub otel_audience: Option<String>,
-    pub sampling_rate: f64,
-    pub id_token_ttl: Duration,
-    pub instance_uuid: String,
-}
-
-pub(crate) struct Inner {
-    pub settings: Settings,
-    pub store: Mutex<Store>,
-    pub exporter: Option<SpanExporter>,
-    pub export_stats: Arc<ExportStats>,
-    pub identity: IdentityKey,
-}
-
-/// Shared state of the app. Cloning is cheap.
-#[derive(Clone)]
-pub struct AppState(pub(crate) Arc<Inner>);
-
-impl AppState {
-    /// Builds the state; with an OTLP endpoint, spawns the export task on
-    /// the current tokio runtime. `public_url` is the resolved base URL.
-    pub fn new(config: &Config, public_url: &str) -> anyhow::Result<Self> {
-        config.validate().map_err(anyhow::Error::msg)?;
-        let export_stats = Arc::new(ExportStats::default());
-        let exporter = match &config.otlp_endpoint {
-            Some(endpoint) => Some(SpanExporter::start(
-                endpoint,
-                config.export_queue_capacity,
-                config.export_timeout,
-                Arc::clone(&export_stats),
-            )?),
-            None => None,
-        };
-        let identity = IdentityKey::load(&config.signing_key)?;
-        let settings = Settings {
-            public_url: public_url.trim_end_matches('/').to_string(),
-            registration_token: config.registration_token.clone(),
-            admin_token: config.admin_token.clone(),
-            contract: config.contract,
-            otel_endpoints: config.otel_endpoints.clone(),
-            otel_audience: config.otel_audience.clone(),
-            sampling_rate: config.sampling_rate,
-            id_token_ttl: config.id_token_ttl,
-            instance_uuid: crate::tokens::instance_uuid(),
-        };
-        Ok(AppState(Arc::new(Inner {
-            settings,
-            store: Mutex::new(Store::new(config.first_id)),
-            exporter,
-            export_stats,
-            identity,
-        })))
-    }
-
-    pub fn settings(&self) -> &Settings {
-        &self.0.settings
-    }
-
-    /// The store. Never hold the guard across an `.await`.
-    pub(crate) fn lock(&self) -> MutexGuard<'_, Store> {
-        self.0
-            .store
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    pub fn export_stats(&self) -> ExportStatsSnapshot {
-        self.0.export_stats.snapshot()
-    }
-
-    pub(crate) fn export(&self, item: Option<crate::export::ExportItem>) {
-        if let (Some(exporter), Some(item)) = (&self.0.exporter, item) {
-            exporter.submit(item);
-        }
-    }
-
-    pub fn identity(&self) -> &IdentityKey {
-        &self.0.identity
-    }
-
-    /// Checks the admin `PRIVATE-TOKEN` (or `Authorization: Bearer`).
-    pub(crate) fn require_admin(&self, headers: &HeaderMap) -> ApiResult<()> {
-        let given = api::header(headers, "private-token").or_else(|| {
-            api::header(headers, "authorization")
-                .and_then(|v| v.strip_prefix("Bearer ").map(str::trim))
-        });
-        match given {
-            Some(token) if token == self.0.settings.admin_token => Ok(()),
-            _ => Err(ApiError::unauthorized()),
-        }
-    }
-}
-
-/// `2026-01-02T03:04:05.678Z`, the way GitLab's API prints times.
-pub fn format_time(t: OffsetDateTime) -> String {
-    let t = t.to_offset(time::UtcOffset::UTC);
-    format!(
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
-        t.year(),
-        u8::from(t.month()),
-        t.day(),
-        t.hour(),
-        t.minute(),
-        t.second(),
-        t.millisecond()
-    )
-}
-
-pub fn now() -> OffsetDateTime {
-    OffsetDateTime::now_utc()
-}
+use crate::export::ExportStatsSnapshot;
 
 async fn log_request(request: Request, next: Next) -> Response {
     let method = request.method().clone();
@@ -178,8 +45,7 @@ async fn health() -> &'static str {
     "GitLab OK"
 }
 
-async fn version(State(state): State<AppState>, headers: HeaderMap) -> ApiResult<Response> {
-    state.require_admin(&headers)?;
+async fn version(_: Admin) -> ApiResult<Response> {
     Ok(axum::Json(serde_json::json!({"version": GITLAB_VERSION, "revision": GITLAB_REVISION, "enterprise": false}))
         .into_response())
 }
@@ -206,111 +72,67 @@ async fn metrics(State(state): State<AppState>) -> String {
     )
 }
 
-/// The whole API.
+/// The whole API, matching paths as GitLab does (see [`gitlab_path`]).
 pub fn app(state: AppState) -> Router {
-    use api::{features, identity, projects, runners};
-    let trace_routes = Router::new()
-        .route("/api/v4/jobs/{id}/trace", patch(runners::patch_trace))
-        .layer(DefaultBodyLimit::max(TRACE_BODY_LIMIT));
-    let artifact_routes = Router::new()
-        .route(
-            "/api/v4/jobs/{id}/artifacts",
-            post(runners::upload_artifacts).get(runners::download_artifacts),
-        )
-        .layer(DefaultBodyLimit::max(ARTIFACT_BODY_LIMIT));
-    Router::new()
+    let routes = Router::new()
         .route("/-/health", get(health))
         .route("/-/liveness", get(health))
         .route("/-/readiness", get(health))
         .route("/-/metrics", get(metrics))
         .route("/api/v4/version", get(version))
-        // Runner API.
-        .route(
-            "/api/v4/runners",
-            post(runners::register).delete(runners::unregister),
-        )
-        .route("/api/v4/runners/verify", post(runners::verify))
-        .route("/api/v4/user/runners", post(runners::create_user_runner))
-        .route("/api/v4/jobs/request", post(runners::request_job))
-        .route("/api/v4/jobs/{id}", put(runners::update_job))
-        .route("/api/v4/job", get(runners::current_job))
-        // Projects, pipelines and jobs.
-        .route(
-            "/api/v4/projects",
-            post(projects::create_project).get(projects::list_projects),
-        )
-        .route("/api/v4/projects/{project}", get(projects::get_project))
-        .route(
-            "/api/v4/projects/{project}/pipeline",
-            post(projects::create_pipeline),
-        )
-        .route(
-            "/api/v4/projects/{project}/pipelines",
-            get(projects::list_pipelines),
-        )
-        .route(
-            "/api/v4/projects/{project}/pipelines/{pipeline}",
-            get(projects::get_pipeline),
-        )
-        .route(
-            "/api/v4/projects/{project}/pipelines/{pipeline}/jobs",
-            get(projects::pipeline_jobs),
-        )
-        .route(
-            "/api/v4/projects/{project}/pipelines/{pipeline}/cancel",
-            post(projects::cancel_pipeline),
-        )
-        .route(
-            "/api/v4/projects/{project}/jobs",
-            get(projects::project_jobs),
-        )
-        .route(
-            "/api/v4/projects/{project}/jobs/{job}",
-            get(projects::get_job),
-        )
-        .route(
-            "/api/v4/projects/{project}/jobs/{job}/trace",
-            get(projects::get_trace),
-        )
-        .route(
-            "/api/v4/projects/{project}/jobs/{job}/artifacts",
-            get(projects::download_artifacts),
-        )
-        .route(
-            "/api/v4/projects/{project}/jobs/{job}/play",
-            post(projects::play_job),
-        )
-        .route(
-            "/api/v4/projects/{project}/jobs/{job}/cancel",
-            post(projects::cancel_job),
-        )
-        // Feature flags.
-        .route("/api/v4/features", get(features::list))
-        .route(
-            "/api/v4/features/{name}",
-            post(features::set).delete(features::remove),
-        )
-        // Identity.
-        .route(
-            "/.well-known/openid-configuration",
-            get(identity::openid_configuration),
-        )
-        .route("/oauth/discovery/keys", get(identity::jwks))
-        .route(
-            "/computeMetadata/v1/instance/service-accounts/default/identity",
-            get(identity::gcp_identity),
-        )
-        .route(
-            "/api/v4/internal/ci/telemetry/auth",
-            post(identity::telemetry_auth),
-        )
+        .merge(api::runners::routes())
+        .merge(api::projects::routes())
+        .merge(api::features::routes())
+        .merge(api::users::routes())
+        .merge(api::identity::routes())
+        // Routes with larger limits set their own, closer to the handler.
         .layer(DefaultBodyLimit::max(JSON_BODY_LIMIT))
-        .merge(trace_routes)
-        .merge(artifact_routes)
+        .merge(api::telemetry::routes(state.clone()))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn(log_request))
-        .with_state(state)
+        .with_state(state);
+    // Paths are normalized before `routes` matches them: a layer of this
+    // outer router runs before its fallback service.
+    Router::new()
+        .fallback_service(routes)
+        .layer(middleware::map_request(normalize_path))
+}
+
+/// Rewrites the request's path the way GitLab (Rails and Grape) matches it.
+async fn normalize_path(mut request: Request) -> Request {
+    if let Some(path) = gitlab_path(request.uri().path()) {
+        let mut parts = request.uri().clone().into_parts();
+        let path_and_query = match request.uri().query() {
+            Some(query) => format!("{path}?{query}"),
+            None => path,
+        };
+        if let Ok(pq) = path_and_query.parse() {
+            parts.path_and_query = Some(pq);
+            if let Ok(uri) = Uri::from_parts(parts) {
+                *request.uri_mut() = uri;
+            }
+        }
+    }
+    request
+}
+
+/// The path GitLab routes for `path`, when it differs: repeated slashes count
+/// as one and a trailing slash is ignored (`POST /api/v4/runners/`,
+/// `/api/v4/features//ci_job_telemetry`). `None`: route `path` as it is.
+pub fn gitlab_path(path: &str) -> Option<String> {
+    if !path.contains("//") && (path.len() <= 1 || !path.ends_with('/')) {
+        return None;
+    }
+    let mut out = String::with_capacity(path.len());
+    for segment in path.split('/').filter(|s| !s.is_empty()) {
+        out.push('/');
+        out.push_str(segment);
+    }
+    if out.is_empty() {
+        out.push('/');
+    }
+    Some(out)
 }
 
 /// A server running in the background of the current tokio runtime.
@@ -445,5 +267,28 @@ fn log_startup(config: &Config, public_url: &str) {
     }
     if config.signing_key == crate::config::SigningKeySource::EmbeddedTestKey {
         tracing::info!("ID tokens are signed with the embedded test-only key");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::gitlab_path;
+
+    #[test]
+    fn paths_are_normalized_as_gitlab_routes_them() {
+        let cases = [
+            ("/api/v4/runners", None),
+            ("/", None),
+            ("/api/v4/runners/", Some("/api/v4/runners")),
+            (
+                "/api/v4/features//ci_job_telemetry",
+                Some("/api/v4/features/ci_job_telemetry"),
+            ),
+            ("//api///v4/user//", Some("/api/v4/user")),
+            ("//", Some("/")),
+        ];
+        for (path, expected) in cases {
+            assert_eq!(gitlab_path(path).as_deref(), expected, "{path}");
+        }
     }
 }

@@ -40,6 +40,23 @@
 //! them: they belong to the static collector). The static endpoint is the
 //! fallback for contract v1.
 //!
+//! # Job logs (opt-in)
+//!
+//! Log records of the job log ([`crate::logs`]) are exported when
+//! `logs = true` in `[runners.telemetry]`, the `--telemetry-logs` flag, or
+//! [`CI_TELEMETRY_LOGS`]`=true` says so (any of them). Their endpoint:
+//!
+//! 1. [`OTEL_EXPORTER_OTLP_LOGS_ENDPOINT`], as-is;
+//! 2. [`OTEL_EXPORTER_OTLP_ENDPOINT`], with `/v1/logs` appended for HTTP;
+//! 3. the traces endpoint's collector: for HTTP its URL with a final
+//!    `/v1/traces` replaced by `/v1/logs` (or `/v1/logs` appended to its
+//!    path), for gRPC the same URL.
+//!
+//! The protocol is [`OTEL_EXPORTER_OTLP_LOGS_PROTOCOL`], then
+//! [`OTEL_EXPORTER_OTLP_PROTOCOL`], then the traces endpoint's; the headers
+//! are the traces endpoint's. A contract v2 payload's endpoints get the
+//! job's records too, at [`logs_url`] of each.
+//!
 //! # Connection string grammar
 //!
 //! ```text
@@ -63,8 +80,14 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::negotiate::Transport;
+use crate::negotiate::{NegotiationOptions, Transport};
 
+/// Logs endpoint, used as-is.
+pub const OTEL_EXPORTER_OTLP_LOGS_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT";
+/// Logs protocol, `http/protobuf` or `grpc`.
+pub const OTEL_EXPORTER_OTLP_LOGS_PROTOCOL: &str = "OTEL_EXPORTER_OTLP_LOGS_PROTOCOL";
+/// `true` exports job logs as OTLP log records (opt-in).
+pub const CI_TELEMETRY_LOGS: &str = "CI_TELEMETRY_LOGS";
 /// Generic OTLP endpoint (all signals); `/v1/traces` is appended for HTTP.
 pub const OTEL_EXPORTER_OTLP_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
 /// Traces endpoint, used as-is.
@@ -176,6 +199,9 @@ pub struct TelemetrySettings {
     /// `true` switches telemetry off for every job of this runner.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub disabled: bool,
+    /// `true` exports the job log as OTLP log records too.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub logs: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
     /// `http/protobuf` or `grpc`.
@@ -237,9 +263,8 @@ pub enum ByteSizeValue {
 impl ByteSizeValue {
     pub fn to_bytes(&self) -> Result<usize, ConfigError> {
         match self {
-            ByteSizeValue::Bytes(n) => {
-                usize::try_from(*n).map_err(|_| ConfigError(format!("`{n}` bytes is too large")))
-            }
+            ByteSizeValue::Bytes(n) => usize::try_from(*n)
+                .map_err(|_| ConfigError::Invalid(format!("`{n}` bytes is too large"))),
             ByteSizeValue::Text(text) => parse_byte_size(text),
         }
     }
@@ -249,7 +274,7 @@ impl ByteSizeValue {
 pub fn parse_byte_size(text: &str) -> Result<usize, ConfigError> {
     let text = text.trim();
     let invalid = || {
-        ConfigError(format!(
+        ConfigError::Invalid(format!(
             "`{text}` is not a size (e.g. 32MiB, 512KiB, 1000000)"
         ))
     };
@@ -293,13 +318,14 @@ impl DurationValue {
 
 fn seconds(s: f64) -> Result<Duration, ConfigError> {
     Duration::try_from_secs_f64(s)
-        .map_err(|_| ConfigError(format!("`{s}` is not a valid number of seconds")))
+        .map_err(|_| ConfigError::Invalid(format!("`{s}` is not a valid number of seconds")))
 }
 
 /// Parses `"500ms"`, `"10s"`, `"2m"`, or a bare number of seconds.
 pub fn parse_duration(text: &str) -> Result<Duration, ConfigError> {
     let text = text.trim();
-    let invalid = || ConfigError(format!("`{text}` is not a duration (e.g. 500ms, 5s, 1m)"));
+    let invalid =
+        || ConfigError::Invalid(format!("`{text}` is not a duration (e.g. 500ms, 5s, 1m)"));
     let (number, unit) = match text.find(|c: char| c.is_ascii_alphabetic()) {
         Some(i) => text.split_at(i),
         None => (text, "s"),
@@ -314,10 +340,24 @@ pub fn parse_duration(text: &str) -> Result<Duration, ConfigError> {
     seconds(secs).map_err(|_| invalid())
 }
 
-/// A configuration error, shown to the operator as one line.
+/// A configuration error, shown to the operator as one line. A caller can
+/// tell a bad value from a file it names that cannot be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct ConfigError(pub String);
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A value that is not valid; the message names the key and the value
+    /// (never a secret).
+    #[error("{0}")]
+    Invalid(String),
+    /// A file the configuration names (`ca_file`) cannot be read.
+    #[error("{key}: cannot read `{}`: {message}", path.display())]
+    Unreadable {
+        key: &'static str,
+        path: PathBuf,
+        kind: std::io::ErrorKind,
+        message: String,
+    },
+}
 
 /// Command-line overrides; they win over everything.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -326,6 +366,8 @@ pub struct TelemetryOverrides {
     pub protocol: Option<String>,
     pub flush_timeout: Option<Duration>,
     pub disabled: bool,
+    /// `--telemetry-logs`.
+    pub logs: bool,
 }
 
 /// The resolved static export configuration of one runner.
@@ -351,6 +393,13 @@ pub struct ExportSettings {
     pub gcp_metadata_url: String,
     /// Values ignored on the way, to be logged once at start.
     pub warnings: Vec<String>,
+    /// How this runner negotiates a job's telemetry (the old-GitLab trace ID
+    /// fallback); not read from `[runners.telemetry]`: the runner sets it
+    /// (`--derive-trace-id-from-pipeline`).
+    pub negotiation: NegotiationOptions,
+    /// Where the job logs' records go (contract v1), `None` when log export
+    /// is off.
+    pub logs: Option<StaticEndpoint>,
 }
 
 /// Limits of the runner-wide export buffer and the retry schedule.
@@ -396,7 +445,7 @@ impl fmt::Debug for StaticEndpoint {
         let names: Vec<&str> = self.headers.iter().map(|(k, _)| k.as_str()).collect();
         f.debug_struct("StaticEndpoint")
             .field("transport", &self.transport)
-            .field("url", &self.url)
+            .field("url", &crate::secrets::strip_credentials(&self.url))
             .field("headers", &names)
             .finish()
     }
@@ -404,7 +453,12 @@ impl fmt::Debug for StaticEndpoint {
 
 impl fmt::Display for StaticEndpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}+{}", self.transport, self.url)
+        write!(
+            f,
+            "{}+{}",
+            self.transport,
+            crate::secrets::strip_credentials(&self.url)
+        )
     }
 }
 
@@ -426,6 +480,8 @@ impl Default for ExportSettings {
             bearer_token_file: None,
             gcp_metadata_url: DEFAULT_GCP_METADATA_URL.to_string(),
             warnings: Vec::new(),
+            negotiation: NegotiationOptions::default(),
+            logs: None,
         }
     }
 }
@@ -444,7 +500,7 @@ pub struct ConnectionString {
 
 /// Parses a connection string (grammar in the module documentation).
 pub fn parse_connection_string(text: &str) -> Result<ConnectionString, ConfigError> {
-    let err = |why: &str| ConfigError(format!("connection string: {why}"));
+    let err = |why: &str| ConfigError::Invalid(format!("connection string: {why}"));
     let url = url::Url::parse(text.trim()).map_err(|e| err(&format!("invalid URL: {e}")))?;
     let tls = match url.scheme() {
         "otlp" => false,
@@ -582,7 +638,9 @@ pub fn resolve(
 
     // Protocol.
     let explicit_protocol = match overrides.protocol.as_deref().or(file.protocol.as_deref()) {
-        Some(p) => Some(parse_protocol(p).map_err(|e| ConfigError(format!("protocol: {e}")))?),
+        Some(p) => {
+            Some(parse_protocol(p).map_err(|e| ConfigError::Invalid(format!("protocol: {e}")))?)
+        }
         None => None,
     };
     let mut env_protocol = |name: &str| {
@@ -654,7 +712,7 @@ pub fn resolve(
     let export_timeout = match &file.timeout {
         Some(t) => t
             .to_duration()
-            .map_err(|e| ConfigError(format!("timeout: {e}")))?,
+            .map_err(|e| ConfigError::Invalid(format!("timeout: {e}")))?,
         None => connection
             .as_ref()
             .and_then(|c| c.timeout)
@@ -666,17 +724,20 @@ pub fn resolve(
         (Some(t), _) => t,
         (None, Some(t)) => t
             .to_duration()
-            .map_err(|e| ConfigError(format!("flush_timeout: {e}")))?,
+            .map_err(|e| ConfigError::Invalid(format!("flush_timeout: {e}")))?,
         (None, None) => env_var(env, CI_TELEMETRY_FLUSH_TIMEOUT)
-            .and_then(|v| match v.trim().parse::<f64>() {
-                Ok(secs) if secs.is_finite() && secs >= 0.0 => Some(Duration::from_secs_f64(secs)),
-                _ => {
-                    warnings.push(format!(
+            .and_then(
+                |v| match v.trim().parse::<f64>().map(Duration::try_from_secs_f64) {
+                    // Too large or negative values fall through to the warning.
+                    Ok(Ok(duration)) => Some(duration),
+                    _ => {
+                        warnings.push(format!(
                         "ignored {CI_TELEMETRY_FLUSH_TIMEOUT}: `{v}` is not a number of seconds"
                     ));
-                    None
-                }
-            })
+                        None
+                    }
+                },
+            )
             .unwrap_or(DEFAULT_FLUSH_TIMEOUT),
     };
 
@@ -704,7 +765,7 @@ pub fn resolve(
             .map(PathBuf::from),
     };
     if let Some(path) = &ca_file {
-        check_ca_file(path).map_err(|e| ConfigError(format!("ca_file: {e}")))?;
+        check_ca_file(path)?;
     }
     let bearer_token_file = file
         .bearer_token_file
@@ -718,10 +779,11 @@ pub fn resolve(
         .filter(|u| !u.trim().is_empty())
     {
         Some(url) => {
-            let parsed = url::Url::parse(url.trim())
-                .map_err(|e| ConfigError(format!("gcp_metadata_url `{url}` is not a URL: {e}")))?;
+            let parsed = url::Url::parse(url.trim()).map_err(|e| {
+                ConfigError::Invalid(format!("gcp_metadata_url `{url}` is not a URL: {e}"))
+            })?;
             if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
-                return Err(ConfigError(format!(
+                return Err(ConfigError::Invalid(format!(
                     "gcp_metadata_url `{url}` must be an http:// or https:// URL with a host"
                 )));
             }
@@ -744,23 +806,89 @@ pub fn resolve(
         },
     };
 
+    let endpoint = StaticEndpoint {
+        transport,
+        url,
+        headers,
+    };
+    let logs_on = overrides.logs
+        || file.logs
+        || env_var(env, CI_TELEMETRY_LOGS).is_some_and(|v| {
+            matches!(v.trim().to_ascii_lowercase().as_str(), "true" | "1" | "yes")
+        });
+    let logs = match logs_on {
+        true => Some(resolve_logs_endpoint(&endpoint, env, &mut warnings)?),
+        false => None,
+    };
     Ok(ExportSettings {
         enabled: !(overrides.disabled || file.disabled),
         service_name,
         flush_timeout,
         export_timeout,
-        endpoint: StaticEndpoint {
-            transport,
-            url,
-            headers,
-        },
+        endpoint,
+        logs,
         buffer,
         shutdown_timeout,
         ca_file,
         bearer_token_file,
         gcp_metadata_url,
         warnings,
+        negotiation: NegotiationOptions::default(),
     })
+}
+
+/// The logs endpoint (see the module docs), given the traces endpoint.
+fn resolve_logs_endpoint(
+    traces: &StaticEndpoint,
+    env: &dyn Env,
+    warnings: &mut Vec<String>,
+) -> Result<StaticEndpoint, ConfigError> {
+    let mut env_protocol = |name: &str| {
+        let value = env_var(env, name)?;
+        match parse_protocol(&value) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                warnings.push(format!("ignored {name}: {e}"));
+                None
+            }
+        }
+    };
+    let transport = env_protocol(OTEL_EXPORTER_OTLP_LOGS_PROTOCOL)
+        .or_else(|| env_protocol(OTEL_EXPORTER_OTLP_PROTOCOL))
+        .unwrap_or(traces.transport);
+    let url = if let Some(endpoint) = env_var(env, OTEL_EXPORTER_OTLP_LOGS_ENDPOINT) {
+        endpoint
+    } else if let Some(endpoint) = env_var(env, OTEL_EXPORTER_OTLP_ENDPOINT) {
+        match transport {
+            Transport::HttpProtobuf => format!("{}/v1/logs", endpoint.trim_end_matches('/')),
+            Transport::Grpc => endpoint,
+        }
+    } else {
+        logs_url(transport, &traces.url)
+    };
+    let url = validate_endpoint(transport, url.trim())
+        .map_err(|e| ConfigError::Invalid(format!("logs endpoint: {e}")))?;
+    Ok(StaticEndpoint {
+        transport,
+        url,
+        headers: traces.headers.clone(),
+    })
+}
+
+/// The logs URL of the collector whose traces URL is `traces_url`: for HTTP,
+/// a final `/v1/traces` becomes `/v1/logs` (else `/v1/logs` is appended to
+/// the path); gRPC URLs are the same for every signal.
+pub fn logs_url(transport: Transport, traces_url: &str) -> String {
+    match transport {
+        Transport::Grpc => traces_url.to_string(),
+        Transport::HttpProtobuf => {
+            let url = traces_url.trim_end_matches('/');
+            match url.strip_suffix("/v1/traces") {
+                Some(base) => format!("{base}/v1/logs"),
+                None => format!("{url}/v1/logs"),
+            }
+        }
+    }
 }
 
 /// A duration from the file (an error when invalid) or else from the
@@ -777,7 +905,7 @@ fn file_or_env_duration(
         return value
             .to_duration()
             .map(Some)
-            .map_err(|e| ConfigError(format!("{key}: {e}")));
+            .map_err(|e| ConfigError::Invalid(format!("{key}: {e}")));
     }
     let Some(text) = env_var(env, name) else {
         return Ok(None);
@@ -798,7 +926,7 @@ fn resolve_buffer(
 ) -> Result<BufferSettings, ConfigError> {
     let max_spans = match file.buffer_max_spans {
         Some(n) => usize::try_from(n)
-            .map_err(|_| ConfigError(format!("buffer_max_spans: `{n}` is too large")))?,
+            .map_err(|_| ConfigError::Invalid(format!("buffer_max_spans: `{n}` is too large")))?,
         None => match env_var(env, CI_TELEMETRY_BUFFER_MAX_SPANS) {
             Some(text) => match text.trim().parse::<usize>() {
                 Ok(n) => n,
@@ -815,7 +943,7 @@ fn resolve_buffer(
     let max_bytes = match &file.buffer_max_bytes {
         Some(value) => value
             .to_bytes()
-            .map_err(|e| ConfigError(format!("buffer_max_bytes: {e}")))?,
+            .map_err(|e| ConfigError::Invalid(format!("buffer_max_bytes: {e}")))?,
         None => match env_var(env, CI_TELEMETRY_BUFFER_MAX_BYTES) {
             Some(text) => match parse_byte_size(&text) {
                 Ok(n) => n,
@@ -845,7 +973,7 @@ fn resolve_buffer(
     )?
     .unwrap_or(DEFAULT_RETRY_MAX_BACKOFF);
     if initial_backoff.is_zero() {
-        return Err(ConfigError(
+        return Err(ConfigError::Invalid(
             "retry_initial_backoff must be above zero".into(),
         ));
     }
@@ -860,31 +988,41 @@ fn resolve_buffer(
 
 /// Reads a CA file and checks that it holds at least one PEM certificate.
 /// The error names the file, never its content.
-pub fn check_ca_file(path: &std::path::Path) -> Result<usize, String> {
-    let pem = std::fs::read(path).map_err(|e| format!("cannot read `{}`: {e}", path.display()))?;
+pub fn check_ca_file(path: &std::path::Path) -> Result<usize, ConfigError> {
+    let pem = std::fs::read(path).map_err(|e| ConfigError::Unreadable {
+        key: "ca_file",
+        path: path.to_path_buf(),
+        kind: e.kind(),
+        message: e.to_string(),
+    })?;
     let count = pem
         .split(|b| *b == b'\n')
         .filter(|line| line.starts_with(b"-----BEGIN CERTIFICATE-----"))
         .count();
     if count == 0 {
-        return Err(format!("`{}` holds no PEM certificate", path.display()));
+        return Err(ConfigError::Invalid(format!(
+            "ca_file: `{}` holds no PEM certificate",
+            path.display()
+        )));
     }
     Ok(count)
 }
 
 fn validate_endpoint(transport: Transport, url: &str) -> Result<String, ConfigError> {
     let parsed = url::Url::parse(url)
-        .map_err(|e| ConfigError(format!("endpoint `{url}` is not a URL: {e}")))?;
+        .map_err(|e| ConfigError::Invalid(format!("endpoint `{url}` is not a URL: {e}")))?;
     match parsed.scheme() {
         "http" | "https" => {}
         other => {
-            return Err(ConfigError(format!(
+            return Err(ConfigError::Invalid(format!(
                 "endpoint `{url}`: unsupported scheme `{other}` for {transport}"
             )))
         }
     }
     if parsed.host_str().is_none_or(str::is_empty) {
-        return Err(ConfigError(format!("endpoint `{url}` has no host")));
+        return Err(ConfigError::Invalid(format!(
+            "endpoint `{url}` has no host"
+        )));
     }
     Ok(url.to_string())
 }
@@ -1134,6 +1272,8 @@ mod tests {
             &[(CI_TELEMETRY_FLUSH_TIMEOUT, "600")],
             &format!("{ep} headers=[] timeout=10s flush=600s service=gitlab-ci-runner"),
         );
+        // Too many seconds for a Duration: ignored, not a panic.
+        check("", none(), &[(CI_TELEMETRY_FLUSH_TIMEOUT, "1e300")], &format!("{ep} headers=[] timeout=10s flush=5s service=gitlab-ci-runner warning=(ignored CI_TELEMETRY_FLUSH_TIMEOUT: `1e300` is not a number of seconds)"));
         check(
             "flush_timeout = 2",
             none(),
@@ -1353,6 +1493,23 @@ mod tests {
                 not_pem.display()
             ),
         );
+        // A caller tells an unreadable file from a bad value by the variant.
+        let unreadable = check_ca_file(std::path::Path::new("/nonexistent/ca.pem")).unwrap_err();
+        assert!(
+            matches!(
+                unreadable,
+                ConfigError::Unreadable {
+                    key: "ca_file",
+                    kind: std::io::ErrorKind::NotFound,
+                    ..
+                }
+            ),
+            "{unreadable:?}"
+        );
+        assert!(matches!(
+            check_ca_file(&not_pem),
+            Err(ConfigError::Invalid(_))
+        ));
     }
 
     proptest::proptest! {

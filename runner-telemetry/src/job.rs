@@ -1,6 +1,7 @@
 //! The spans of one job: `job_execution`, child of the payload's remote span,
 //! and the children that later phases hang under it (stage spans in Phase 2,
-//! CI Function spans in Phase 3) through [`JobTelemetry::child`].
+//! CI Function spans in Phase 3) through [`JobTelemetry::child`]. Names,
+//! attributes and limits: `docs/contract.md` §2.
 //!
 //! Limits (the design's): at most [`MAX_SPANS_PER_JOB`] spans per job,
 //! `job_execution` included; children asked for past the cap are not created,
@@ -33,8 +34,9 @@ use opentelemetry_sdk::trace::{
 };
 use opentelemetry_sdk::Resource;
 
-use crate::export::{ExportPipeline, FlushReport, SpanSink};
+use crate::export::{ExportPipeline, FlushReport, ResourceBlock, ScopeBlock, SpanSink};
 use crate::keys;
+use crate::logs::{JobLogs, JobLogsStart, SpanStack, CI_TELEMETRY_DROPPED_LOG_RECORDS};
 use crate::negotiate::TraceContext;
 use crate::secrets::{mask_attribute, mask_text, strip_credentials};
 
@@ -393,6 +395,10 @@ struct ActiveJob {
     budget: AttributeBudget,
     spans: Arc<SpanCounter>,
     secrets: Secrets,
+    /// The open spans, for the log records' `SpanId`.
+    stack: Arc<SpanStack>,
+    /// Log records, when the runner exports the job log.
+    logs: Option<JobLogs>,
 }
 
 impl std::fmt::Debug for JobTelemetry {
@@ -413,6 +419,8 @@ pub struct JobTelemetryStart<'a> {
     /// When the job really started (it may be earlier than now).
     pub start_time: SystemTime,
     pub sinks: Vec<Box<dyn SpanSink>>,
+    /// Where the job's log records go; empty when log export is off.
+    pub log_sinks: Vec<Box<dyn SpanSink>>,
 }
 
 impl JobTelemetry {
@@ -470,6 +478,11 @@ impl JobTelemetry {
         self.with_active("mask_secrets", |a| a.secrets = Arc::new(secrets));
     }
 
+    /// The job's log records, when log export is on for this job.
+    pub fn logs(&self) -> Option<JobLogs> {
+        self.active.as_ref()?.logs.clone()
+    }
+
     /// Children not created because the job reached [`MAX_SPANS_PER_JOB`].
     pub fn dropped_spans(&self) -> usize {
         self.active
@@ -499,7 +512,8 @@ impl JobTelemetry {
         let child = self
             .with_active("child", |a| {
                 start_child(
-                    &a.tracer, &a.spans, &a.secrets, &a.context, name, attributes, start_time,
+                    &a.tracer, &a.spans, &a.secrets, &a.stack, &a.context, name, attributes,
+                    start_time,
                 )
             })
             .flatten();
@@ -522,10 +536,12 @@ impl JobTelemetry {
             mut budget,
             spans,
             secrets,
+            logs,
             ..
         } = active;
         let ended = guarded(job_id, "finish", || {
             let span = context.span();
+            let dropped_log_records = logs.as_ref().map(|l| l.finish(end_time));
             let dropped = spans.dropped.load(Ordering::SeqCst);
             if dropped > 0 {
                 tracing::warn!(
@@ -537,6 +553,14 @@ impl JobTelemetry {
                 keys::CI_TELEMETRY_DROPPED_SPANS,
                 dropped as i64,
             ));
+            if let Some(n) = dropped_log_records {
+                if n > 0 {
+                    tracing::warn!(
+                        "job={job_id} {n} log records of the job were not exported (counted on job_execution as `{CI_TELEMETRY_DROPPED_LOG_RECORDS}`)"
+                    );
+                }
+                attributes.push(KeyValue::new(CI_TELEMETRY_DROPPED_LOG_RECORDS, n as i64));
+            }
             let attributes = attributes.into_iter().map(|a| mask_attribute(a, &secrets));
             span.set_attributes(budget.admit_all(attributes));
             let status = match outcome {
@@ -564,12 +588,14 @@ impl JobTelemetry {
                 job_id,
                 pipeline,
                 deadline_cap: Some(Duration::ZERO),
+                logs,
             });
         }
         Some(PendingFlush {
             job_id,
             pipeline,
             deadline_cap: None,
+            logs,
         })
     }
 
@@ -591,8 +617,10 @@ fn start_active(start: JobTelemetryStart<'_>, runtime: &tokio::runtime::Handle) 
         service_name,
         start_time,
         sinks,
+        log_sinks,
     } = start;
     let resource = job_resource(service_name, job, runner);
+    let resource_block = (!log_sinks.is_empty()).then(|| Arc::new(ResourceBlock::new(&resource)));
     let (processor, pipeline) = ExportPipeline::start(sinks, &resource, runtime);
     let provider = SdkTracerProvider::builder()
         .with_resource(resource)
@@ -619,9 +647,26 @@ fn start_active(start: JobTelemetryStart<'_>, runtime: &tokio::runtime::Handle) 
         .with_start_time(start_time)
         .with_attributes(budget.admit_all(job_attributes(job, runner)))
         .start_with_context(&tracer, &parent);
+    let root = opentelemetry::trace::Span::span_context(&span).clone();
     let context = Context::new().with_span(span);
     let spans = Arc::new(SpanCounter::default());
     spans.acquire();
+    let stack = Arc::new(SpanStack::new(root.trace_id(), root.span_id()));
+    let logs = resource_block.map(|resource| {
+        JobLogs::start(JobLogsStart {
+            sinks: log_sinks,
+            resource,
+            scope: Arc::new(ScopeBlock::new(
+                &InstrumentationScope::builder(SCOPE_NAME)
+                    .with_version(SCOPE_VERSION)
+                    .build(),
+            )),
+            spans: stack.clone(),
+            job_id: job.job_id,
+            pipeline_id: job.pipeline_id,
+            project_id: job.project_id,
+        })
+    });
     ActiveJob {
         provider,
         tracer,
@@ -630,14 +675,20 @@ fn start_active(start: JobTelemetryStart<'_>, runtime: &tokio::runtime::Handle) 
         budget,
         spans,
         secrets: Arc::new(Vec::new()),
+        stack,
+        logs,
     }
 }
 
 /// Starts a child of `parent` if the job's span cap allows it.
+// The job's shared state (cap, secrets, open spans) as three arguments: a
+// struct for them would touch every caller for no clarity gained.
+#[allow(clippy::too_many_arguments)]
 fn start_child(
     tracer: &SdkTracer,
     spans: &Arc<SpanCounter>,
     secrets: &Secrets,
+    stack: &Arc<SpanStack>,
     parent: &Context,
     name: Cow<'static, str>,
     attributes: Vec<KeyValue>,
@@ -654,12 +705,16 @@ fn start_child(
         .with_start_time(start_time)
         .with_attributes(budget.admit_all(attributes))
         .start_with_context(tracer, parent);
+    let span_id = opentelemetry::trace::Span::span_context(&span).span_id();
+    stack.push(span_id);
     Some(ChildInner {
         tracer: tracer.clone(),
         context: Context::new().with_span(span),
         budget,
         spans: spans.clone(),
         secrets: secrets.clone(),
+        stack: stack.clone(),
+        span_id,
     })
 }
 
@@ -730,7 +785,7 @@ pub fn job_attributes(job: &JobSpanInfo, runner: &RunnerIdentity) -> Vec<KeyValu
     if let Some(url) = &job.job_url {
         a.push(KeyValue::new(
             keys::CICD_PIPELINE_TASK_RUN_URL_FULL,
-            url.clone(),
+            strip_credentials(url),
         ));
     }
     a
@@ -785,6 +840,15 @@ struct ChildInner {
     budget: AttributeBudget,
     spans: Arc<SpanCounter>,
     secrets: Secrets,
+    stack: Arc<SpanStack>,
+    span_id: SpanId,
+}
+
+impl Drop for ChildInner {
+    fn drop(&mut self) {
+        // Lines printed from now on belong to the parent again.
+        self.stack.remove(self.span_id);
+    }
 }
 
 impl std::fmt::Debug for ChildSpan {
@@ -841,6 +905,7 @@ impl ChildSpan {
                     &c.tracer,
                     &c.spans,
                     &c.secrets,
+                    &c.stack,
                     &c.context,
                     name,
                     attributes,
@@ -892,6 +957,7 @@ pub struct PendingFlush {
     pipeline: ExportPipeline,
     /// Set when finishing panicked: flush with this deadline at most.
     deadline_cap: Option<Duration>,
+    logs: Option<JobLogs>,
 }
 
 impl PendingFlush {
@@ -906,8 +972,26 @@ impl PendingFlush {
             Some(cap) => deadline.min(cap),
             None => deadline,
         };
-        self.pipeline.flush(deadline).await
+        let Some(logs) = self.logs else {
+            return self.pipeline.flush(deadline).await;
+        };
+        let logs_flush = async {
+            let account = logs.account().clone();
+            account.flush(deadline).await
+        };
+        let (mut report, logs_report) =
+            futures_join(self.pipeline.flush(deadline), logs_flush).await;
+        report.log_records = Some(Box::new(logs_report));
+        report
     }
+}
+
+/// Both futures, concurrently.
+async fn futures_join<A, B>(
+    a: impl std::future::Future<Output = A>,
+    b: impl std::future::Future<Output = B>,
+) -> (A, B) {
+    tokio::join!(a, b)
 }
 
 #[cfg(test)]

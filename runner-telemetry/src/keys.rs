@@ -1,5 +1,6 @@
 //! Attribute keys of runner spans: GitLab's `ci.*` names (what the backend's
-//! views read) and the OpenTelemetry CI/CD semantic-convention equivalents.
+//! views read) and the OpenTelemetry CI/CD semantic-convention equivalents
+//! (`docs/contract.md` §2).
 
 pub const SERVICE_VERSION: &str = "service.version";
 

@@ -7,6 +7,11 @@
 //! these together per runner. The reference runner (`ci-runner`, its own
 //! crate) embeds this library through its public API only.
 //!
+//! Errors are typed: [`ConfigError`] (a bad value, or a file that cannot be
+//! read), [`SetupError`] (an export target that cannot be used),
+//! [`DisabledReason`] with [`SkipReason`] and [`RunnerReason`] (why a job's
+//! telemetry is off).
+//!
 //! **Architecture Invariant:** `runner-telemetry` knows nothing about
 //! ClickHouse; it speaks OTLP and the GitLab job API, nothing else.
 
@@ -14,16 +19,20 @@ pub mod config;
 pub mod export;
 pub mod job;
 pub mod keys;
+pub mod logs;
 pub mod metrics;
 pub mod negotiate;
 pub mod secrets;
 pub mod telemetry;
 
-pub use config::{ExportSettings, TelemetryOverrides, TelemetrySettings};
+pub use config::{ConfigError, ExportSettings, TelemetryOverrides, TelemetrySettings};
 pub use export::{DropReason, ExportHub};
-pub use export::{ExportTarget, ExporterFactory, FlushReport, SpanSink};
+pub use export::{ExportTarget, FlushReport, SetupError, SpanSink};
 pub use job::{
     ChildSpan, JobOutcome, JobSpanInfo, JobTelemetry, PendingFlush, RunnerIdentity, SpanOutcome,
 };
-pub use negotiate::{negotiate, DisabledReason, Negotiation, TelemetryPlan, TraceContext};
+pub use negotiate::{
+    negotiate, negotiate_with, DisabledReason, Negotiation, NegotiationOptions, RunnerReason,
+    SkipReason, TelemetryPlan, TraceContext,
+};
 pub use telemetry::RunnerTelemetry;

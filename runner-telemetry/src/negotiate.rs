@@ -1,9 +1,9 @@
 //! Telemetry negotiation: from a job payload, decide whether this job emits
 //! telemetry and where its spans hang.
 //!
-//! Two contracts are accepted (see `shared/notes/contract.md`):
+//! Two contracts are accepted (`docs/contract.md` §1):
 //!
-//! * **v1** (the seeds): `features.job_telemetry == true` plus a top-level
+//! * **v1** (the first design): `features.job_telemetry == true` plus a top-level
 //!   `trace_context {trace_id, parent_span_id}`. Spans go to the runner
 //!   manager's static endpoint (see [`crate::config`]).
 //! * **v2** (GitLab Runner today): `features.tracing {trace_id,
@@ -24,7 +24,8 @@
 //! one-line [`DisabledReason`]; negotiation never panics and never fails the
 //! job.
 //!
-//! **Fallback for old GitLab** (opt-in, [`NegotiationOptions`]): a v1 payload
+//! **Fallback for old GitLab** (opt-in, [`NegotiationOptions`], carried by
+//! [`crate::config::ExportSettings::negotiation`]): a v1 payload
 //! with `features.job_telemetry: true` but no `trace_context` (a GitLab that
 //! predates it) can still be traced: the trace ID is derived with the Rails
 //! formula, `format!("{:032x}", root_pipeline_id)` (`job_info.root_pipeline_id`
@@ -37,7 +38,6 @@
 //! `trace_context` is present but invalid is still disabled (that is a bad
 //! payload, not an old GitLab).
 
-use std::cell::Cell;
 use std::fmt;
 
 use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceId, TraceState};
@@ -92,8 +92,8 @@ pub enum DisabledReason {
     /// v2: every endpoint was skipped; the reasons are joined.
     AllEndpointsSkipped(Vec<SkippedEndpoint>),
     /// Decided by the runner rather than the payload (configuration, a failed
-    /// exporter build, a caught panic).
-    Runner(String),
+    /// exporter build).
+    Runner(RunnerReason),
 }
 
 impl fmt::Display for DisabledReason {
@@ -312,8 +312,7 @@ impl fmt::Display for Transport {
 pub enum EndpointAuth {
     None,
     /// `http_bearer_gcp_oidc`: a GCP ID token for `audience` as a bearer
-    /// token. Token acquisition comes with issue 6; until then the exporter
-    /// sends no credentials and says so in the log.
+    /// token, fetched and cached per audience by [`crate::export::auth`].
     HttpBearerGcpOidc {
         audience: String,
     },
@@ -333,7 +332,12 @@ pub struct PayloadEndpoint {
 
 impl fmt::Display for PayloadEndpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}+{}", self.transport, self.url)?;
+        write!(
+            f,
+            "{}+{}",
+            self.transport,
+            crate::secrets::strip_credentials(&self.url)
+        )?;
         if let EndpointAuth::HttpBearerGcpOidc { .. } = self.auth {
             write!(f, "(auth=http_bearer_gcp_oidc)")?;
         }
@@ -346,7 +350,52 @@ impl fmt::Display for PayloadEndpoint {
 pub struct SkippedEndpoint {
     /// Index in `otel_endpoints`.
     pub index: usize,
-    pub reason: String,
+    pub reason: SkipReason,
+}
+
+/// Why a payload endpoint was not used (shown after `otel_endpoints[i] `).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SkipReason {
+    #[error("is not an object")]
+    NotObject,
+    #[error("has no url")]
+    NoUrl,
+    #[error("url is not a string")]
+    UrlNotString,
+    #[error("url is invalid: {0}")]
+    InvalidUrl(String),
+    #[error("has unsupported scheme `{0}`")]
+    UnsupportedScheme(String),
+    #[error("url has no host")]
+    NoHost,
+    #[error("url carries credentials")]
+    Credentials,
+    #[error("auth is not an object")]
+    AuthNotObject,
+    #[error("auth.type is not a string")]
+    AuthTypeNotString,
+    #[error("auth http_bearer_gcp_oidc has no audience")]
+    NoAudience,
+    #[error("has unsupported auth type `{0}`")]
+    UnsupportedAuthType(String),
+    #[error("is beyond the limit of {0} endpoints")]
+    BeyondLimit(usize),
+}
+
+/// Why the runner, not the payload, disabled a job's telemetry.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RunnerReason {
+    /// `disabled` in the runner's configuration.
+    #[error("telemetry is disabled in the runner configuration")]
+    Configured,
+    /// Every endpoint failed to set up.
+    #[error("no exporter could be built: {}", .0.iter().map(|e| format!("skipped=[{e}]")).collect::<Vec<_>>().join(" "))]
+    NoExporter(Vec<crate::export::error::SetupError>),
+    /// The SDK did not start the job span.
+    #[error("the job span could not be started")]
+    SpanNotStarted,
 }
 
 impl fmt::Display for SkippedEndpoint {
@@ -362,32 +411,10 @@ pub struct NegotiationOptions {
     pub derive_trace_id_from_pipeline: bool,
 }
 
-thread_local! {
-    static SCOPED_OPTIONS: Cell<NegotiationOptions> = const {
-        Cell::new(NegotiationOptions { derive_trace_id_from_pipeline: false })
-    };
-}
-
-/// Runs `f` with `options` in force for every [`negotiate`] call it makes on
-/// this thread (synchronously), then restores the previous options, also
-/// when `f` panics. This is how the reference runner hands its per-runner
-/// options to negotiation done deep inside
-/// [`crate::telemetry::RunnerTelemetry::start_job`].
-pub fn with_options<T>(options: NegotiationOptions, f: impl FnOnce() -> T) -> T {
-    struct Restore(NegotiationOptions);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            SCOPED_OPTIONS.with(|o| o.set(self.0));
-        }
-    }
-    let _restore = Restore(SCOPED_OPTIONS.with(|o| o.replace(options)));
-    f()
-}
-
-/// Decides telemetry for one job payload, with the options in force (see
-/// [`with_options`]; default: none). Never panics.
+/// Decides telemetry for one job payload with the default options (no
+/// old-GitLab fallback). Never panics.
 pub fn negotiate(payload: &Value) -> Negotiation {
-    negotiate_with(payload, SCOPED_OPTIONS.with(Cell::get))
+    negotiate_with(payload, NegotiationOptions::default())
 }
 
 /// Decides telemetry for one job payload with explicit options. Never
@@ -523,7 +550,7 @@ fn negotiate_v2(tracing: &Object) -> Result<TelemetryPlan, DisabledReason> {
         match payload_endpoint(entry) {
             Ok(_) if endpoints.len() == MAX_PAYLOAD_ENDPOINTS => skipped.push(SkippedEndpoint {
                 index,
-                reason: format!("is beyond the limit of {MAX_PAYLOAD_ENDPOINTS} endpoints"),
+                reason: SkipReason::BeyondLimit(MAX_PAYLOAD_ENDPOINTS),
             }),
             Ok(endpoint) => endpoints.push(endpoint),
             Err(reason) => skipped.push(SkippedEndpoint { index, reason }),
@@ -571,14 +598,14 @@ fn string_field<'a>(
     }
 }
 
-fn payload_endpoint(entry: &Value) -> Result<PayloadEndpoint, String> {
-    let entry = entry.as_object().ok_or("is not an object")?;
+fn payload_endpoint(entry: &Value) -> Result<PayloadEndpoint, SkipReason> {
+    let entry = entry.as_object().ok_or(SkipReason::NotObject)?;
     let raw_url = match entry.get("url") {
         Some(Value::String(url)) if !url.is_empty() => url,
-        Some(Value::String(_)) | None | Some(Value::Null) => return Err("has no url".into()),
-        Some(_) => return Err("url is not a string".into()),
+        Some(Value::String(_)) | None | Some(Value::Null) => return Err(SkipReason::NoUrl),
+        Some(_) => return Err(SkipReason::UrlNotString),
     };
-    let url = url::Url::parse(raw_url).map_err(|e| format!("url is invalid: {e}"))?;
+    let url = url::Url::parse(raw_url).map_err(|e| SkipReason::InvalidUrl(e.to_string()))?;
     let auth = endpoint_auth(entry.get("auth"))?;
     let scheme = url.scheme();
     let (transport, tls) = match scheme {
@@ -586,14 +613,14 @@ fn payload_endpoint(entry: &Value) -> Result<PayloadEndpoint, String> {
         "https" => (Transport::HttpProtobuf, true),
         "grpc" => (Transport::Grpc, false),
         "grpcs" => (Transport::Grpc, true),
-        other => return Err(format!("has unsupported scheme `{other}`")),
+        other => return Err(SkipReason::UnsupportedScheme(other.to_string())),
     };
     let host = match url.host_str() {
         Some(host) if !host.is_empty() => host,
-        _ => return Err("url has no host".into()),
+        _ => return Err(SkipReason::NoHost),
     };
     if !url.username().is_empty() || url.password().is_some() {
-        return Err("url carries credentials".into());
+        return Err(SkipReason::Credentials);
     }
     let url = match transport {
         Transport::HttpProtobuf => url.to_string(),
@@ -611,16 +638,16 @@ fn payload_endpoint(entry: &Value) -> Result<PayloadEndpoint, String> {
     })
 }
 
-fn endpoint_auth(auth: Option<&Value>) -> Result<EndpointAuth, String> {
+fn endpoint_auth(auth: Option<&Value>) -> Result<EndpointAuth, SkipReason> {
     let auth = match auth {
         None | Some(Value::Null) => return Ok(EndpointAuth::None),
         Some(Value::Object(auth)) => auth,
-        Some(_) => return Err("auth is not an object".into()),
+        Some(_) => return Err(SkipReason::AuthNotObject),
     };
     let kind = match auth.get("type") {
         None | Some(Value::Null) => return Ok(EndpointAuth::None),
         Some(Value::String(kind)) => kind.as_str(),
-        Some(_) => return Err("auth.type is not a string".into()),
+        Some(_) => return Err(SkipReason::AuthTypeNotString),
     };
     match kind {
         "" | "none" => Ok(EndpointAuth::None),
@@ -630,12 +657,12 @@ fn endpoint_auth(auth: Option<&Value>) -> Result<EndpointAuth, String> {
                 .and_then(|o| o.get("audience"))
                 .and_then(Value::as_str)
                 .filter(|a| !a.is_empty())
-                .ok_or("auth http_bearer_gcp_oidc has no audience")?;
+                .ok_or(SkipReason::NoAudience)?;
             Ok(EndpointAuth::HttpBearerGcpOidc {
                 audience: audience.to_string(),
             })
         }
-        other => Err(format!("has unsupported auth type `{other}`")),
+        other => Err(SkipReason::UnsupportedAuthType(other.to_string())),
     }
 }
 
@@ -835,9 +862,6 @@ mod tests {
             expected,
             "input: {input}"
         );
-        // The same through the scoped options, which end with the scope.
-        let scoped = with_options(options, || negotiate(&input).to_string());
-        assert_eq!(scoped, expected);
     }
 
     #[test]

@@ -49,6 +49,70 @@ pub fn redact(text: &str, secret: Option<&Secret>) -> String {
     }
 }
 
+/// Replaces every one of `secrets` in `text` by `[REDACTED]`, longest first.
+/// A value with a scheme (`Bearer abc…`, `Basic abc…`) is redacted whole
+/// and its credential alone too, as servers echo either. Values shorter
+/// than 4 characters are left alone (they would redact ordinary words).
+pub fn redact_all<'a>(text: &str, secrets: impl IntoIterator<Item = &'a str>) -> String {
+    let mut values: Vec<&str> = Vec::new();
+    for secret in secrets {
+        let secret = secret.trim();
+        values.push(secret);
+        if let Some((_, credential)) = secret.split_once(' ') {
+            values.push(credential.trim());
+        }
+    }
+    values.retain(|v| v.len() >= 4);
+    values.sort_by_key(|v| std::cmp::Reverse(v.len()));
+    let mut out = text.to_string();
+    for value in values {
+        if out.contains(value) {
+            out = out.replace(value, REDACTED);
+        }
+    }
+    out
+}
+
+/// The password (and user) in a URL's userinfo, percent-decoded and as
+/// written, for [`redact_all`].
+pub fn url_credentials(url: &str) -> Vec<String> {
+    let Ok(parsed) = url::Url::parse(url) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for raw in [parsed.password().unwrap_or(""), parsed.username()] {
+        if raw.is_empty() {
+            continue;
+        }
+        out.push(raw.to_string());
+        if let Ok(decoded) = percent_decode(raw) {
+            if decoded != raw {
+                out.push(decoded);
+            }
+        }
+    }
+    out
+}
+
+fn percent_decode(text: &str) -> Result<String, std::string::FromUtf8Error> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8(out)
+}
+
 /// Replaces every secret in `text` by `[MASKED]` (longest first, as the job
 /// log does).
 pub fn mask_text(text: &str, secrets: &[String]) -> String {
@@ -85,6 +149,10 @@ pub fn mask_attribute(attribute: KeyValue, secrets: &[String]) -> KeyValue {
 pub fn strip_credentials(url: &str) -> String {
     if let Ok(mut parsed) = url::Url::parse(url) {
         if parsed.has_host() {
+            if parsed.username().is_empty() && parsed.password().is_none() {
+                // Nothing to strip: the URL as written.
+                return url.to_string();
+            }
             let _ = parsed.set_username("");
             let _ = parsed.set_password(None);
             return parsed.to_string();
@@ -109,8 +177,45 @@ mod tests {
         );
         check("https://user@host/p.git", "https://host/p.git");
         check("https://host/p.git", "https://host/p.git");
+        check("http://collector:4317", "http://collector:4317");
+        check(
+            "http://u:p%40ss@collector:4318/v1/traces",
+            "http://collector:4318/v1/traces",
+        );
         check("git@gitlab.com:g/p.git", "gitlab.com:g/p.git");
         check("/srv/repos/p.git", "/srv/repos/p.git");
+    }
+
+    #[test]
+    fn redact_all_cases() {
+        let check = |text: &str, secrets: &[&str], expected: &str| {
+            assert_eq!(
+                redact_all(text, secrets.iter().copied()),
+                expected,
+                "{text}"
+            );
+        };
+        check(
+            "bad authorization: Bearer tok-123456",
+            &["Bearer tok-123456"],
+            "bad authorization: [REDACTED]",
+        );
+        check(
+            "token tok-123456 refused",
+            &["Bearer tok-123456"],
+            "token [REDACTED] refused",
+        );
+        check(
+            "x-api-key=k3y-value",
+            &["k3y-value", "abc"],
+            "x-api-key=[REDACTED]",
+        );
+        check("the abc", &["abc"], "the abc");
+        assert_eq!(
+            url_credentials("http://user:p%40ss@host/v1/traces"),
+            vec!["p%40ss".to_string(), "p@ss".to_string(), "user".to_string()]
+        );
+        assert!(url_credentials("http://host/v1/traces").is_empty());
     }
 
     #[test]

@@ -23,13 +23,15 @@ use std::time::{Duration, SystemTime};
 use serde_json::Value;
 
 use crate::config::ExportSettings;
+use crate::export::logs_encode::Signal;
 use crate::export::{Auth, ExportHub, ExportTarget, FlushReport, ShutdownReport, SpanSink};
 use crate::job::{
     guarded, JobSpanInfo, JobTelemetry, JobTelemetryStart, PendingFlush, RunnerIdentity,
 };
 use crate::metrics::Metrics;
 use crate::negotiate::{
-    negotiate, ContractVersion, DisabledReason, EndpointAuth, Negotiation, TelemetryPlan,
+    negotiate_with, ContractVersion, DisabledReason, EndpointAuth, Negotiation, RunnerReason,
+    TelemetryPlan,
 };
 
 /// The telemetry side of one runner (one `[[runners]]` entry).
@@ -143,6 +145,34 @@ impl RunnerTelemetry {
             .collect()
     }
 
+    /// Where an enabled job's log records go when log export is on: the
+    /// logs URL of each of the payload's endpoints (contract v2), or else the
+    /// static logs endpoint. Empty when log export is off.
+    pub fn log_targets(&self, plan: &TelemetryPlan) -> Vec<ExportTarget> {
+        let Some(logs) = &self.settings.logs else {
+            return Vec::new();
+        };
+        if plan.endpoints.is_empty() {
+            return vec![ExportTarget {
+                transport: logs.transport,
+                url: logs.url.clone(),
+                tls: logs.url.starts_with("https://"),
+                headers: logs.headers.clone(),
+                auth: match &self.settings.bearer_token_file {
+                    Some(path) => Auth::BearerTokenFile(path.clone()),
+                    None => Auth::None,
+                },
+            }];
+        }
+        self.targets(plan)
+            .into_iter()
+            .map(|target| ExportTarget {
+                url: crate::config::logs_url(target.transport, &target.url),
+                ..target
+            })
+            .collect()
+    }
+
     /// Negotiates telemetry for a job and, when enabled, starts its
     /// `job_execution` span at `start_time`. Logs one line with the decision.
     /// Never fails and never panics: every problem ends in a disabled
@@ -174,16 +204,15 @@ impl RunnerTelemetry {
     ) -> Result<JobTelemetry, DisabledReason> {
         let job_id = job.job_id;
         if !self.settings.enabled {
-            return Err(DisabledReason::Runner(
-                "telemetry is disabled in the runner configuration".into(),
-            ));
+            return Err(DisabledReason::Runner(RunnerReason::Configured));
         }
-        let plan = match negotiate(payload) {
+        let plan = match negotiate_with(payload, self.settings.negotiation) {
             Negotiation::Disabled(reason) => return Err(reason),
             Negotiation::Enabled(plan) => plan,
         };
         let mut sinks: Vec<Box<dyn SpanSink>> = Vec::new();
         let mut notes = Vec::new();
+        let mut failed = Vec::new();
         for target in self.targets(&plan) {
             match self.hub.build(&target) {
                 Ok(sink) => {
@@ -192,19 +221,27 @@ impl RunnerTelemetry {
                     }
                     sinks.push(sink);
                 }
-                Err(error) => notes.push(format!("skipped=[{error}]")),
+                Err(error) => {
+                    notes.push(format!("skipped=[{error}]"));
+                    failed.push(error);
+                }
             }
         }
         if sinks.is_empty() {
-            return Err(DisabledReason::Runner(format!(
-                "no exporter could be built: {}",
-                notes.join(" ")
-            )));
+            return Err(DisabledReason::Runner(RunnerReason::NoExporter(failed)));
         }
-        let endpoints: Vec<String> = sinks
+        let mut log_sinks: Vec<Box<dyn SpanSink>> = Vec::new();
+        for target in self.log_targets(&plan) {
+            match self.hub.build_signal(&target, Signal::Logs) {
+                Ok(sink) => log_sinks.push(sink),
+                Err(error) => notes.push(format!("logs_skipped=[{error}]")),
+            }
+        }
+        let mut endpoints: Vec<String> = sinks
             .iter()
             .map(|s| format!("endpoint={}", s.label()))
             .collect();
+        endpoints.extend(log_sinks.iter().map(|s| format!("logs={}", s.label())));
         let telemetry = JobTelemetry::start(JobTelemetryStart {
             trace_context: plan.trace_context,
             job,
@@ -212,11 +249,10 @@ impl RunnerTelemetry {
             service_name: &self.settings.service_name,
             start_time,
             sinks,
+            log_sinks,
         });
         let Some(span) = telemetry.span_context() else {
-            return Err(DisabledReason::Runner(
-                "the job span could not be started".into(),
-            ));
+            return Err(DisabledReason::Runner(RunnerReason::SpanNotStarted));
         };
         let contract = match plan.contract {
             ContractVersion::V1 => "v1",

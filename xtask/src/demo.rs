@@ -2,14 +2,19 @@
 //! embedded stack (kept running afterwards, so the data can be looked at),
 //! starts fake-rails and the reference runner, runs the demo pipeline from
 //! `compose/demo/.gitlab-ci.yml`, and prints each job's trace as read back
-//! from ClickHouse. Exits non-zero if any expectation failed.
+//! from ClickHouse and each job's telemetry page. fake-rails keeps running
+//! with the stack (PID file `target/stack/pids/fake-rails.pid`) so the pages
+//! can be opened, until `cargo xtask stack down` or the next demo. Exits
+//! non-zero if any expectation failed.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Result};
-use conformance::gitlab::{init_repository, Contract, FakeRails, FakeRailsOptions};
-use conformance::process::Lifetime;
+use conformance::gitlab::{
+    clickhouse_args, init_repository, Contract, FakeRails, FakeRailsOptions, ADMIN_TOKEN,
+};
+use conformance::process::{self, Lifetime};
 use conformance::runner::{Runner, RunnerOptions};
 use conformance::trace::{self, format_duration, StoredSpan, Tree};
 use conformance::{paths, ClickHouse};
@@ -78,6 +83,10 @@ pub fn run(args: &[String]) -> Result<()> {
     let endpoints = crate::stack::up(&stack_dir)?;
     let clickhouse = endpoints.clickhouse();
 
+    // The previous demo's fake-rails writes into `target/demo`: stop it first.
+    if let Some(line) = stop_demo_rails(&stack_dir)? {
+        println!("  {line}");
+    }
     let demo_dir = paths::target_dir().join("demo");
     let _ = std::fs::remove_dir_all(&demo_dir);
     std::fs::create_dir_all(demo_dir.join("logs"))?;
@@ -90,9 +99,15 @@ pub fn run(args: &[String]) -> Result<()> {
             otel_endpoints: vec![format!("{}/v1/traces", endpoints.otlp_http)],
             // Trace ids come from pipeline ids: start each demo at a new id
             // so runs against the persistent stack do not share traces.
-            extra_args: vec!["--first-id".into(), first_id().to_string()],
+            // The telemetry pages read the stack's ClickHouse.
+            extra_args: [
+                vec!["--first-id".into(), first_id().to_string()],
+                clickhouse_args(&endpoints, &conformance::stack::password_file(&stack_dir)),
+            ]
+            .concat(),
         },
-        Lifetime::Owned,
+        // Outlives the demo, with the stack, so the pages can be opened.
+        Lifetime::Detached,
     )?;
     println!(
         "==> fake-rails on {} (payload contract {:?}, log {})",
@@ -131,12 +146,14 @@ pub fn run(args: &[String]) -> Result<()> {
         &RunnerOptions {
             otlp_endpoint: (contract == Contract::V1).then(|| endpoints.otlp_http.clone()),
             otlp_protocol: Some("http/protobuf".into()),
+            // Job logs as OTLP log records too (into `otel_logs`).
+            extra_env: vec![("CI_TELEMETRY_LOGS".into(), "true".into())],
             ..RunnerOptions::default()
         },
         Lifetime::Owned,
     )?;
     println!(
-        "==> ci-runner (shell executor, log {})",
+        "==> ci-runner (shell executor, job logs exported too, log {})",
         runner.log_path().display()
     );
 
@@ -149,6 +166,7 @@ pub fn run(args: &[String]) -> Result<()> {
     let trace_id = format!("{pipeline:032x}");
     let spans = trace::spans_of_trace(&clickhouse, &trace_id)?;
     let tree = Tree::new(spans);
+    let log_lines = last_log_lines(&clickhouse, &trace_id, watch.jobs.len())?;
     for job in &watch.jobs {
         let id = job["id"].as_u64().unwrap_or_default();
         let name = job["name"].as_str().unwrap_or("?");
@@ -156,8 +174,21 @@ pub fn run(args: &[String]) -> Result<()> {
         println!();
         println!("Job {id} `{name}`: {status}, trace {trace_id}");
         match job_root(&tree, id) {
-            Some(root) => print!("{}", indent(&tree.render_from(root))),
+            Some(root) => print!("{}", indent(&tree.render_with_notes(root, &log_lines))),
             None => println!("  (no spans found)"),
+        }
+        let has_lines = tree
+            .spans
+            .iter()
+            .filter(|s| {
+                s.attribute("ci.job.id") == Some(&id.to_string())
+                    || s.resource.get("ci.job.id") == Some(&id.to_string())
+            })
+            .any(|s| log_lines.contains_key(&s.span_id));
+        if !has_lines {
+            failures.push(format!(
+                "job {id}: no log lines in otel_logs under its spans"
+            ));
         }
         failures.extend(check_job(&tree, job, &trace_id));
     }
@@ -169,7 +200,17 @@ pub fn run(args: &[String]) -> Result<()> {
         );
     }
 
+    let pages = PageUrls {
+        base: format!("{}/{project_path}/-", rails.url),
+        api: format!("{}/api/v4/projects/{project}", rails.url),
+    };
+    failures.extend(check_telemetry_api(&pages, &watch.jobs, pipeline));
     print_where_to_look(&endpoints, &stack_dir, &trace_id);
+    print_pages(&pages, &watch.jobs, pipeline);
+    let pid = rails.release();
+    let pid_dir = stack_dir.join("pids");
+    std::fs::create_dir_all(&pid_dir)?;
+    std::fs::write(pid_dir.join(RAILS_PID_FILE), format!("{pid}\n"))?;
     if !failures.is_empty() {
         bail!(
             "the demo's expectations failed:\n  {}",
@@ -180,7 +221,166 @@ pub fn run(args: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// The demo's fake-rails, kept running with the stack, in `<stack>/pids/`.
+const RAILS_PID_FILE: &str = "fake-rails.pid";
+
+/// Stops the fake-rails an earlier demo left running with the stack in
+/// `stack_dir` (exactly the process its PID file names, if it is still
+/// fake-rails); says what it did.
+pub fn stop_demo_rails(stack_dir: &std::path::Path) -> Result<Option<String>> {
+    let pid_file = stack_dir.join("pids").join(RAILS_PID_FILE);
+    let Some(pid) = std::fs::read_to_string(&pid_file)
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+    else {
+        return Ok(None);
+    };
+    let ours =
+        process::alive(pid) && process::cmdline(pid).is_some_and(|c| c.contains("fake-rails"));
+    let line = if ours {
+        process::terminate(pid, Duration::from_secs(10));
+        if process::alive(pid) {
+            bail!("fake-rails (pid {pid}) did not stop");
+        }
+        format!("Stopped the demo's fake-rails (pid {pid})")
+    } else {
+        format!("The demo's fake-rails was not running (stale pid {pid})")
+    };
+    let _ = std::fs::remove_file(&pid_file);
+    Ok(Some(line))
+}
+
+/// Whether the demo's fake-rails is running with the stack in `stack_dir`.
+pub fn demo_rails_pid(stack_dir: &std::path::Path) -> Option<u32> {
+    let pid = std::fs::read_to_string(stack_dir.join("pids").join(RAILS_PID_FILE))
+        .ok()?
+        .trim()
+        .parse::<u32>()
+        .ok()?;
+    (process::alive(pid) && process::cmdline(pid).is_some_and(|c| c.contains("fake-rails")))
+        .then_some(pid)
+}
+
+struct PageUrls {
+    /// `http://.../<namespace>/<project>/-`
+    base: String,
+    /// `http://.../api/v4/projects/<id>`
+    api: String,
+}
+
+impl PageUrls {
+    /// The demo's admin token is the conformance suite's fixed, public test
+    /// token, so a link can carry it.
+    fn job(&self, job: u64) -> String {
+        format!(
+            "{}/jobs/{job}/telemetry?private_token={ADMIN_TOKEN}",
+            self.base
+        )
+    }
+
+    fn pipeline(&self, pipeline: u64) -> String {
+        format!(
+            "{}/pipelines/{pipeline}/telemetry?private_token={ADMIN_TOKEN}",
+            self.base
+        )
+    }
+}
+
+/// Each job's telemetry through the Rails query layer: every job complete
+/// (Rails' and the runner's spans), the pipeline summary with every job.
+fn check_telemetry_api(pages: &PageUrls, jobs: &[Value], pipeline: u64) -> Vec<String> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let get = |url: &str| -> Option<(u16, Value)> {
+        let mut response = agent
+            .get(url)
+            .header("PRIVATE-TOKEN", ADMIN_TOKEN)
+            .call()
+            .ok()?;
+        let status = response.status().as_u16();
+        let body = response.body_mut().read_to_string().ok()?;
+        Some((status, serde_json::from_str(&body).unwrap_or(Value::Null)))
+    };
+    let mut failures = Vec::new();
+    for job in jobs {
+        let id = job["id"].as_u64().unwrap_or_default();
+        let url = format!("{}/jobs/{id}/telemetry", pages.api);
+        // The spans are in ClickHouse already (watch_pipeline waited).
+        match get(&url) {
+            Some((200, body)) if body["complete"] == true => {}
+            Some((status, body)) => failures.push(format!(
+                "job {id}: telemetry API answered {status} {}",
+                body.to_string().chars().take(200).collect::<String>()
+            )),
+            None => failures.push(format!("job {id}: telemetry API did not answer")),
+        }
+    }
+    match get(&format!("{}/pipelines/{pipeline}/telemetry", pages.api)) {
+        Some((200, body)) if body["jobs"].as_array().map(Vec::len) == Some(jobs.len()) => {}
+        Some((status, _)) => failures.push(format!("pipeline telemetry API answered {status}")),
+        None => failures.push("pipeline telemetry API did not answer".into()),
+    }
+    failures
+}
+
+fn print_pages(pages: &PageUrls, jobs: &[Value], pipeline: u64) {
+    println!();
+    println!("==> Open the telemetry pages (fake-rails keeps running with the stack)");
+    println!("  Pipeline {pipeline}: {}", pages.pipeline(pipeline));
+    for job in jobs {
+        let id = job["id"].as_u64().unwrap_or_default();
+        println!(
+            "  Job {id} {:<12} {}",
+            job["name"].as_str().unwrap_or("?"),
+            pages.job(id)
+        );
+    }
+    println!("  Stop everything with: cargo xtask stack down");
+}
+
 /// A pipeline id no earlier demo used: seconds since 2026-01-01.
+/// The last [`LOG_LINES_PER_SPAN`] log lines of each span of the trace, read
+/// back from `otel_logs` (keyed by `SpanId`), once every job has records.
+fn last_log_lines(
+    clickhouse: &ClickHouse,
+    trace_id: &str,
+    jobs: usize,
+) -> Result<std::collections::HashMap<String, Vec<String>>> {
+    let jobs_with_records = format!(
+        "SELECT uniqExact(LogAttributes['ci.job.id']) FROM otel.otel_logs WHERE TraceId = '{trace_id}'"
+    );
+    let _ =
+        conformance::process::wait_for("the jobs' log records", Duration::from_secs(30), || {
+            Ok((clickhouse.count(&jobs_with_records)? >= jobs as u64).then_some(()))
+        });
+    let rows = clickhouse.json_rows(&format!(
+        "SELECT SpanId, arraySlice(groupArray(Body), -{LOG_LINES_PER_SPAN}) AS lines FROM \
+         (SELECT SpanId, Body FROM otel.otel_logs WHERE TraceId = '{trace_id}' \
+          ORDER BY toUInt64OrZero(LogAttributes['ci.job.id']), toUInt64OrZero(LogAttributes['ci.log.line_number'])) \
+         GROUP BY SpanId"
+    ))?;
+    let mut out = std::collections::HashMap::new();
+    for row in rows {
+        let span = row["SpanId"].as_str().unwrap_or_default().to_string();
+        let lines: Vec<String> = row["lines"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|l| l.as_str())
+                    .map(|l| l.chars().take(100).collect())
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.insert(span, lines);
+    }
+    Ok(out)
+}
+
+/// Log lines shown under each span of the demo's trees.
+const LOG_LINES_PER_SPAN: usize = 3;
+
 fn first_id() -> u64 {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)

@@ -86,6 +86,10 @@ fn print_endpoints(dir: &std::path::Path, endpoints: &Endpoints) {
 }
 
 fn down(dir: &std::path::Path) -> Result<()> {
+    // The demo's fake-rails reads the stack: it goes first.
+    if let Some(line) = crate::demo::stop_demo_rails(dir)? {
+        println!("{line}");
+    }
     for line in stack::down(dir)? {
         println!("{line}");
     }
@@ -100,6 +104,9 @@ fn status(dir: &std::path::Path) -> Result<()> {
             (Some(pid), false) => println!("{:<10} not running (stale pid {pid})", c.name),
             (None, _) => println!("{:<10} not running", c.name),
         }
+    }
+    if let Some(pid) = crate::demo::demo_rails_pid(dir) {
+        println!("{:<10} running (pid {pid}, the demo's)", "fake-rails");
     }
     if states.iter().all(|c| c.running) {
         if let Ok(text) = std::fs::read_to_string(dir.join("endpoints.env")) {

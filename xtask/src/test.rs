@@ -3,6 +3,7 @@
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
+use conformance::docker::Backend;
 use conformance::paths;
 
 /// Formatting, lints, the chDB server's own tests, every Rust test (unit,
@@ -27,6 +28,7 @@ pub fn run_all(args: &[String]) -> Result<()> {
         ]),
     )?;
     let venv = conformance::venv::ensure(&mut |line| println!("  {line}"))?;
+    crate::browser::ensure_chromium()?;
     build_binaries()?;
     step(
         "chDB HTTP server tests",
@@ -40,14 +42,60 @@ pub fn run_all(args: &[String]) -> Result<()> {
     crate::bench::run(&["--gate".to_string()])
 }
 
-/// The conformance suite alone.
+/// The conformance suite alone: `--stack embedded` (default) or `--stack
+/// docker`; the other arguments go to the test runner.
 pub fn run_e2e(args: &[String]) -> Result<()> {
-    conformance::venv::ensure(&mut |line| println!("  {line}"))?;
-    build_binaries()?;
-    step(
-        "conformance suite",
-        &mut rust_tests(&["-p", "conformance"], args),
-    )
+    let (stack, rest) = stack_choice(args)?;
+    match stack {
+        Backend::Embedded => {
+            conformance::venv::ensure(&mut |line| println!("  {line}"))?;
+            crate::browser::ensure_chromium()?;
+            build_binaries()?;
+            step(
+                "conformance suite",
+                &mut rust_tests(&["-p", "conformance"], &rest),
+            )
+        }
+        Backend::Docker => {
+            // One line, and a failure: a Docker run that did not happen must
+            // never look like one that passed.
+            if let Err(e) = conformance::docker::engine_answers() {
+                bail!(
+                    "{}; `--stack docker` needs a Docker engine, run the embedded default instead: cargo xtask e2e",
+                    one_line(&e)
+                );
+            }
+            build_binaries()?;
+            let mut tests = rust_tests(&["-p", "conformance", "--features", "docker"], &rest);
+            tests.env(conformance::docker::STACK_ENV, "docker");
+            step("conformance suite on the Docker stack", &mut tests)
+        }
+    }
+}
+
+/// `--stack NAME` out of `args`; the rest in order.
+fn stack_choice(args: &[String]) -> Result<(Backend, Vec<String>)> {
+    let mut stack = Backend::Embedded;
+    let mut rest = Vec::new();
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        let value = match arg.strip_prefix("--stack=") {
+            Some(value) => Some(value.to_string()),
+            None if arg == "--stack" => Some(args.next().cloned().unwrap_or_default()),
+            None => None,
+        };
+        match value.as_deref() {
+            None => rest.push(arg.clone()),
+            Some("embedded") => stack = Backend::Embedded,
+            Some("docker") => stack = Backend::Docker,
+            Some(other) => bail!("--stack {other:?}: expected `embedded` or `docker`"),
+        }
+    }
+    Ok((stack, rest))
+}
+
+fn one_line(error: &anyhow::Error) -> String {
+    format!("{error:#}").replace('\n', " ")
 }
 
 /// `cargo nextest run` when nextest is installed (each test in its own

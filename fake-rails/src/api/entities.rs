@@ -3,7 +3,7 @@
 use serde_json::{json, Value};
 use time::OffsetDateTime;
 
-use crate::server::{format_time, Settings};
+use crate::app_state::{format_time, Settings};
 use crate::state::{Job, JobStatus, Pipeline, Project, Runner, Store};
 
 fn time_or_null(t: Option<OffsetDateTime>) -> Value {

@@ -1,15 +1,23 @@
 //! GitLab's Features API (`/api/v4/features`), for the project-level flags.
 
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::routing::{get, post};
+use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::{lenient, ApiError, ApiResult, Params};
+use super::{lenient, Admin, ApiError, ApiResult, Params};
+use crate::app_state::AppState;
 use crate::flags::{project_flipper_id, Feature};
-use crate::server::AppState;
+
+/// Feature flags (the Flipper API).
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/api/v4/features", get(list))
+        .route("/api/v4/features/{name}", post(set).delete(remove))
+}
 
 #[derive(Debug, Deserialize)]
 pub struct SetParams {
@@ -68,11 +76,10 @@ fn parse_value(value: Option<&Value>) -> ApiResult<Gate> {
 /// `percentage_of_time`) and optional `project` (full paths, comma-separated).
 pub async fn set(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    _: Admin,
     Path(name): Path<String>,
     Params(p): Params<SetParams>,
 ) -> ApiResult<Response> {
-    state.require_admin(&headers)?;
     if name.is_empty()
         || !name
             .chars()
@@ -161,8 +168,7 @@ pub async fn set(
 }
 
 /// `GET /api/v4/features`.
-pub async fn list(State(state): State<AppState>, headers: HeaderMap) -> ApiResult<Response> {
-    state.require_admin(&headers)?;
+pub async fn list(State(state): State<AppState>, _: Admin) -> ApiResult<Response> {
     let store = state.lock();
     let list: Vec<_> = store
         .features
@@ -175,10 +181,9 @@ pub async fn list(State(state): State<AppState>, headers: HeaderMap) -> ApiResul
 /// `DELETE /api/v4/features/:name`.
 pub async fn remove(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    _: Admin,
     Path(name): Path<String>,
 ) -> ApiResult<StatusCode> {
-    state.require_admin(&headers)?;
     state.lock().features.remove(&name);
     Ok(StatusCode::NO_CONTENT)
 }

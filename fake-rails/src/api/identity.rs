@@ -5,13 +5,30 @@
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::routing::{get, post};
+use axum::{Json, Router};
 use serde::Deserialize;
 
 use super::{lenient, ApiError, ApiResult, Params, QueryPairs};
+use crate::app_state::{now, AppState};
 use crate::ids;
-use crate::server::{now, AppState};
 use crate::state::JobStatus;
+
+/// The OIDC issuer, the GCP-metadata-style ID tokens and the telemetry
+/// token exchange.
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route(
+            "/.well-known/openid-configuration",
+            get(openid_configuration),
+        )
+        .route("/oauth/discovery/keys", get(jwks))
+        .route(
+            "/computeMetadata/v1/instance/service-accounts/default/identity",
+            get(gcp_identity),
+        )
+        .route("/api/v4/internal/ci/telemetry/auth", post(telemetry_auth))
+}
 
 /// `Cache-Control: max-age` when a job's remaining time is unknown.
 pub const DEFAULT_AUTH_MAX_AGE: u64 = 300;

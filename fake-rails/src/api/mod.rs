@@ -1,11 +1,15 @@
-//! HTTP handlers, grouped as GitLab groups its API, plus the shared error
-//! type and request extractors (every rejection becomes a JSON `{message}`).
+//! HTTP handlers, grouped as GitLab groups its API (each module brings its
+//! `routes()`), plus the shared error type and request extractors, admin
+//! authentication ([`Admin`]) among them (every rejection becomes a JSON
+//! `{message}`).
 
 pub mod entities;
 pub mod features;
 pub mod identity;
 pub mod projects;
 pub mod runners;
+pub mod telemetry;
+pub mod users;
 
 use std::collections::HashMap;
 
@@ -16,6 +20,8 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::de::DeserializeOwned;
+
+use crate::app_state::AppState;
 
 /// A GitLab-style error: a status and `{"message": "..."}`.
 #[derive(Debug)]
@@ -164,6 +170,29 @@ impl<S: Send + Sync> FromRequestParts<S> for QueryPairs {
             })
             .unwrap_or_default();
         Ok(QueryPairs(pairs))
+    }
+}
+
+/// The admin's personal access token in `PRIVATE-TOKEN` (or
+/// `Authorization: Bearer`), checked before the handler runs; anything else
+/// is a 401.
+pub struct Admin;
+
+impl FromRequestParts<AppState> for Admin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let given = header(&parts.headers, "private-token").or_else(|| {
+            header(&parts.headers, "authorization")
+                .and_then(|v| v.strip_prefix("Bearer ").map(str::trim))
+        });
+        match given {
+            Some(token) if state.is_admin_token(token) => Ok(Admin),
+            _ => Err(ApiError::unauthorized()),
+        }
     }
 }
 

@@ -5,17 +5,54 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::routing::{get, post};
+use axum::{Json, Router};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use super::{entities, lenient, ApiError, ApiResult, Params, QueryPairs};
+use super::{entities, lenient, Admin, ApiError, ApiResult, Params, QueryPairs};
+use crate::app_state::{now, AppState};
 use crate::ci_config::{self, CacheKey, CiConfig};
 use crate::git;
-use crate::server::{now, AppState};
 use crate::state::{CommitInfo, JobStatus, PipelineVariable, Project, Store};
+
+/// Projects, pipelines and their jobs.
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/api/v4/projects", post(create_project).get(list_projects))
+        .route("/api/v4/projects/{project}", get(get_project))
+        .route("/api/v4/projects/{project}/pipeline", post(create_pipeline))
+        .route("/api/v4/projects/{project}/pipelines", get(list_pipelines))
+        .route(
+            "/api/v4/projects/{project}/pipelines/{pipeline}",
+            get(get_pipeline),
+        )
+        .route(
+            "/api/v4/projects/{project}/pipelines/{pipeline}/jobs",
+            get(pipeline_jobs),
+        )
+        .route(
+            "/api/v4/projects/{project}/pipelines/{pipeline}/cancel",
+            post(cancel_pipeline),
+        )
+        .route("/api/v4/projects/{project}/jobs", get(project_jobs))
+        .route("/api/v4/projects/{project}/jobs/{job}", get(get_job))
+        .route(
+            "/api/v4/projects/{project}/jobs/{job}/trace",
+            get(get_trace),
+        )
+        .route(
+            "/api/v4/projects/{project}/jobs/{job}/artifacts",
+            get(download_artifacts),
+        )
+        .route("/api/v4/projects/{project}/jobs/{job}/play", post(play_job))
+        .route(
+            "/api/v4/projects/{project}/jobs/{job}/cancel",
+            post(cancel_job),
+        )
+}
 
 /// GitLab's default job timeout of a project (60 minutes).
 pub const DEFAULT_BUILD_TIMEOUT: u64 = 3600;
@@ -40,6 +77,9 @@ fn valid_path(path: &str) -> bool {
         && !path.ends_with(".atom")
 }
 
+/// GitLab's limit on a project's description.
+const MAX_DESCRIPTION_CHARS: usize = 2000;
+
 #[derive(Debug, Deserialize)]
 pub struct CreateProjectParams {
     #[serde(default, deserialize_with = "lenient::opt_string")]
@@ -63,10 +103,9 @@ pub struct CreateProjectParams {
 /// `POST /api/v4/projects`.
 pub async fn create_project(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    _: Admin,
     Params(p): Params<CreateProjectParams>,
 ) -> ApiResult<Response> {
-    state.require_admin(&headers)?;
     let (name, path) =
         match (p.name, p.path) {
             (Some(name), Some(path)) => (name, path),
@@ -92,6 +131,15 @@ pub async fn create_project(
         return Err(ApiError::bad_request(
             "400 Bad request - namespace is invalid",
         ));
+    }
+    // GitLab's `Project` validates `description` to 2000 characters.
+    if p.description
+        .as_ref()
+        .is_some_and(|d| d.chars().count() > MAX_DESCRIPTION_CHARS)
+    {
+        return Err(ApiError::bad_request(format!(
+            "400 Bad request - description is too long (maximum is {MAX_DESCRIPTION_CHARS} characters)"
+        )));
     }
     let timeout = p.build_timeout.unwrap_or(DEFAULT_BUILD_TIMEOUT);
     if !(600..=2_592_000).contains(&timeout) {
@@ -143,11 +191,7 @@ pub async fn create_project(
 }
 
 /// `GET /api/v4/projects`.
-pub async fn list_projects(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-) -> ApiResult<Response> {
-    state.require_admin(&headers)?;
+pub async fn list_projects(State(state): State<AppState>, _: Admin) -> ApiResult<Response> {
     let store = state.lock();
     let list: Vec<_> = store
         .projects
@@ -161,10 +205,9 @@ pub async fn list_projects(
 /// `GET /api/v4/projects/:id` (numeric id or URL-encoded full path).
 pub async fn get_project(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    _: Admin,
     Path(project): Path<String>,
 ) -> ApiResult<Response> {
-    state.require_admin(&headers)?;
     let store = state.lock();
     let project = store
         .project_by_ref(&project)
@@ -248,11 +291,10 @@ async fn cache_keys(
 /// `POST /api/v4/projects/:id/pipeline` with `ref` and, optionally, `ci_config` and `variables`.
 pub async fn create_pipeline(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    _: Admin,
     Path(project): Path<String>,
     Params(p): Params<CreatePipelineParams>,
 ) -> ApiResult<Response> {
-    state.require_admin(&headers)?;
     let project = {
         let store = state.lock();
         store
@@ -312,7 +354,15 @@ pub async fn create_pipeline(
             ))
         }
     };
-    let config = ci_config::parse(&yaml)
+    // Off the async workers: a large config must not stall other requests.
+    let config = tokio::task::spawn_blocking(move || ci_config::parse(&yaml))
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("500 Internal Server Error - parsing the CI config failed: {e}"),
+            )
+        })?
         .map_err(|e| ApiError::bad_request(format!("400 Bad request - {e}")))?;
     let keys = cache_keys(&config, project.repository.as_deref(), &commit.sha).await;
     let now = now();
@@ -344,10 +394,9 @@ pub async fn create_pipeline(
 /// `GET /api/v4/projects/:id/pipelines`.
 pub async fn list_pipelines(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    _: Admin,
     Path(project): Path<String>,
 ) -> ApiResult<Response> {
-    state.require_admin(&headers)?;
     let store = state.lock();
     let project_id = project_id(&store, &project)?;
     let list: Vec<_> = store
@@ -363,10 +412,9 @@ pub async fn list_pipelines(
 /// `GET /api/v4/projects/:id/pipelines/:pipeline_id`.
 pub async fn get_pipeline(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    _: Admin,
     Path((project, pipeline)): Path<(String, String)>,
 ) -> ApiResult<Response> {
-    state.require_admin(&headers)?;
     let store = state.lock();
     let pipeline_id = pipeline_of_project(&store, &project, &pipeline)?;
     Ok(Json(entities::pipeline(
@@ -381,10 +429,9 @@ pub async fn get_pipeline(
 /// `POST /api/v4/projects/:id/pipelines/:pipeline_id/cancel`.
 pub async fn cancel_pipeline(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    _: Admin,
     Path((project, pipeline)): Path<(String, String)>,
 ) -> ApiResult<Response> {
-    state.require_admin(&headers)?;
     let now = now();
     let (body, exports) = {
         let mut store = state.lock();
@@ -444,11 +491,10 @@ fn scope_filter(query: &HashMap<String, String>) -> Vec<String> {
 /// `GET /api/v4/projects/:id/pipelines/:pipeline_id/jobs` (newest first; `scope` filters by status).
 pub async fn pipeline_jobs(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    _: Admin,
     Path((project, pipeline)): Path<(String, String)>,
     QueryPairs(query): QueryPairs,
 ) -> ApiResult<Response> {
-    state.require_admin(&headers)?;
     let store = state.lock();
     let pipeline = &store.pipelines[&pipeline_of_project(&store, &project, &pipeline)?];
     let scopes = scope_filter(&query);
@@ -467,11 +513,10 @@ pub async fn pipeline_jobs(
 /// `GET /api/v4/projects/:id/jobs`.
 pub async fn project_jobs(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    _: Admin,
     Path(project): Path<String>,
     QueryPairs(query): QueryPairs,
 ) -> ApiResult<Response> {
-    state.require_admin(&headers)?;
     let store = state.lock();
     let project_id = project_id(&store, &project)?;
     let scopes = scope_filter(&query);
@@ -501,10 +546,9 @@ fn job_of_project(store: &Store, project: &str, job: &str) -> ApiResult<u64> {
 /// `GET /api/v4/projects/:id/jobs/:job_id`.
 pub async fn get_job(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    _: Admin,
     Path((project, job)): Path<(String, String)>,
 ) -> ApiResult<Response> {
-    state.require_admin(&headers)?;
     let store = state.lock();
     let job_id = job_of_project(&store, &project, &job)?;
     Ok(Json(entities::job(
@@ -519,10 +563,9 @@ pub async fn get_job(
 /// `GET /api/v4/projects/:id/jobs/:job_id/trace`: the raw log.
 pub async fn get_trace(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    _: Admin,
     Path((project, job)): Path<(String, String)>,
 ) -> ApiResult<Response> {
-    state.require_admin(&headers)?;
     let store = state.lock();
     let job_id = job_of_project(&store, &project, &job)?;
     let trace = store.jobs[&job_id].trace.clone();
@@ -532,10 +575,9 @@ pub async fn get_trace(
 /// `GET /api/v4/projects/:id/jobs/:job_id/artifacts`: the archive.
 pub async fn download_artifacts(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    _: Admin,
     Path((project, job)): Path<(String, String)>,
 ) -> ApiResult<Response> {
-    state.require_admin(&headers)?;
     let store = state.lock();
     let job_id = job_of_project(&store, &project, &job)?;
     let artifact = store.jobs[&job_id]
@@ -547,10 +589,9 @@ pub async fn download_artifacts(
 /// `POST /api/v4/projects/:id/jobs/:job_id/play`: queues a manual job.
 pub async fn play_job(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    _: Admin,
     Path((project, job)): Path<(String, String)>,
 ) -> ApiResult<Response> {
-    state.require_admin(&headers)?;
     let mut store = state.lock();
     let job_id = job_of_project(&store, &project, &job)?;
     let now = now();
@@ -569,10 +610,9 @@ pub async fn play_job(
 /// `POST /api/v4/projects/:id/jobs/:job_id/cancel`.
 pub async fn cancel_job(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    _: Admin,
     Path((project, job)): Path<(String, String)>,
 ) -> ApiResult<Response> {
-    state.require_admin(&headers)?;
     let now = now();
     let (body, export) = {
         let mut store = state.lock();

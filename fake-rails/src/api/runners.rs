@@ -3,19 +3,42 @@
 use axum::body::Bytes;
 use axum::extract::multipart::MultipartRejection;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Multipart, Path, State};
+use axum::extract::{DefaultBodyLimit, Multipart, Path, State};
 use axum::http::{header, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::routing::{get, patch, post, put};
+use axum::{Json, Router};
 use serde::Deserialize;
 
-use super::{lenient, ApiError, ApiResult, Params, QueryPairs};
+use super::{lenient, Admin, ApiError, ApiResult, Params, QueryPairs};
+use crate::app_state::{now, AppState, ARTIFACT_BODY_LIMIT, TRACE_BODY_LIMIT};
 use crate::export::{ExportItem, JobSpanData};
 use crate::flags::CI_JOB_TELEMETRY;
 use crate::ids::{self, RailsSpan};
 use crate::payload::{self, TraceIds, FAILURE_REASONS};
-use crate::server::{now, AppState};
 use crate::state::{JobStatus, Runner, Store, StoredArtifact};
+
+/// The runner API: registration, jobs, traces and artifacts.
+pub fn routes() -> Router<AppState> {
+    let traces = Router::new()
+        .route("/api/v4/jobs/{id}/trace", patch(patch_trace))
+        .layer(DefaultBodyLimit::max(TRACE_BODY_LIMIT));
+    let artifacts = Router::new()
+        .route(
+            "/api/v4/jobs/{id}/artifacts",
+            post(upload_artifacts).get(download_artifacts),
+        )
+        .layer(DefaultBodyLimit::max(ARTIFACT_BODY_LIMIT));
+    Router::new()
+        .route("/api/v4/runners", post(register).delete(unregister))
+        .route("/api/v4/runners/verify", post(verify))
+        .route("/api/v4/user/runners", post(create_user_runner))
+        .route("/api/v4/jobs/request", post(request_job))
+        .route("/api/v4/jobs/{id}", put(update_job))
+        .route("/api/v4/job", get(current_job))
+        .merge(traces)
+        .merge(artifacts)
+}
 
 /// Total size a job log may reach.
 pub const MAX_TRACE_BYTES: usize = 64 * 1024 * 1024;
@@ -134,10 +157,9 @@ pub async fn register(
 /// runner and hands its `glrt-` token to `gitlab-runner register --token`.
 pub async fn create_user_runner(
     State(state): State<AppState>,
-    headers: axum::http::HeaderMap,
+    _: Admin,
     Params(p): Params<RegisterParams>,
 ) -> ApiResult<Response> {
-    state.require_admin(&headers)?;
     match p.runner_type.as_deref() {
         Some("instance_type") => create_runner(&state, p),
         Some(_) => Err(ApiError::bad_request(

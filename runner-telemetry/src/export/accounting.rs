@@ -216,6 +216,7 @@ impl JobAccount {
             elapsed,
             timed_out,
             panicked: false,
+            log_records: None,
         }
     }
 
@@ -304,6 +305,9 @@ pub struct FlushReport {
     /// Kept for compatibility; a panicking export counts its spans as
     /// dropped instead.
     pub panicked: bool,
+    /// The same account for the job's log records (`spans` counts records),
+    /// when log export is on.
+    pub log_records: Option<Box<FlushReport>>,
 }
 
 impl FlushReport {
@@ -368,6 +372,28 @@ impl fmt::Display for FlushReport {
             }
             write!(f, " dropped_by=")?;
             write_reasons(f, &by)?;
+        }
+        if let Some(logs) = &self.log_records {
+            write!(
+                f,
+                " log_records={} log_records_exported={} log_records_dropped={}",
+                logs.spans,
+                logs.exported(),
+                logs.dropped()
+            )?;
+            if logs.buffered() > 0 {
+                write!(f, " log_records_buffered={}", logs.buffered())?;
+            }
+            if logs.dropped() > 0 {
+                let mut by = [0u64; DropReason::ALL.len()];
+                for e in &logs.endpoints {
+                    for (slot, n) in by.iter_mut().zip(e.dropped_by) {
+                        *slot += n;
+                    }
+                }
+                write!(f, " log_records_dropped_by=")?;
+                write_reasons(f, &by)?;
+            }
         }
         for e in &self.endpoints {
             if self.endpoints.len() > 1 || e.dropped > 0 || e.buffered > 0 {

@@ -23,6 +23,14 @@ use opentelemetry_sdk::trace::SpanData;
 use opentelemetry_sdk::Resource;
 use prost::Message;
 
+/// An ended span, encoded, with what it belongs to.
+#[derive(Debug, Clone)]
+pub struct EncodedSpan {
+    pub span: Bytes,
+    pub resource: Arc<ResourceBlock>,
+    pub scope: Arc<ScopeBlock>,
+}
+
 /// A job's resource, encoded once.
 #[derive(Debug)]
 pub struct ResourceBlock {

@@ -23,26 +23,48 @@
 //!   stalled collector costs one export timeout per attempt.
 //! * **Shutdown**: remaining spans get one final attempt per batch within
 //!   `shutdown_timeout`; whatever is left is dropped as `shutdown`.
+//! * **Spans and log records share the buffer** (one budget, counted in
+//!   items and bytes); each endpoint has one worker per [`Signal`].
+//! * **A trace keeps its root.** Drop-newest alone would drop a job's
+//!   `job_execution` span (the last to end) first, orphaning its stage spans.
+//!   So every job's sink holds a reservation of one item and
+//!   [`ROOT_RESERVE_BYTES`] from the moment the job starts (when the buffer
+//!   has room for it then): ordinary items only fit in the room left after
+//!   all reservations, and the job's root item (its `job_execution` span, or
+//!   its final log record) is admitted into its own reservation. So a root
+//!   is kept over the children of the same and of later jobs; it can still
+//!   be dropped when the buffer was already full when its job started (no
+//!   reservation then) or when it is larger than the reservation and does
+//!   not fit otherwise. A reservation not used is given back when the job's
+//!   sink is dropped.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
 use super::accounting::{DropReason, JobAccount, Outcome};
 use super::auth::Authenticator;
-use super::encode::{build_request, ResourceBlock, ScopeBlock, SpanRef};
+use super::encode::{build_request, EncodedSpan, SpanRef};
+use super::error::SetupError;
+use super::logs_encode::Signal;
 use super::retry::{Backoff, Verdict};
+use super::sink::{ExportTarget, SpanSink};
 use super::transport::{validate_headers, Attempt, Headers, Transports};
-use super::{ExportTarget, SpanSink};
 use crate::config::{BufferSettings, ExportSettings};
 use crate::metrics::Metrics;
 
 /// Most spans in one export request.
 pub const MAX_BATCH: usize = 512;
+/// Most log records in one export request (a record is a line, about
+/// 150 bytes: 4096 of them stay far below [`MAX_REQUEST_BYTES`]).
+pub const MAX_LOG_BATCH: usize = 4096;
+/// A logs worker woken with fewer than [`MAX_LOG_BATCH`] records waits this
+/// long for more before sending (a job prints lines one by one: without it,
+/// each line would cost a request and a wake-up).
+pub const LOG_LINGER: Duration = Duration::from_millis(100);
 /// Most bytes of spans in one export request (OTLP collectors commonly
 /// accept 4 MiB messages).
 pub const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
@@ -53,33 +75,60 @@ pub const SPAN_OVERHEAD: usize = std::mem::size_of::<Item>() + 16;
 pub const MAX_SHUTDOWN: Duration = Duration::from_secs(3600);
 /// A worker with nothing to do for this long ends (a new span restarts it).
 pub const IDLE_EXIT: Duration = Duration::from_secs(300);
-
-/// An ended span, encoded, with what it belongs to.
-#[derive(Debug, Clone)]
-pub struct EncodedSpan {
-    pub span: Bytes,
-    pub resource: Arc<ResourceBlock>,
-    pub scope: Arc<ScopeBlock>,
-}
+/// Bytes held per job and endpoint for its root item (`job_execution` with
+/// its 4 KB of attributes, or the final log record), see the module docs.
+pub const ROOT_RESERVE_BYTES: usize = 16 * 1024;
 
 /// Spans and bytes in the buffer, against the limits.
 #[derive(Debug)]
 struct Budget {
     limits: BufferSettings,
     used: Mutex<(usize, usize)>,
+    /// Items and bytes held for roots not yet ended. Locked after `used`.
+    held: Mutex<(usize, usize)>,
     metrics: Arc<Metrics>,
 }
 
 impl Budget {
-    fn reserve(&self, bytes: usize) -> bool {
+    /// Takes room for one item of `bytes`, from the room left after every
+    /// reservation; with `own` (a reservation's bytes), that reservation is
+    /// given up first, so the item may use it.
+    fn reserve_from(&self, bytes: usize, own: Option<usize>) -> bool {
         let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
-        if used.0 + 1 > self.limits.max_spans || used.1 + bytes > self.limits.max_bytes {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(own) = own {
+            held.0 = held.0.saturating_sub(1);
+            held.1 = held.1.saturating_sub(own);
+        }
+        if used.0 + held.0 + 1 > self.limits.max_spans
+            || used.1 + held.1 + bytes > self.limits.max_bytes
+        {
             return false;
         }
         used.0 += 1;
         used.1 += bytes;
         self.metrics.buffer_add(1, bytes as i64);
         true
+    }
+
+    /// Holds room for a root item; false when the buffer has none left.
+    fn hold(&self, bytes: usize) -> bool {
+        let used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        if used.0 + held.0 + 1 > self.limits.max_spans
+            || used.1 + held.1 + bytes > self.limits.max_bytes
+        {
+            return false;
+        }
+        held.0 += 1;
+        held.1 += bytes;
+        true
+    }
+
+    fn unhold(&self, bytes: usize) {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        held.0 = held.0.saturating_sub(1);
+        held.1 = held.1.saturating_sub(bytes);
     }
 
     fn release(&self, bytes: usize) {
@@ -100,6 +149,7 @@ struct Item {
     cost: usize,
     budget: Arc<Budget>,
     decided: bool,
+    signal: Signal,
 }
 
 impl std::fmt::Debug for Item {
@@ -122,8 +172,8 @@ impl Item {
         self.decided = true;
         self.budget.release(self.cost);
         match outcome {
-            Outcome::Exported => self.budget.metrics.exported(1),
-            Outcome::Dropped(reason) => self.budget.metrics.dropped(reason, 1),
+            Outcome::Exported => self.budget.metrics.exported_signal(self.signal, 1),
+            Outcome::Dropped(reason) => self.budget.metrics.dropped_signal(self.signal, reason, 1),
         }
         self.account.record(self.endpoint, outcome, 1);
     }
@@ -150,6 +200,7 @@ struct Queue {
 #[derive(Debug)]
 struct Worker {
     target: ExportTarget,
+    signal: Signal,
     label: String,
     headers: Headers,
     queue: Mutex<Queue>,
@@ -187,12 +238,16 @@ impl Worker {
         }
     }
 
-    fn take_batch(queue: &mut Queue) -> Vec<Item> {
+    fn take_batch(queue: &mut Queue, signal: Signal) -> Vec<Item> {
+        let max_batch = match signal {
+            Signal::Traces => MAX_BATCH,
+            Signal::Logs => MAX_LOG_BATCH,
+        };
         let mut batch = Vec::new();
         let mut bytes = 0;
         while let Some(item) = queue.items.front() {
             let size = item.span.span.len();
-            if !batch.is_empty() && (batch.len() >= MAX_BATCH || bytes + size > MAX_REQUEST_BYTES) {
+            if !batch.is_empty() && (batch.len() >= max_batch || bytes + size > MAX_REQUEST_BYTES) {
                 break;
             }
             bytes += size;
@@ -205,11 +260,11 @@ impl Worker {
 pub(crate) struct HubInner {
     limits: BufferSettings,
     shutdown_timeout: Duration,
-    transports: Result<Transports, String>,
+    transports: Result<Transports, SetupError>,
     auth: Authenticator,
     budget: Arc<Budget>,
     metrics: Arc<Metrics>,
-    workers: Mutex<HashMap<ExportTarget, Arc<Worker>>>,
+    workers: Mutex<HashMap<(ExportTarget, Signal), Arc<Worker>>>,
     runtime: OnceLock<tokio::runtime::Handle>,
     /// `Some(deadline)` once shutting down.
     shutdown: watch::Sender<Option<Instant>>,
@@ -250,6 +305,7 @@ impl ExportHub {
                 budget: Arc::new(Budget {
                     limits: settings.buffer,
                     used: Mutex::new((0, 0)),
+                    held: Mutex::new((0, 0)),
                     metrics: metrics.clone(),
                 }),
                 metrics,
@@ -282,26 +338,43 @@ impl ExportHub {
 
     /// A sink for `target`. Needs a tokio runtime (the worker runs there).
     /// The error is one line, without credentials.
-    pub fn build(&self, target: &ExportTarget) -> Result<Box<dyn SpanSink>, String> {
-        let runtime = tokio::runtime::Handle::try_current()
-            .map_err(|_| "no tokio runtime to export from".to_string())?;
+    pub fn build(&self, target: &ExportTarget) -> Result<Box<dyn SpanSink>, SetupError> {
+        self.build_signal(target, Signal::Traces)
+    }
+
+    /// A sink for one job's items of `signal` at `target` (`url` is the
+    /// signal's URL for HTTP). It holds the job's root reservation until the
+    /// root is handed over or the sink is dropped.
+    pub fn build_signal(
+        &self,
+        target: &ExportTarget,
+        signal: Signal,
+    ) -> Result<Box<dyn SpanSink>, SetupError> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| SetupError::NoRuntime)?;
         let _ = self.inner.runtime.set(runtime);
         let transports = self
             .inner
             .transports
             .as_ref()
-            .map_err(|e| format!("{target}: {e}"))?;
-        validate_headers(&target.headers).map_err(|e| format!("{target}: {e}"))?;
+            .map_err(|e| e.clone().for_target(target))?;
+        validate_headers(&target.headers).map_err(|e| e.for_target(target))?;
         if target.transport == crate::negotiate::Transport::Grpc {
             transports
                 .grpc_channel(&target.url)
-                .map_err(|e| format!("{target}: {e}"))?;
+                .map_err(|e| e.for_target(target))?;
         }
-        let worker = self.inner.worker(target)?;
+        let worker = self.inner.worker(target, signal)?;
+        let held = self
+            .inner
+            .budget
+            .hold(ROOT_RESERVE_BYTES)
+            .then_some(ROOT_RESERVE_BYTES);
         Ok(Box::new(EndpointSink {
             hub: self.inner.clone(),
             worker: Mutex::new(worker),
             label: target.to_string(),
+            signal,
+            held: Mutex::new(held),
         }))
     }
 
@@ -363,9 +436,13 @@ impl HubInner {
     }
 
     /// The worker of `target`, started if needed.
-    fn worker(self: &Arc<Self>, target: &ExportTarget) -> Result<Arc<Worker>, String> {
+    fn worker(
+        self: &Arc<Self>,
+        target: &ExportTarget,
+        signal: Signal,
+    ) -> Result<Arc<Worker>, SetupError> {
         let mut workers = self.workers.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(worker) = workers.get(target) {
+        if let Some(worker) = workers.get(&(target.clone(), signal)) {
             return Ok(worker.clone());
         }
         let runtime = self
@@ -373,15 +450,16 @@ impl HubInner {
             .get()
             .cloned()
             .or_else(|| tokio::runtime::Handle::try_current().ok())
-            .ok_or_else(|| "no tokio runtime to export from".to_string())?;
+            .ok_or(SetupError::NoRuntime)?;
         let worker = Arc::new(Worker {
             target: target.clone(),
+            signal,
             label: target.to_string(),
             headers: validate_headers(&target.headers)?,
             queue: Mutex::new(Queue::default()),
             wake: Notify::new(),
         });
-        workers.insert(target.clone(), worker.clone());
+        workers.insert((target.clone(), signal), worker.clone());
         let task = runtime.spawn(run_worker(self.clone(), worker.clone()));
         let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
         tasks.retain(|t| !t.is_finished());
@@ -397,11 +475,9 @@ impl HubInner {
             return false;
         }
         queue.closed = true;
-        if workers
-            .get(&worker.target)
-            .is_some_and(|w| Arc::ptr_eq(w, worker))
-        {
-            workers.remove(&worker.target);
+        let key = (worker.target.clone(), worker.signal);
+        if workers.get(&key).is_some_and(|w| Arc::ptr_eq(w, worker)) {
+            workers.remove(&key);
         }
         true
     }
@@ -412,6 +488,22 @@ struct EndpointSink {
     hub: Arc<HubInner>,
     worker: Mutex<Arc<Worker>>,
     label: String,
+    signal: Signal,
+    /// Bytes of the root reservation, while held.
+    held: Mutex<Option<usize>>,
+}
+
+impl Drop for EndpointSink {
+    fn drop(&mut self) {
+        if let Some(bytes) = self
+            .held
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            self.hub.budget.unhold(bytes);
+        }
+    }
 }
 
 impl SpanSink for EndpointSink {
@@ -420,18 +512,38 @@ impl SpanSink for EndpointSink {
     }
 
     fn accept(&self, span: EncodedSpan, account: &Arc<JobAccount>, endpoint: usize) {
+        self.push(span, account, endpoint, false);
+    }
+
+    fn accept_root(&self, span: EncodedSpan, account: &Arc<JobAccount>, endpoint: usize) {
+        self.push(span, account, endpoint, true);
+    }
+}
+
+impl EndpointSink {
+    fn push(&self, span: EncodedSpan, account: &Arc<JobAccount>, endpoint: usize, root: bool) {
         let hub = &self.hub;
-        hub.metrics.span_created();
+        let signal = self.signal;
+        hub.metrics.created(signal);
+        let own = match root {
+            true => self.held.lock().unwrap_or_else(|e| e.into_inner()).take(),
+            false => None,
+        };
         let drop_now = |reason: DropReason| {
-            hub.metrics.dropped(reason, 1);
+            if let Some(bytes) = own {
+                hub.budget.unhold(bytes);
+            }
+            hub.metrics.dropped_signal(signal, reason, 1);
             account.record(endpoint, Outcome::Dropped(reason), 1);
         };
         if hub.shutting_down().is_some() {
             return drop_now(DropReason::Shutdown);
         }
         let cost = span.span.len() + SPAN_OVERHEAD;
-        if !hub.budget.reserve(cost) {
-            return drop_now(DropReason::QueueFull);
+        if !hub.budget.reserve_from(cost, own) {
+            hub.metrics.dropped_signal(signal, DropReason::QueueFull, 1);
+            account.record(endpoint, Outcome::Dropped(DropReason::QueueFull), 1);
+            return;
         }
         let mut item = Item {
             span,
@@ -441,6 +553,7 @@ impl SpanSink for EndpointSink {
             cost,
             budget: hub.budget.clone(),
             decided: false,
+            signal,
         };
         // At most twice: the worker may have retired since the last span.
         for _ in 0..2 {
@@ -458,7 +571,7 @@ impl SpanSink for EndpointSink {
                     return;
                 }
             }
-            match hub.worker(&worker.target) {
+            match hub.worker(&worker.target, signal) {
                 Ok(fresh) => *self.worker.lock().unwrap_or_else(|e| e.into_inner()) = fresh,
                 Err(_) => break,
             }
@@ -493,15 +606,32 @@ async fn next_batch(
     worker: &Arc<Worker>,
     shutdown: &mut watch::Receiver<Option<Instant>>,
 ) -> Option<Vec<Item>> {
+    let mut lingered = false;
     loop {
         let woken = worker.wake.notified();
         tokio::pin!(woken);
         woken.as_mut().enable();
         worker.expire_queue(hub.limits.max_age);
+        let linger = {
+            let mut queue = worker.lock();
+            let short = queue.items.len() < MAX_LOG_BATCH;
+            if !queue.items.is_empty() && (lingered || !short || worker.signal == Signal::Traces) {
+                return Some(Worker::take_batch(&mut queue, worker.signal));
+            }
+            !queue.items.is_empty() && hub.shutting_down().is_none()
+        };
+        if linger {
+            lingered = true;
+            tokio::select! {
+                _ = tokio::time::sleep(LOG_LINGER) => {}
+                _ = shutdown.changed() => {}
+            }
+            continue;
+        }
         {
             let mut queue = worker.lock();
             if !queue.items.is_empty() {
-                return Some(Worker::take_batch(&mut queue));
+                return Some(Worker::take_batch(&mut queue, worker.signal));
             }
             if hub.shutting_down().is_some() {
                 queue.closed = true;
@@ -591,7 +721,8 @@ async fn export_batch(
                 scope: &i.span.scope,
             }));
             transports
-                .send(
+                .send_signal(
+                    worker.signal,
                     worker.target.transport,
                     &worker.target.url,
                     &worker.headers,

@@ -28,16 +28,23 @@
 //!   runner's buffer, and the job's final line is logged when the last is
 //!   decided (`job=N telemetry settled ...`).
 //!
-//! The SDK's `BatchSpanProcessor` and the stock `opentelemetry-otlp`
-//! exporters are not used: the former runs its own thread without the tokio
-//! reactor, and neither buffers across jobs, honours `Retry-After`, or
-//! accounts for what it drops.
+//! Why our own client rather than the SDK's `BatchSpanProcessor` and the
+//! stock `opentelemetry-otlp` exporters (which do retry, honouring
+//! `Retry-After` and `RetryInfo`): the processor runs its own thread without
+//! the tokio reactor, and what a runner needs is not per-exporter: one buffer
+//! for the whole runner bounded in bytes as well as spans, a `max_age` after
+//! which a span is given up, an account per job and endpoint of every span
+//! (exported or dropped with a reason), and GCP ID tokens fetched and cached
+//! per audience for each payload endpoint.
 
 pub mod accounting;
 pub mod auth;
 pub mod encode;
+pub mod error;
 pub mod hub;
+pub mod logs_encode;
 pub mod retry;
+pub mod sink;
 pub mod transport;
 
 use std::collections::HashMap;
@@ -52,54 +59,10 @@ use opentelemetry_sdk::Resource;
 
 pub use accounting::{DropReason, EndpointReport, FlushReport, JobAccount};
 pub use auth::Auth;
-pub use encode::{ResourceBlock, ScopeBlock};
-pub use hub::{EncodedSpan, ExportHub, ShutdownReport, MAX_BATCH};
-
-use crate::negotiate::Transport;
-
-/// The former name of [`ExportHub`].
-pub type ExporterFactory = ExportHub;
-
-/// Where spans can be handed for export: one endpoint's side of the
-/// runner-wide buffer.
-pub trait SpanSink: Send + Sync + 'static {
-    /// For logs: transport and URL, never credentials.
-    fn label(&self) -> String;
-    /// Takes one ended span without blocking. From here on the sink accounts
-    /// for it in `account` at `endpoint`: exported, or dropped with a reason.
-    fn accept(&self, span: EncodedSpan, account: &Arc<JobAccount>, endpoint: usize);
-}
-
-/// Where one job's spans go. `Debug` shows header names, not values.
-#[derive(Clone, PartialEq, Eq, Hash)]
-pub struct ExportTarget {
-    pub transport: Transport,
-    /// HTTP: full traces URL. gRPC: `http://host:port` or `https://host:port`.
-    pub url: String,
-    pub tls: bool,
-    /// Sent with every request. Values are never logged.
-    pub headers: Vec<(String, String)>,
-    pub auth: Auth,
-}
-
-impl fmt::Debug for ExportTarget {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let names: Vec<&str> = self.headers.iter().map(|(k, _)| k.as_str()).collect();
-        f.debug_struct("ExportTarget")
-            .field("transport", &self.transport)
-            .field("url", &self.url)
-            .field("tls", &self.tls)
-            .field("headers", &names)
-            .field("auth", &self.auth)
-            .finish()
-    }
-}
-
-impl fmt::Display for ExportTarget {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}+{}", self.transport, self.url)
-    }
-}
+pub use encode::{EncodedSpan, ResourceBlock, ScopeBlock};
+pub use error::SetupError;
+pub use hub::{ExportHub, ShutdownReport, MAX_BATCH};
+pub use sink::{ExportTarget, SpanSink};
 
 /// Spans a job may have waiting for its encoder task; past this many, the
 /// job's own thread encodes (it never waits). A job's whole span cap, so a
@@ -129,8 +92,12 @@ struct JobSpans {
 }
 
 impl JobSpans {
-    /// Encodes `span` once and hands it to every sink.
+    /// Encodes `span` once and hands it to every sink; the job's root span
+    /// may use the room each sink holds for it.
     fn deliver(&self, span: SpanData) {
+        let root = span.name == crate::job::JOB_SPAN_NAME
+            && (span.parent_span_is_remote
+                || span.parent_span_id == opentelemetry::trace::SpanId::INVALID);
         let scope = {
             let mut scopes = self.scopes.lock().unwrap_or_else(|e| e.into_inner());
             scopes
@@ -144,7 +111,10 @@ impl JobSpans {
             scope,
         };
         for (index, sink) in self.sinks.iter().enumerate() {
-            sink.accept(encoded.clone(), &self.account, index);
+            match root {
+                true => sink.accept_root(encoded.clone(), &self.account, index),
+                false => sink.accept(encoded.clone(), &self.account, index),
+            }
         }
     }
 }

@@ -22,9 +22,11 @@ use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse
 use prost::Message;
 
 use super::encode::RawExportRequest;
+use super::error::SetupError;
+use super::logs_encode::Signal;
 use super::retry::{classify_grpc, classify_http, Verdict};
 use crate::negotiate::Transport;
-use crate::secrets::{redact, Secret};
+use crate::secrets::{redact_all, url_credentials, Secret};
 
 /// The gRPC method of OTLP traces.
 pub const GRPC_EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
@@ -69,40 +71,42 @@ impl std::fmt::Debug for HttpClient {
 }
 
 /// The root certificates: the system's and the CA file's.
-pub fn tls_roots(ca_file: Option<&Path>) -> Result<rustls::RootCertStore, String> {
+pub fn tls_roots(ca_file: Option<&Path>) -> Result<rustls::RootCertStore, SetupError> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::CertificateDer;
     let mut roots = rustls::RootCertStore::empty();
     let native = rustls_native_certs::load_native_certs();
     let _ = roots.add_parsable_certificates(native.certs);
     if let Some(path) = ca_file {
-        let pem = std::fs::read(path)
-            .map_err(|e| format!("cannot read the CA file `{}`: {e}", path.display()))?;
+        let pem = std::fs::read(path).map_err(|e| SetupError::ca_file_unreadable(path, &e))?;
+        let invalid = |reason: String| SetupError::CaFileInvalid {
+            path: path.to_path_buf(),
+            reason,
+        };
         let mut added = 0;
         for cert in CertificateDer::pem_slice_iter(&pem) {
-            let cert = cert
-                .map_err(|e| format!("the CA file `{}` is not valid PEM: {e}", path.display()))?;
+            let cert = cert.map_err(|e| invalid(format!("is not valid PEM: {e}")))?;
             roots
                 .add(cert)
-                .map_err(|e| format!("the CA file `{}`: {e}", path.display()))?;
+                .map_err(|e| invalid(format!("holds an unusable certificate: {e}")))?;
             added += 1;
         }
         if added == 0 {
-            return Err(format!(
-                "the CA file `{}` holds no certificate",
-                path.display()
-            ));
+            return Err(invalid("holds no certificate".into()));
         }
     }
     Ok(roots)
 }
 
 impl HttpClient {
-    pub fn new(ca_file: Option<&Path>, connect_timeout: Duration) -> Result<HttpClient, String> {
+    pub fn new(
+        ca_file: Option<&Path>,
+        connect_timeout: Duration,
+    ) -> Result<HttpClient, SetupError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let tls = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
-            .map_err(|e| format!("TLS: {e}"))?
+            .map_err(|e| SetupError::Tls(e.to_string()))?
             .with_root_certificates(tls_roots(ca_file)?)
             .with_no_client_auth();
         let mut http = HttpConnector::new();
@@ -192,17 +196,29 @@ pub type Headers = Vec<(HeaderName, HeaderValue)>;
 
 /// Validates `(name, value)` pairs; the error names the header, never its
 /// value.
-pub fn validate_headers(headers: &[(String, String)]) -> Result<Headers, String> {
+pub fn validate_headers(headers: &[(String, String)]) -> Result<Headers, SetupError> {
     let mut out = Vec::new();
     for (key, value) in headers {
         let name = HeaderName::from_bytes(key.trim().as_bytes())
-            .map_err(|_| format!("header name `{key}` is not valid"))?;
-        let mut value = HeaderValue::from_str(value)
-            .map_err(|_| format!("the value of header `{key}` is not valid"))?;
+            .map_err(|_| SetupError::HeaderName(key.clone()))?;
+        let mut value =
+            HeaderValue::from_str(value).map_err(|_| SetupError::HeaderValue(key.clone()))?;
         value.set_sensitive(true);
         out.push((name, value));
     }
     Ok(out)
+}
+
+/// Text a collector answered, with every credential this request carried
+/// redacted: header values, the bearer token, the URL's userinfo.
+fn redact_answer(text: &str, url: &str, headers: &Headers, bearer: Option<&Secret>) -> String {
+    let from_url = url_credentials(url);
+    let values = headers
+        .iter()
+        .filter_map(|(_, value)| value.to_str().ok())
+        .chain(bearer.map(Secret::expose))
+        .chain(from_url.iter().map(String::as_str));
+    redact_all(text, values)
 }
 
 fn bearer_value(token: &Secret) -> Result<HeaderValue, String> {
@@ -217,7 +233,7 @@ pub struct Transports {
     http: HttpClient,
     ca_file: Option<std::path::PathBuf>,
     grpc: Mutex<HashMap<String, tonic::transport::Channel>>,
-    grpc_tls_roots: OnceLock<Result<Vec<tonic::transport::Certificate>, String>>,
+    grpc_tls_roots: OnceLock<Result<Vec<tonic::transport::Certificate>, SetupError>>,
     export_timeout: Duration,
 }
 
@@ -230,7 +246,7 @@ impl std::fmt::Debug for Transports {
 }
 
 impl Transports {
-    pub fn new(ca_file: Option<&Path>, export_timeout: Duration) -> Result<Transports, String> {
+    pub fn new(ca_file: Option<&Path>, export_timeout: Duration) -> Result<Transports, SetupError> {
         Ok(Transports {
             http: HttpClient::new(ca_file, export_timeout.min(Duration::from_secs(5)))?,
             ca_file: ca_file.map(Path::to_path_buf),
@@ -250,13 +266,13 @@ impl Transports {
 
     /// The gRPC channel of `url` (`http://host:port` or `https://...`),
     /// created on first use and connected lazily.
-    pub fn grpc_channel(&self, url: &str) -> Result<tonic::transport::Channel, String> {
+    pub fn grpc_channel(&self, url: &str) -> Result<tonic::transport::Channel, SetupError> {
         let mut channels = self.grpc.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(channel) = channels.get(url) {
             return Ok(channel.clone());
         }
         let mut endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
-            .map_err(|e| format!("invalid gRPC endpoint: {e}"))?
+            .map_err(|e| SetupError::GrpcEndpoint(e.to_string()))?
             .timeout(self.export_timeout)
             .connect_timeout(self.export_timeout.min(Duration::from_secs(5)));
         if url.starts_with("https://") {
@@ -266,13 +282,15 @@ impl Transports {
                     None => Ok(Vec::new()),
                     Some(path) => std::fs::read(path)
                         .map(|pem| vec![tonic::transport::Certificate::from_pem(pem)])
-                        .map_err(|e| format!("cannot read the CA file `{}`: {e}", path.display())),
+                        .map_err(|e| SetupError::ca_file_unreadable(path, &e)),
                 })
                 .clone()?;
             let tls = tonic::transport::ClientTlsConfig::new()
                 .with_native_roots()
                 .ca_certificates(extra);
-            endpoint = endpoint.tls_config(tls).map_err(|e| format!("TLS: {e}"))?;
+            endpoint = endpoint
+                .tls_config(tls)
+                .map_err(|e| SetupError::Tls(e.to_string()))?;
         }
         let channel = endpoint.connect_lazy();
         channels.insert(url.to_string(), channel.clone());
@@ -288,10 +306,28 @@ impl Transports {
         bearer: Option<&Secret>,
         request: RawExportRequest,
     ) -> Attempt {
+        self.send_signal(Signal::Traces, transport, url, headers, bearer, request)
+            .await
+    }
+
+    /// One export attempt of `signal` (the gRPC method differs; an HTTP URL
+    /// already has the signal's path).
+    pub async fn send_signal(
+        &self,
+        signal: Signal,
+        transport: Transport,
+        url: &str,
+        headers: &Headers,
+        bearer: Option<&Secret>,
+        request: RawExportRequest,
+    ) -> Attempt {
         let attempt = async {
             match transport {
                 Transport::HttpProtobuf => self.send_http(url, headers, bearer, request).await,
-                Transport::Grpc => self.send_grpc(url, headers, bearer, request).await,
+                Transport::Grpc => {
+                    self.send_grpc(signal.grpc_path(), url, headers, bearer, request)
+                        .await
+                }
             }
         };
         match tokio::time::timeout(self.export_timeout, attempt).await {
@@ -349,7 +385,7 @@ impl Transports {
         if answer.status.is_success() {
             // A body that does not decode (empty, JSON) is a full success.
             let response = ExportTraceServiceResponse::decode(answer.body).unwrap_or_default();
-            return delivered(response, bearer);
+            return delivered(response, url, headers, bearer);
         }
         let retry_after = answer
             .headers
@@ -362,7 +398,7 @@ impl Transports {
         if !text.is_empty() && text.is_char_boundary(text.len().min(MAX_MESSAGE)) {
             let cut: String = text.chars().take(MAX_MESSAGE).collect();
             if cut.chars().all(|c| !c.is_control() || c == ' ') {
-                error.push_str(&format!(": {}", redact(&cut, bearer)));
+                error.push_str(&format!(": {}", redact_answer(&cut, url, headers, bearer)));
             }
         }
         Attempt::Failed {
@@ -374,6 +410,7 @@ impl Transports {
 
     async fn send_grpc(
         &self,
+        method: &'static str,
         url: &str,
         headers: &Headers,
         bearer: Option<&Secret>,
@@ -384,7 +421,7 @@ impl Transports {
             Err(error) => {
                 return Attempt::Failed {
                     verdict: Verdict::Permanent,
-                    error,
+                    error: error.to_string(),
                     unauthenticated: false,
                 }
             }
@@ -430,15 +467,18 @@ impl Transports {
         }
         let codec =
             tonic_prost::ProstCodec::<RawExportRequest, ExportTraceServiceResponse>::default();
-        let path = http::uri::PathAndQuery::from_static(GRPC_EXPORT_PATH);
+        let path = http::uri::PathAndQuery::from_static(method);
         match grpc.unary(request, path, codec).await {
-            Ok(response) => delivered(response.into_inner(), bearer),
+            Ok(response) => delivered(response.into_inner(), url, headers, bearer),
             Err(status) => {
                 let verdict = classify_grpc(status.code(), status.details());
                 let message: String = status.message().chars().take(MAX_MESSAGE).collect();
                 let mut error = format!("gRPC {:?}", status.code());
                 if !message.is_empty() {
-                    error.push_str(&format!(": {}", redact(&message, bearer)));
+                    error.push_str(&format!(
+                        ": {}",
+                        redact_answer(&message, url, headers, bearer)
+                    ));
                 }
                 Attempt::Failed {
                     verdict,
@@ -450,19 +490,63 @@ impl Transports {
     }
 }
 
-fn delivered(response: ExportTraceServiceResponse, bearer: Option<&Secret>) -> Attempt {
+fn delivered(
+    response: ExportTraceServiceResponse,
+    url: &str,
+    headers: &Headers,
+    bearer: Option<&Secret>,
+) -> Attempt {
     let (rejected, message) = match response.partial_success {
         Some(p) => (
             u64::try_from(p.rejected_spans).unwrap_or(0),
-            redact(
+            redact_answer(
                 &p.error_message
                     .chars()
                     .take(MAX_MESSAGE)
                     .collect::<String>(),
+                url,
+                headers,
                 bearer,
             ),
         ),
         None => (0, String::new()),
     };
     Attempt::Delivered { rejected, message }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn setup_errors_are_typed_and_name_no_value() {
+        let missing = tls_roots(Some(Path::new("/nonexistent/ca.pem"))).unwrap_err();
+        assert!(
+            matches!(
+                &missing,
+                SetupError::CaFileUnreadable {
+                    kind: std::io::ErrorKind::NotFound,
+                    ..
+                }
+            ),
+            "{missing:?}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("ca.pem");
+        std::fs::write(&empty, "no certificate here").unwrap();
+        assert!(matches!(
+            tls_roots(Some(&empty)),
+            Err(SetupError::CaFileInvalid { .. })
+        ));
+        let bad_value = validate_headers(&[("x-key".into(), "secret\nvalue".into())]).unwrap_err();
+        assert_eq!(bad_value, SetupError::HeaderValue("x-key".into()));
+        assert_eq!(
+            bad_value.to_string(),
+            "the value of header `x-key` is not valid"
+        );
+        assert_eq!(
+            validate_headers(&[("bad name".into(), "v".into())]).unwrap_err(),
+            SetupError::HeaderName("bad name".into())
+        );
+    }
 }

@@ -24,6 +24,7 @@ mod collector;
 mod export;
 pub mod gate;
 mod jobs;
+mod logs;
 pub mod peer;
 mod rails;
 pub mod report;
@@ -110,6 +111,11 @@ impl Profile {
 const RELEASE_VAR: &str = "XTASK_BENCH_RELEASE";
 
 pub fn run(args: &[String]) -> Result<()> {
+    match args.first().map(String::as_str) {
+        Some("ingest") => return crate::bench_ingest::run(&args[1..]),
+        Some("logs") => return logs::run(),
+        _ => {}
+    }
     let mut gate = false;
     let mut profile = Profile::full();
     for arg in args {

@@ -1,0 +1,1059 @@
+//! The real `ci-runner` binary against a tiny in-test job API (and in-test
+//! OTLP collectors). Every wait polls with a deadline.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::job_api::{
+    git_commit, git_repo, job_token, range_not_satisfiable, range_start, runner_command, serve,
+    trace_text, verified, PARENT, RUNNER_TOKEN, TRACE_ID,
+};
+use axum::body::Bytes;
+use axum::extract::{Path as UrlPath, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{patch, post, put};
+use axum::Json;
+use conformance::doubles::otlp::{closed_port, grpc_collector, http_collector, stalled_server};
+use serde_json::{json, Value};
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+/// What the job API received.
+#[derive(Default)]
+struct ApiState {
+    verify_status: u16,
+    jobs: VecDeque<Value>,
+    job_tokens: HashMap<i64, String>,
+    /// When each job was handed out.
+    handed_out: HashMap<i64, Instant>,
+    requests: Vec<Value>,
+    verifies: Vec<Value>,
+    /// (job id, body, JOB-TOKEN header, arrival)
+    updates: Vec<(i64, Value, Option<String>, Instant)>,
+    traces: HashMap<i64, Vec<u8>>,
+    /// (job id, Content-Range, status answered)
+    patches: Vec<(i64, String, u16)>,
+    /// Jobs whose first PATCH is stored but answered 500 (to force a resync).
+    fail_first_patch: Vec<i64>,
+    /// Status updates answered 503 with `Retry-After: 0` before one is
+    /// accepted.
+    throttle_updates: usize,
+    /// Answer every status update with this (a GitLab that never accepts).
+    refuse_updates_with: Option<u16>,
+    /// Jobs whose first trace PATCH hangs (far longer than a test lasts).
+    hang_first_patch: Vec<i64>,
+    /// PATCH requests hanging right now.
+    hanging: usize,
+}
+
+#[derive(Clone)]
+struct Api(Arc<Mutex<ApiState>>);
+
+impl Api {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ApiState> {
+        self.0.lock().unwrap()
+    }
+
+    fn update(&self, job: i64) -> Option<(Value, Option<String>, Instant)> {
+        self.lock()
+            .updates
+            .iter()
+            .find(|u| u.0 == job)
+            .map(|u| (u.1.clone(), u.2.clone(), u.3))
+    }
+
+    fn trace(&self, job: i64) -> String {
+        trace_text(&self.lock().traces, job)
+    }
+
+    fn handed_out(&self, job: i64) -> Option<Instant> {
+        self.lock().handed_out.get(&job).copied()
+    }
+}
+
+async fn verify(State(api): State<Api>, Json(body): Json<Value>) -> Response {
+    let mut state = api.lock();
+    state.verifies.push(body);
+    match state.verify_status {
+        403 => StatusCode::FORBIDDEN.into_response(),
+        _ => verified(),
+    }
+}
+
+async fn request_job(State(api): State<Api>, Json(body): Json<Value>) -> Response {
+    let mut state = api.lock();
+    state.requests.push(body);
+    match state.jobs.pop_front() {
+        Some(job) => {
+            if let Some(id) = job.get("id").and_then(Value::as_i64) {
+                state.handed_out.insert(id, Instant::now());
+                if let Some(token) = job.get("token").and_then(Value::as_str) {
+                    state.job_tokens.insert(id, token.to_string());
+                }
+            }
+            (StatusCode::CREATED, Json(job)).into_response()
+        }
+        None => (StatusCode::NO_CONTENT, [("X-GitLab-Last-Update", "lu-1")]).into_response(),
+    }
+}
+
+async fn update_job(
+    State(api): State<Api>,
+    UrlPath(id): UrlPath<i64>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
+    let token = job_token(&headers);
+    let mut state = api.lock();
+    if let Some(status) = state.refuse_updates_with {
+        return StatusCode::from_u16(status).unwrap().into_response();
+    }
+    if state.throttle_updates > 0 {
+        state.throttle_updates -= 1;
+        return (StatusCode::SERVICE_UNAVAILABLE, [("Retry-After", "0")]).into_response();
+    }
+    state.updates.push((id, body, token, Instant::now()));
+    StatusCode::OK.into_response()
+}
+
+async fn patch_trace(
+    State(api): State<Api>,
+    UrlPath(id): UrlPath<i64>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let hang = {
+        let mut state = api.lock();
+        match state.hang_first_patch.iter().position(|j| *j == id) {
+            Some(i) => {
+                state.hang_first_patch.remove(i);
+                state.hanging += 1;
+                true
+            }
+            None => false,
+        }
+    };
+    if hang {
+        // Far longer than the test waits: the runner must not wait it out.
+        tokio::time::sleep(DEADLINE * 2).await;
+        api.lock().hanging -= 1;
+        return StatusCode::GATEWAY_TIMEOUT.into_response();
+    }
+    let mut state = api.lock();
+    let token = job_token(&headers).unwrap_or_default();
+    if state.job_tokens.get(&id) != Some(&token) {
+        return StatusCode::FORBIDDEN.into_response();
+    }
+    let Some(range) = headers
+        .get("Content-Range")
+        .and_then(|v| v.to_str().ok())
+        .map(String::from)
+    else {
+        return StatusCode::BAD_REQUEST.into_response();
+    };
+    let start = range_start(&range);
+    let trace = state.traces.entry(id).or_default();
+    let size = trace.len();
+    if start != size {
+        state.patches.push((id, range, 416));
+        return range_not_satisfiable(size);
+    }
+    trace.extend_from_slice(&body);
+    let size = trace.len();
+    if let Some(i) = state.fail_first_patch.iter().position(|j| *j == id) {
+        state.fail_first_patch.remove(i);
+        state.patches.push((id, range, 500));
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    }
+    state.patches.push((id, range, 202));
+    (
+        StatusCode::ACCEPTED,
+        [
+            ("Range", format!("0-{size}")),
+            ("Job-Status", "running".to_string()),
+        ],
+    )
+        .into_response()
+}
+
+async fn start_api(jobs: Vec<Value>, configure: impl FnOnce(&mut ApiState)) -> (Api, SocketAddr) {
+    let mut state = ApiState {
+        verify_status: 200,
+        jobs: jobs.into(),
+        ..Default::default()
+    };
+    configure(&mut state);
+    let api = Api(Arc::new(Mutex::new(state)));
+    let app = axum::Router::new()
+        .route("/api/v4/runners/verify", post(verify))
+        .route("/api/v4/jobs/request", post(request_job))
+        .route("/api/v4/jobs/{id}", put(update_job))
+        .route("/api/v4/jobs/{id}/trace", patch(patch_trace))
+        .with_state(api.clone());
+    (api, serve(app).await)
+}
+
+/// A running `ci-runner` process and its stderr lines (with arrival time).
+struct Runner {
+    child: Child,
+    lines: Arc<Mutex<Vec<(Instant, String)>>>,
+    _builds: tempfile::TempDir,
+}
+
+impl Runner {
+    fn start(api: SocketAddr, max_jobs: usize, extra: &[&str]) -> Runner {
+        Self::start_with_env(api, max_jobs, extra, &[])
+    }
+
+    fn start_with_env(
+        api: SocketAddr,
+        max_jobs: usize,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Runner {
+        let builds = tempfile::tempdir().unwrap();
+        let mut command = runner_command(api, builds.path(), builds.path(), max_jobs, 100);
+        command.args(extra).envs(env.iter().copied());
+        let mut child = command.spawn().expect("ci-runner starts");
+        let stderr = child.stderr.take().unwrap();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push((Instant::now(), line));
+            }
+        });
+        Runner {
+            child,
+            lines,
+            _builds: builds,
+        }
+    }
+
+    fn log(&self) -> String {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, l)| l.as_str())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// When the first stderr line containing `needle` arrived.
+    fn line_time(&self, needle: &str) -> Option<Instant> {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(_, l)| l.contains(needle))
+            .map(|(t, _)| *t)
+    }
+
+    async fn wait_exit(&mut self) -> i32 {
+        let until = Instant::now() + DEADLINE;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                // Let the stderr thread drain.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                return status.code().unwrap_or(-1);
+            }
+            if Instant::now() > until {
+                let _ = self.child.kill();
+                panic!("ci-runner did not exit in time; log:\n{}", self.log());
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(self.child.id() as i32, signal);
+        }
+    }
+}
+
+impl Drop for Runner {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `condition` until true or the deadline.
+async fn until(what: &str, condition: impl Fn() -> bool) {
+    let deadline = Instant::now() + DEADLINE;
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn job(id: i64, script: &[&str], after: &[&str]) -> Value {
+    json!({
+        "id": id,
+        "token": format!("job-token-{id}-SECRET"),
+        "allow_git_fetch": true,
+        "job_info": {"name": format!("job-{id}"), "stage": "test", "pipeline_id": 500 + id,
+                      "project_id": 3, "project_name": "demo", "project_full_path": "group/demo",
+                      "time_in_queue_seconds": 1},
+        "git_info": {"repo_url": "", "ref": "main", "sha": "", "ref_type": "branch", "depth": 0},
+        "runner_info": {"timeout": 60},
+        "variables": [
+            {"key": "CI_JOB_ID", "value": id.to_string(), "public": true, "masked": false},
+            {"key": "CI_JOB_NAME", "value": format!("job-{id}"), "public": true, "masked": false},
+            {"key": "CI_JOB_TOKEN", "value": format!("job-token-{id}-SECRET"), "public": false, "masked": true},
+            {"key": "CI_PIPELINE_SOURCE", "value": "push", "public": true, "masked": false}
+        ],
+        "steps": [
+            {"name": "script", "script": script, "timeout": 60, "when": "on_success", "allow_failure": false},
+            {"name": "after_script", "script": after, "timeout": 60, "when": "always", "allow_failure": false}
+        ],
+        "image": null, "services": [], "artifacts": [], "cache": [], "dependencies": [],
+        "features": {"trace_sections": true},
+        "unknown_future_field": {"nested": [1, 2, 3]}
+    })
+}
+
+fn with(mut job: Value, key: &str, value: Value) -> Value {
+    job[key] = value;
+    job
+}
+
+fn add_variable(mut job: Value, variable: Value) -> Value {
+    job["variables"].as_array_mut().unwrap().push(variable);
+    job
+}
+
+fn crc32(data: &[u8]) -> u32 {
+    ci_runner::trace::crc32(data)
+}
+
+/// The final update of a job, checked against the recorded log.
+fn assert_update(
+    api: &Api,
+    id: i64,
+    state: &str,
+    reason: Option<&str>,
+    exit_code: Option<i64>,
+) -> Value {
+    let (body, header_token, _) = api
+        .update(id)
+        .unwrap_or_else(|| panic!("no status update for job {id}"));
+    assert_eq!(body["state"], state, "{body}");
+    assert_eq!(body["failure_reason"].as_str(), reason, "{body}");
+    assert_eq!(body["exit_code"].as_i64(), exit_code, "{body}");
+    let token = format!("job-token-{id}-SECRET");
+    assert_eq!(body["token"], token.as_str());
+    assert_eq!(header_token.as_deref(), Some(token.as_str()));
+    let trace = api.lock().traces.get(&id).cloned().unwrap_or_default();
+    assert_eq!(
+        body["output"]["bytesize"].as_u64(),
+        Some(trace.len() as u64),
+        "{body}"
+    );
+    assert_eq!(
+        body["output"]["checksum"],
+        format!("crc32:{:08x}", crc32(&trace))
+    );
+    body
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passing_job_succeeds_and_after_script_failure_does_not_matter() {
+    let job1 = add_variable(
+        job(
+            1,
+            &[
+                "echo hello from $CI_JOB_NAME",
+                "cat \"$MY_FILE\"",
+                "echo \"expanded=$EXPANDED raw=$RAW\"",
+            ],
+            &["echo after ran", "exit 7"],
+        ),
+        json!({"key": "MY_FILE", "value": "file-content-here", "file": true}),
+    );
+    let job1 = add_variable(job1, json!({"key": "EXPANDED", "value": "id-$CI_JOB_ID"}));
+    let job1 = add_variable(
+        job1,
+        json!({"key": "RAW", "value": "id-$CI_JOB_ID", "raw": true}),
+    );
+    let (api, addr) = start_api(vec![job1], |_| {}).await;
+    let mut runner = Runner::start(addr, 1, &["--telemetry-disabled"]);
+    assert_eq!(runner.wait_exit().await, 0, "{}", runner.log());
+
+    assert_update(&api, 1, "success", None, None);
+    let trace = api.trace(1);
+    for expected in [
+        "Running with ci-runner",
+        "$ echo hello from $CI_JOB_NAME",
+        "hello from job-1",
+        "file-content-here",
+        "expanded=id-1 raw=id-$CI_JOB_ID",
+        "section_start:",
+        "step_script",
+        "after ran",
+        "WARNING: after_script failed, but job will continue unaffected: exit code 7",
+        "Job succeeded",
+    ] {
+        assert!(
+            trace.contains(expected),
+            "missing {expected:?} in trace:\n{trace}"
+        );
+    }
+    let state = api.lock();
+    let request = &state.requests[0];
+    assert_eq!(request["token"], RUNNER_TOKEN);
+    assert_eq!(request["info"]["executor"], "shell");
+    assert_eq!(request["info"]["shell"], "bash");
+    assert_eq!(request["info"]["features"]["trace_checksum"], true);
+    assert_eq!(request["info"]["features"]["cancelable"], true);
+    assert_eq!(state.verifies.len(), 1);
+    assert!(state.patches.iter().all(|(_, _, status)| *status == 202));
+    drop(state);
+    let log = runner.log();
+    assert!(log.contains("job=1 Job succeeded duration="), "{log}");
+    assert!(
+        log.contains("job=1 telemetry disabled: telemetry is disabled in the runner configuration"),
+        "{log}"
+    );
+    assert!(
+        !log.contains(RUNNER_TOKEN) && !log.contains("SECRET"),
+        "{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_job_is_a_script_failure_and_after_script_still_runs() {
+    let (api, addr) = start_api(
+        vec![job(
+            2,
+            &["echo before", "exit 3", "echo never"],
+            &["echo after_script ran with $CI_JOB_STATUS"],
+        )],
+        |_| {},
+    )
+    .await;
+    let mut runner = Runner::start(addr, 1, &["--telemetry-disabled"]);
+    assert_eq!(runner.wait_exit().await, 0, "{}", runner.log());
+
+    assert_update(&api, 2, "failed", Some("script_failure"), Some(3));
+    let trace = api.trace(2);
+    assert!(trace.contains("before"), "{trace}");
+    assert!(!trace.contains("\nnever"), "{trace}");
+    let after = trace
+        .find("after_script ran with failed")
+        .expect("after_script output");
+    let error = trace
+        .find("ERROR: Job failed: exit code 3")
+        .expect("final line");
+    assert!(after < error, "{trace}");
+    assert!(
+        runner
+            .log()
+            .contains("job=2 Job failed reason=script_failure exit_code=3"),
+        "{}",
+        runner.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn masked_variables_and_the_job_token_never_leave_the_process() {
+    let secret = "s3cr3t-VALUE-xyz";
+    let job3 = add_variable(
+        job(
+            3,
+            &[
+                "echo \"secret is $MY_SECRET\"",
+                // Split across two writes (and two PATCHes): printed in halves.
+                "printf 's3cr3t-VA'; sleep 1.3; printf 'LUE-xyz done\\n'",
+                "echo token=$CI_JOB_TOKEN",
+            ],
+            &["echo after $MY_SECRET"],
+        ),
+        json!({"key": "MY_SECRET", "value": secret, "masked": true, "public": false}),
+    );
+    let (api, addr) = start_api(vec![job3], |_| {}).await;
+    let mut runner = Runner::start(addr, 1, &["--telemetry-disabled"]);
+    assert_eq!(runner.wait_exit().await, 0, "{}", runner.log());
+
+    assert_update(&api, 3, "success", None, None);
+    let trace = api.trace(3);
+    assert!(trace.contains("secret is [MASKED]"), "{trace}");
+    assert!(trace.contains("[MASKED] done"), "{trace}");
+    assert!(trace.contains("token=[MASKED]"), "{trace}");
+    assert!(trace.contains("after [MASKED]"), "{trace}");
+    assert!(
+        !trace.contains(secret) && !trace.contains("job-token-3-SECRET"),
+        "{trace}"
+    );
+    // The halves were sent in different PATCHes, yet never in clear.
+    assert!(api.lock().patches.len() >= 2);
+    assert!(!runner.log().contains(secret), "{}", runner.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_timeout_kills_the_script() {
+    let job4 = with(
+        job(4, &["echo start", "sleep 60 & sleep 60"], &["echo after"]),
+        "runner_info",
+        json!({"timeout": 2}),
+    );
+    let (api, addr) = start_api(vec![job4], |_| {}).await;
+    let mut runner = Runner::start(addr, 1, &["--telemetry-disabled"]);
+    assert_eq!(runner.wait_exit().await, 0, "{}", runner.log());
+
+    assert_update(&api, 4, "failed", Some("job_execution_timeout"), None);
+    let (_, _, arrived) = api.update(4).unwrap();
+    let took = arrived - api.handed_out(4).unwrap();
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(10),
+        "{took:?}"
+    );
+    let trace = api.trace(4);
+    assert!(
+        trace.contains("execution took longer than 2s seconds"),
+        "{trace}"
+    );
+    assert!(
+        !trace.contains("after\n"),
+        "after_script does not run after a timeout: {trace}"
+    );
+    assert!(
+        runner
+            .log()
+            .contains("job=4 Job failed reason=job_execution_timeout"),
+        "{}",
+        runner.log()
+    );
+}
+
+/// Runs one telemetry-enabled job against a collector that cannot take it,
+/// and checks that the status arrives long before the flush deadline ends.
+async fn status_is_not_delayed_by(collector_url: String, expect_deadline: bool) {
+    let job5 = with(
+        job(5, &["echo hi"], &[]),
+        "features",
+        json!({"job_telemetry": true}),
+    );
+    let job5 = with(
+        job5,
+        "trace_context",
+        json!({"trace_id": TRACE_ID, "parent_span_id": PARENT}),
+    );
+    let (api, addr) = start_api(vec![job5], |_| {}).await;
+    let mut runner = Runner::start(
+        addr,
+        1,
+        &["--otlp-endpoint", &collector_url, "--flush-timeout", "5"],
+    );
+
+    until("the status update", || api.update(5).is_some()).await;
+    let (_, _, status_at) = api.update(5).unwrap();
+    let status_after = status_at - api.handed_out(5).unwrap();
+    assert!(
+        status_after < Duration::from_secs(3),
+        "status took {status_after:?}"
+    );
+    assert_eq!(runner.wait_exit().await, 0, "{}", runner.log());
+    assert_update(&api, 5, "success", None, None);
+
+    let log = runner.log();
+    assert!(
+        log.contains(&format!(
+            "job=5 telemetry enabled contract=v1 trace_id={TRACE_ID} parent={PARENT}"
+        )),
+        "{log}"
+    );
+    // The span is retried past the flush deadline (it stays in the runner's
+    // buffer), and counted as `shutdown` when the runner stops.
+    let line = |prefix: &str| {
+        log.lines()
+            .find(|l| l.contains(prefix))
+            .unwrap_or_else(|| panic!("no `{prefix}` line in {log}"))
+            .to_string()
+    };
+    let incomplete = line("job=5 telemetry flush incomplete spans=");
+    assert!(
+        incomplete.contains(" exported=0 dropped=0 buffered="),
+        "{incomplete}"
+    );
+    let settled = line("job=5 telemetry settled with drops spans=");
+    assert!(
+        settled.contains(" exported=0 ") && settled.contains("dropped_by=shutdown="),
+        "{settled}"
+    );
+    let flushed_at = runner
+        .line_time("job=5 telemetry flush incomplete")
+        .unwrap();
+    assert!(
+        status_at < flushed_at,
+        "the status must be sent before the flush ends"
+    );
+    if expect_deadline {
+        assert!(log.contains("deadline_exceeded=true"), "{log}");
+        assert!(
+            flushed_at - status_at > Duration::from_secs(3),
+            "the flush waited for its deadline"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closed_collector_port_does_not_change_the_job() {
+    status_is_not_delayed_by(format!("http://{}/v1/traces", closed_port()), false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_collector_does_not_delay_the_status() {
+    status_is_not_delayed_by(format!("http://{}/v1/traces", stalled_server().await), true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_reach_the_collector_from_the_binary() {
+    let http = http_collector().await;
+    let grpc = grpc_collector().await;
+    let v1 = with(
+        with(
+            job(6, &["echo v1"], &[]),
+            "features",
+            json!({"job_telemetry": true}),
+        ),
+        "trace_context",
+        json!({"trace_id": TRACE_ID, "parent_span_id": PARENT}),
+    );
+    let off = with(
+        job(7, &["echo off"], &[]),
+        "features",
+        json!({"job_telemetry": false}),
+    );
+    let v2_trace = "0af7651916cd43dd8448eb211c80319c";
+    let v2 = with(
+        job(8, &["exit 1"], &[]),
+        "features",
+        json!({"tracing": {"trace_id": v2_trace, "span_parent_id": "b7ad6b7169203331",
+               "otel_endpoints": [{"url": format!("grpc://{}", grpc.addr.unwrap())}]}}),
+    );
+    let (api, addr) = start_api(vec![v1, off, v2], |_| {}).await;
+    // Headers from the environment go to the static endpoint only.
+    let mut runner = Runner::start_with_env(
+        addr,
+        3,
+        &[
+            "--otlp-endpoint",
+            &http.http_endpoint(),
+            "--concurrent",
+            "1",
+        ],
+        &[("OTEL_EXPORTER_OTLP_HEADERS", "x-static-auth=static-secret")],
+    );
+    assert_eq!(runner.wait_exit().await, 0, "{}", runner.log());
+    assert_update(&api, 6, "success", None, None);
+    assert_update(&api, 7, "success", None, None);
+    assert_update(&api, 8, "failed", Some("script_failure"), Some(1));
+
+    // job_execution and its stage spans (prepare_executor, get_sources,
+    // step_script: job 6 has no repository, cache, artifacts or
+    // after_script).
+    let spans = http.wait_for(DEADLINE, |s| s.len() >= 4).await;
+    assert_eq!(
+        spans.len(),
+        4,
+        "only job 6 goes to the static endpoint: {spans:#?}"
+    );
+    assert!(
+        spans
+            .iter()
+            .all(|s| s.resource.get("ci.job.id").map(String::as_str) == Some("int:6")),
+        "only job 6 goes to the static endpoint: {spans:#?}"
+    );
+    let span = spans
+        .iter()
+        .find(|s| s.name == "job_execution")
+        .expect("job_execution");
+    assert_eq!(
+        (
+            span.name.as_str(),
+            span.trace_id.as_str(),
+            span.parent_span_id.as_str()
+        ),
+        ("job_execution", TRACE_ID, PARENT)
+    );
+    assert_eq!(span.attr("ci.job.id"), Some("int:6"));
+    assert_eq!(span.attr("ci.runner.id"), Some("int:99"));
+    assert_eq!(span.attr("ci.pipeline.id"), Some("int:506"));
+    assert_eq!(span.attr("ci.pipeline.source"), Some("str:push"));
+    assert_eq!(span.attr("ci.job.status"), Some("str:success"));
+    assert_eq!(span.resource["service.name"], "str:gitlab-ci-runner");
+    // The span covers the job: it started when the job was received and
+    // ended after the script ran.
+    assert!(span.end_ns > span.start_ns);
+
+    let spans = grpc
+        .wait_for(DEADLINE, |s| s.iter().any(|s| s.name == "job_execution"))
+        .await;
+    assert!(spans.iter().all(|s| s.trace_id == v2_trace), "{spans:#?}");
+    let job8 = spans
+        .iter()
+        .find(|s| s.name == "job_execution")
+        .expect("job_execution");
+    assert_eq!(job8.attr("ci.job.id"), Some("int:8"));
+    assert_eq!(job8.attr("ci.job.status"), Some("str:failed"));
+    assert_eq!(job8.status_code, 2);
+
+    assert_eq!(
+        http.headers()[0].get("x-static-auth").map(String::as_str),
+        Some("static-secret")
+    );
+    assert!(
+        grpc.headers()
+            .iter()
+            .all(|h| !h.contains_key("x-static-auth")),
+        "{:?}",
+        grpc.headers()
+    );
+
+    let log = runner.log();
+    assert!(log.contains("job=6 telemetry enabled contract=v1"), "{log}");
+    assert!(
+        log.contains("job=6 telemetry flushed spans=4 exported=4 dropped=0"),
+        "{log}"
+    );
+    assert!(
+        log.contains("job=7 telemetry disabled: features.job_telemetry is false"),
+        "{log}"
+    );
+    assert!(log.contains("job=8 telemetry enabled contract=v2"), "{log}");
+    assert_eq!(
+        api.lock().requests[0]["info"]["features"]["job_telemetry"],
+        true
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sources_are_cloned_at_the_sha_and_a_failed_clone_fails_the_job() {
+    let repo = tempfile::tempdir().unwrap();
+    let sha = git_repo(repo.path(), &[("README", "first version\n")]);
+    std::fs::write(repo.path().join("README"), "second version\n").unwrap();
+    git_commit(repo.path(), &["-am", "two"]);
+
+    let url = repo.path().to_string_lossy().into_owned();
+    let cloned = with(
+        job(9, &["cat README"], &[]),
+        "git_info",
+        json!({"repo_url": url, "ref": "main", "sha": sha, "ref_type": "branch", "depth": 0}),
+    );
+    let missing = with(
+        job(10, &["echo never"], &[]),
+        "git_info",
+        json!({"repo_url": "/nonexistent/repo.git", "ref": "main", "sha": sha}),
+    );
+    let (api, addr) = start_api(vec![cloned, missing], |_| {}).await;
+    let mut runner = Runner::start(addr, 2, &["--telemetry-disabled"]);
+    assert_eq!(runner.wait_exit().await, 0, "{}", runner.log());
+
+    assert_update(&api, 9, "success", None, None);
+    let trace = api.trace(9);
+    assert!(
+        trace.contains("first version"),
+        "checked out at the payload's sha: {trace}"
+    );
+    assert!(
+        trace.contains(&format!("Checking out {}", &sha[..8])),
+        "{trace}"
+    );
+    let body = assert_update(&api, 10, "failed", Some("script_failure"), Some(128));
+    assert_eq!(body["exit_code"], 128);
+    assert!(!api.trace(10).contains("$ echo never"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_runner_token_exits_1_with_one_clear_line() {
+    let (_api, addr) = start_api(vec![], |s| s.verify_status = 403).await;
+    let mut runner = Runner::start(addr, 1, &[]);
+    assert_eq!(runner.wait_exit().await, 1);
+    let log = runner.log();
+    let errors: Vec<&str> = log.lines().filter(|l| l.contains("ERROR")).collect();
+    assert_eq!(errors.len(), 1, "{log}");
+    assert!(errors[0].contains("403 Forbidden"), "{log}");
+    assert!(!log.contains(RUNNER_TOKEN));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unparseable_payload_is_reported_as_a_system_failure() {
+    let bad = json!({"id": 11, "token": "job-token-11-SECRET", "steps": "echo not an array"});
+    let (api, addr) = start_api(vec![bad], |_| {}).await;
+    let mut runner = Runner::start(addr, 1, &["--telemetry-disabled"]);
+    assert_eq!(runner.wait_exit().await, 0, "{}", runner.log());
+    assert_update(&api, 11, "failed", Some("runner_system_failure"), None);
+    assert!(
+        api.trace(11).contains("invalid job payload"),
+        "{}",
+        api.trace(11)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_offset_is_resynced_after_a_lost_answer() {
+    let (api, addr) = start_api(
+        vec![job(12, &["echo one", "sleep 1.5", "echo two"], &[])],
+        |s| s.fail_first_patch.push(12),
+    )
+    .await;
+    let mut runner = Runner::start(addr, 1, &["--telemetry-disabled"]);
+    assert_eq!(runner.wait_exit().await, 0, "{}", runner.log());
+    assert_update(&api, 12, "success", None, None);
+    let patches: Vec<u16> = api.lock().patches.iter().map(|p| p.2).collect();
+    assert_eq!(&patches[..2], &[500, 416], "{patches:?}");
+    let trace = api.trace(12);
+    assert_eq!(
+        trace.matches("Running with ci-runner").count(),
+        1,
+        "{trace}"
+    );
+    assert!(
+        trace.contains("two\n") && trace.contains("Job succeeded"),
+        "{trace}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_run_concurrently() {
+    let jobs = vec![job(13, &["sleep 1.5"], &[]), job(14, &["sleep 1.5"], &[])];
+    let (api, addr) = start_api(jobs, |_| {}).await;
+    let mut runner = Runner::start(addr, 2, &["--telemetry-disabled", "--concurrent", "2"]);
+    assert_eq!(runner.wait_exit().await, 0, "{}", runner.log());
+    let first_done = api.update(13).unwrap().2.min(api.update(14).unwrap().2);
+    assert!(api.handed_out(14).unwrap() < first_done && api.handed_out(13).unwrap() < first_done);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_the_running_job_and_takes_no_more() {
+    let jobs = vec![
+        job(15, &["sleep 1.5", "echo finished"], &[]),
+        job(16, &["echo second"], &[]),
+    ];
+    let (api, addr) = start_api(jobs, |_| {}).await;
+    let mut runner = Runner::start(addr, 2, &["--telemetry-disabled", "--concurrent", "1"]);
+    until("the job to start", || api.trace(15).contains("$ sleep 1.5")).await;
+    runner.signal(libc::SIGTERM);
+    assert_eq!(runner.wait_exit().await, 0, "{}", runner.log());
+    assert_update(&api, 15, "success", None, None);
+    assert!(api.trace(15).contains("finished"));
+    assert!(
+        api.handed_out(16).is_none(),
+        "no job is taken after SIGTERM"
+    );
+    assert!(
+        runner.log().contains("Received SIGTERM"),
+        "{}",
+        runner.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_signal_aborts_running_jobs() {
+    let (api, addr) = start_api(vec![job(17, &["sleep 60"], &["echo after"])], |_| {}).await;
+    let mut runner = Runner::start(addr, 1, &["--telemetry-disabled"]);
+    until("the job to start", || api.trace(17).contains("$ sleep 60")).await;
+    let started = Instant::now();
+    runner.signal(libc::SIGTERM);
+    until("the first signal to be seen", || {
+        runner.log().contains("Received SIGTERM")
+    })
+    .await;
+    runner.signal(libc::SIGINT);
+    assert_eq!(runner.wait_exit().await, 0, "{}", runner.log());
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_update(&api, 17, "failed", Some("runner_system_failure"), None);
+    assert!(api.trace(17).contains("aborted"), "{}", api.trace(17));
+}
+
+#[test]
+fn register_writes_a_gitlab_runner_shaped_config() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (addr, seen) = runtime.block_on(async {
+        let seen = Arc::new(Mutex::new(Vec::<Value>::new()));
+        let record = seen.clone();
+        let app = axum::Router::new().route(
+            "/api/v4/runners",
+            post(move |Json(body): Json<Value>| {
+                let record = record.clone();
+                async move {
+                    record.lock().unwrap().push(body.clone());
+                    if body["token"] == "reg-token" {
+                        (
+                            StatusCode::CREATED,
+                            Json(json!({"id": 31, "token": "glrt-new-token"})),
+                        )
+                            .into_response()
+                    } else {
+                        StatusCode::FORBIDDEN.into_response()
+                    }
+                }
+            }),
+        );
+        (serve(app).await, seen)
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    let register = |token: &str| {
+        Command::new(env!("CARGO_BIN_EXE_ci-runner"))
+            .args([
+                "register",
+                "--url",
+                &format!("http://{addr}"),
+                "--registration-token",
+                token,
+            ])
+            .args(["--config", &config.to_string_lossy(), "--name", "box-1"])
+            .output()
+            .unwrap()
+    };
+    let out = register("reg-token");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&config).unwrap();
+    let parsed = ci_runner::config::parse(&text).unwrap();
+    let runner = &parsed.runners[0];
+    assert_eq!(runner.name.as_deref(), Some("box-1"));
+    assert_eq!(runner.id, Some(31));
+    assert_eq!(runner.token.as_deref(), Some("glrt-new-token"));
+    assert_eq!(runner.executor.as_deref(), Some("shell"));
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("glrt-new-token"));
+    assert_eq!(seen.lock().unwrap()[0]["info"]["executor"], "shell");
+
+    let refused = register("wrong");
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("403 Forbidden"));
+    assert!(Path::new(&config).exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_final_status_is_retried_past_the_old_limit_honouring_retry_after() {
+    // The runner used to give up after 6 attempts.
+    let (api, addr) = start_api(vec![job(40, &["echo hi"], &[])], |s| {
+        s.throttle_updates = 12;
+    })
+    .await;
+    let mut runner = Runner::start(addr, 1, &["--telemetry-disabled"]);
+    assert_eq!(runner.wait_exit().await, 0, "{}", runner.log());
+    assert_update(&api, 40, "success", None, None);
+    assert_eq!(api.lock().throttle_updates, 0);
+    assert!(
+        runner.log().contains("Runner stopped jobs=1 lost=0"),
+        "{}",
+        runner.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_final_status_never_accepted_is_named_and_the_runner_exits_2() {
+    let (_api, addr) = start_api(vec![job(41, &["echo hi"], &[])], |s| {
+        s.refuse_updates_with = Some(502);
+    })
+    .await;
+    let mut runner = Runner::start(
+        addr,
+        1,
+        &["--telemetry-disabled", "--final-update-limit", "1"],
+    );
+    assert_eq!(runner.wait_exit().await, 2, "{}", runner.log());
+    let log = runner.log();
+    assert!(
+        log.contains("ERROR") && log.contains("job=41 Could not send the job's final status"),
+        "{log}"
+    );
+    assert!(log.contains("lost=1"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_job_fails_with_runner_system_failure_and_is_counted() {
+    let mut panicking = job(42, &["echo never runs"], &[]);
+    panicking["variables"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"key": "CI_RUNNER_DEBUG_PANIC", "value": "execute", "public": true}));
+    let (api, addr) = start_api(vec![panicking, job(43, &["echo fine"], &[])], |_| {}).await;
+    let mut runner = Runner::start(addr, 2, &["--telemetry-disabled"]);
+    assert_eq!(runner.wait_exit().await, 0, "{}", runner.log());
+    assert_update(&api, 42, "failed", Some("runner_system_failure"), None);
+    assert!(
+        api.trace(42).contains("the runner failed internally"),
+        "{}",
+        api.trace(42)
+    );
+    assert_update(&api, 43, "success", None, None);
+    assert!(runner.log().contains("panicked=1"), "{}", runner.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overflowing_timeout_is_clamped_and_the_job_runs() {
+    let mut overflowing = job(44, &["echo fine"], &[]);
+    overflowing["runner_info"]["timeout"] = json!(u64::MAX);
+    let (api, addr) = start_api(vec![overflowing], |_| {}).await;
+    let mut runner = Runner::start(addr, 1, &["--telemetry-disabled"]);
+    assert_eq!(runner.wait_exit().await, 0, "{}", runner.log());
+    assert_update(&api, 44, "success", None, None);
+    assert!(
+        runner.log().contains("timeout=2629746s"),
+        "{}",
+        runner.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_shutdown_a_failing_final_status_is_retried_for_the_shutdown_timeout() {
+    let (api, addr) = start_api(vec![job(45, &["echo hi"], &[])], |s| {
+        s.refuse_updates_with = Some(503);
+    })
+    .await;
+    let mut runner = Runner::start(
+        addr,
+        1,
+        &["--telemetry-disabled", "--shutdown-timeout", "1"],
+    );
+    // The job ended and its status keeps failing (the limit is an hour).
+    until("the first failed status update", || {
+        runner.log().contains("job=45 Status update failed")
+    })
+    .await;
+    assert!(api.update(45).is_none());
+    runner.signal(libc::SIGTERM);
+    assert_eq!(runner.wait_exit().await, 2, "{}", runner.log());
+    assert!(
+        runner
+            .log()
+            .contains("job=45 Could not send the job's final status"),
+        "{}",
+        runner.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_trace_patch_is_cut_short_and_retried() {
+    let (api, addr) = start_api(vec![job(46, &["echo before", "echo after"], &[])], |s| {
+        s.hang_first_patch.push(46);
+    })
+    .await;
+    let mut runner = Runner::start(addr, 1, &["--telemetry-disabled"]);
+    assert_eq!(runner.wait_exit().await, 0, "{}", runner.log());
+    // The status and the whole log arrived while the first PATCH still hangs.
+    assert_eq!(api.lock().hanging, 1);
+    assert_update(&api, 46, "success", None, None);
+    let trace = api.trace(46);
+    assert!(
+        trace.contains("after\n") && trace.contains("Job succeeded"),
+        "{trace}"
+    );
+}

@@ -1,0 +1,633 @@
+//! Job logs as OTLP log records (opt-in per runner).
+//!
+//! One record per line of the job log **as the user sees it**: the runner
+//! hands over the log after masking (the same bytes GitLab receives), split
+//! at `\n`, and [`visible_line`] renders each line the way GitLab's log view
+//! shows it:
+//!
+//! * a trailing `\r` (CRLF) is removed;
+//! * carriage returns rewrite the line (progress bars): the record keeps the
+//!   last `\r`-separated segment that has visible text;
+//! * GitLab's section markers (`section_start:<ts>:<name>` and
+//!   `section_end:<ts>:<name>` before a `\r`) are hidden, as GitLab hides
+//!   them; a line that shows nothing at all (a `section_end` line) gives no
+//!   record, while an empty line (`echo`) gives an empty record;
+//! * ANSI escape sequences (colours, `\x1b[0K`) are removed: the body is
+//!   plain text;
+//! * bytes that are not UTF-8 become U+FFFD.
+//!
+//! A line whose visible text is longer than [`MAX_BODY_BYTES`] is split
+//! into records of at most that size (at character boundaries), each with
+//! `ci.log.chunk.index` (0, 1, ...) and `ci.log.chunk.count`. A line still
+//! open after [`MAX_PENDING_LINE`] bytes is processed in pieces of that size
+//! (each piece chunked the same way), so memory stays bounded.
+//!
+//! Each record carries `Timestamp` (when the line's first byte arrived),
+//! `ObservedTimestamp` (when the record was emitted), a severity (INFO for
+//! the job's output, WARN/ERROR for the runner's own `WARNING:`/`ERROR:`
+//! lines), `ci.log.stream` (`stdout`, `stderr` or `runner`),
+//! `ci.log.line_number` (1, 2, ... per job), the job's
+//! `ci.job.id`, `ci.pipeline.id`, `ci.project.id`, and the `TraceId` and
+//! `SpanId` of the span the line was printed in: the innermost stage or
+//! function span open at that moment, else `job_execution`. The resource is
+//! the job's spans' resource.
+//!
+//! Records go through the runner's export buffer like spans ([`crate::export`]):
+//! never blocking the job, every record exported or dropped for a reason
+//! and counted per job ([`JobLogs::report`]). When the job ends with records
+//! dropped, a final WARN record says how many lines are missing; it uses the
+//! room the buffer holds for the job's root items, so it is kept.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use opentelemetry::trace::{SpanId, TraceId};
+use opentelemetry_proto::tonic::common::v1::KeyValue as ProtoKeyValue;
+
+use crate::export::accounting::JobAccount;
+use crate::export::encode::EncodedSpan;
+use crate::export::logs_encode::{
+    int_attribute, severity, string_attribute, string_body, RawLogRecord,
+};
+use crate::export::{FlushReport, ResourceBlock, ScopeBlock, SpanSink};
+use crate::keys;
+
+/// Most bytes of visible text in one record; longer lines are chunked.
+pub const MAX_BODY_BYTES: usize = 8 * 1024;
+/// A line without `\n` is processed in pieces of this size.
+pub const MAX_PENDING_LINE: usize = 1024 * 1024;
+/// Record attribute: `stdout`, `stderr` or `runner`.
+pub const CI_LOG_STREAM: &str = "ci.log.stream";
+/// Record attribute: the line's number in the job's log records, from 1
+/// (lines arriving in one read share a `Timestamp`; this orders them).
+pub const CI_LOG_LINE_NUMBER: &str = "ci.log.line_number";
+/// Record attribute on the chunks of a long line: 0, 1, ...
+pub const CI_LOG_CHUNK_INDEX: &str = "ci.log.chunk.index";
+/// Record attribute on the chunks of a long line: how many chunks.
+pub const CI_LOG_CHUNK_COUNT: &str = "ci.log.chunk.count";
+/// On `job_execution`: the job's log records not exported, int (set when
+/// log export is on; known drops at the job's end).
+pub const CI_TELEMETRY_DROPPED_LOG_RECORDS: &str = "ci.telemetry.dropped_log_records";
+
+/// Where a line came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    Stdout,
+    Stderr,
+    /// The runner's own lines (section headers, warnings, ...).
+    Runner,
+}
+
+impl Stream {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stream::Stdout => "stdout",
+            Stream::Stderr => "stderr",
+            Stream::Runner => "runner",
+        }
+    }
+}
+
+/// The span a job's lines belong to: the innermost open child, else
+/// `job_execution`. Shared by a job's spans (they push and pop) and its log.
+#[derive(Debug)]
+pub(crate) struct SpanStack {
+    trace_id: TraceId,
+    root: SpanId,
+    open: Mutex<Vec<SpanId>>,
+}
+
+impl SpanStack {
+    pub(crate) fn new(trace_id: TraceId, root: SpanId) -> SpanStack {
+        SpanStack {
+            trace_id,
+            root,
+            open: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub(crate) fn push(&self, span: SpanId) {
+        self.open
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(span);
+    }
+
+    /// Removes `span` wherever it is (spans may end out of order).
+    pub(crate) fn remove(&self, span: SpanId) {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = open.iter().rposition(|s| *s == span) {
+            open.remove(i);
+        }
+    }
+
+    fn current(&self) -> SpanId {
+        self.open
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .last()
+            .copied()
+            .unwrap_or(self.root)
+    }
+}
+
+/// The log record side of one job. Cheap to clone; every clone emits into
+/// the same account.
+#[derive(Clone)]
+pub struct JobLogs {
+    inner: Arc<LogsInner>,
+}
+
+struct LogsInner {
+    spans: Arc<SpanStack>,
+    /// `None` once the job finished: later lines are ignored.
+    sinks: Mutex<Option<Vec<Box<dyn SpanSink>>>>,
+    account: Arc<JobAccount>,
+    resource: Arc<ResourceBlock>,
+    scope: Arc<ScopeBlock>,
+    /// `ci.job.id`, `ci.pipeline.id`, `ci.project.id`.
+    ids: Vec<ProtoKeyValue>,
+    lines: AtomicU64,
+}
+
+impl std::fmt::Debug for JobLogs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JobLogs")
+            .field("job_id", &self.inner.account.job_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What [`JobLogs::start`] needs.
+pub(crate) struct JobLogsStart {
+    pub sinks: Vec<Box<dyn SpanSink>>,
+    pub resource: Arc<ResourceBlock>,
+    pub scope: Arc<ScopeBlock>,
+    pub spans: Arc<SpanStack>,
+    pub job_id: i64,
+    pub pipeline_id: Option<i64>,
+    pub project_id: Option<i64>,
+}
+
+impl JobLogs {
+    pub(crate) fn start(start: JobLogsStart) -> JobLogs {
+        let labels = start.sinks.iter().map(|s| s.label()).collect();
+        let mut ids = vec![int_attribute(keys::CI_JOB_ID, start.job_id)];
+        if let Some(id) = start.pipeline_id {
+            ids.push(int_attribute(keys::CI_PIPELINE_ID, id));
+        }
+        if let Some(id) = start.project_id {
+            ids.push(int_attribute(keys::CI_PROJECT_ID, id));
+        }
+        JobLogs {
+            inner: Arc::new(LogsInner {
+                spans: start.spans,
+                sinks: Mutex::new(Some(start.sinks)),
+                account: Arc::new(JobAccount::new(Some(start.job_id), labels)),
+                resource: start.resource,
+                scope: start.scope,
+                ids,
+                lines: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// Emits one raw line of the (masked) job log, without its `\n`,
+    /// rendered by [`visible_line`]. `first_byte` is when its first byte
+    /// arrived. Never blocks.
+    pub fn emit_raw_line(&self, raw: &[u8], stream: Stream, first_byte: SystemTime) {
+        let Some(text) = visible_line(raw) else {
+            return;
+        };
+        let severity = match stream {
+            Stream::Runner => runner_severity(&text),
+            _ => Severity::Info,
+        };
+        self.emit_text(&text, stream, severity, first_byte);
+    }
+
+    /// Emits one visible line (chunked when longer than [`MAX_BODY_BYTES`]).
+    pub fn emit_text(&self, text: &str, stream: Stream, severity: Severity, time: SystemTime) {
+        let number = self.inner.lines.fetch_add(1, Ordering::Relaxed) + 1;
+        let chunks = split_chunks(text, MAX_BODY_BYTES);
+        let count = chunks.len();
+        let span = self.inner.spans.current();
+        let observed = SystemTime::now();
+        let sinks = self.inner.sinks.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(sinks) = sinks.as_ref() else {
+            return;
+        };
+        for (index, chunk) in chunks.into_iter().enumerate() {
+            let mut attributes = Vec::with_capacity(self.inner.ids.len() + 4);
+            attributes.push(string_attribute(CI_LOG_STREAM, stream.as_str()));
+            attributes.push(int_attribute(CI_LOG_LINE_NUMBER, number as i64));
+            attributes.extend(self.inner.ids.iter().cloned());
+            if count > 1 {
+                attributes.push(int_attribute(CI_LOG_CHUNK_INDEX, index as i64));
+                attributes.push(int_attribute(CI_LOG_CHUNK_COUNT, count as i64));
+            }
+            let record = self.record(chunk, severity, time, observed, span, attributes);
+            self.hand_over(sinks, record, false);
+        }
+    }
+
+    fn record(
+        &self,
+        text: &str,
+        severity: Severity,
+        time: SystemTime,
+        observed: SystemTime,
+        span: SpanId,
+        attributes: Vec<ProtoKeyValue>,
+    ) -> RawLogRecord {
+        RawLogRecord {
+            time_unix_nano: unix_nanos(time),
+            severity_number: severity.number(),
+            severity_text: severity.as_str().into(),
+            body: string_body(text),
+            attributes,
+            dropped_attributes_count: 0,
+            // W3C trace flags: sampled (the job's spans are all sampled).
+            flags: 1,
+            trace_id: self.inner.spans.trace_id.to_bytes().to_vec(),
+            span_id: span.to_bytes().to_vec(),
+            observed_time_unix_nano: unix_nanos(observed),
+        }
+    }
+
+    fn hand_over(&self, sinks: &[Box<dyn SpanSink>], record: RawLogRecord, root: bool) {
+        let encoded = EncodedSpan {
+            span: record.encode_bytes(),
+            resource: self.inner.resource.clone(),
+            scope: self.inner.scope.clone(),
+        };
+        let account = &self.inner.account;
+        account.span_ended();
+        for (index, sink) in sinks.iter().enumerate() {
+            account.span_created(index);
+            match root {
+                true => sink.accept_root(encoded.clone(), account, index),
+                false => sink.accept(encoded.clone(), account, index),
+            }
+        }
+    }
+
+    /// Lines emitted so far (a chunked line counts once).
+    pub fn lines(&self) -> u64 {
+        self.inner.lines.load(Ordering::Relaxed)
+    }
+
+    /// Records dropped so far (the largest count over the endpoints).
+    pub fn dropped(&self) -> u64 {
+        let report = self.inner.account.report(Duration::ZERO, false);
+        report
+            .endpoints
+            .iter()
+            .map(|e| e.dropped)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// The account of the job's records (`spans` counts records here).
+    pub fn report(&self) -> FlushReport {
+        self.inner.account.report(Duration::ZERO, false)
+    }
+
+    pub(crate) fn account(&self) -> &Arc<JobAccount> {
+        &self.inner.account
+    }
+
+    /// Ends the job's log: when records were dropped, a final WARN record
+    /// (kept: it uses the job's reserved room) says how many; the sinks are
+    /// closed and later lines ignored. Returns the records dropped before
+    /// the final one.
+    pub(crate) fn finish(&self, end_time: SystemTime) -> u64 {
+        let dropped = self.dropped();
+        let sinks = self
+            .inner
+            .sinks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let Some(sinks) = sinks else {
+            return dropped;
+        };
+        if dropped > 0 {
+            let text = format!(
+                "WARNING: {dropped} log lines of this job were not exported (the runner's telemetry buffer was full or the collector unreachable); this log is incomplete"
+            );
+            let number = self.inner.lines.fetch_add(1, Ordering::Relaxed) + 1;
+            let mut attributes = vec![
+                string_attribute(CI_LOG_STREAM, Stream::Runner.as_str()),
+                int_attribute(CI_LOG_LINE_NUMBER, number as i64),
+            ];
+            attributes.extend(self.inner.ids.iter().cloned());
+            attributes.push(int_attribute(
+                CI_TELEMETRY_DROPPED_LOG_RECORDS,
+                dropped as i64,
+            ));
+            let record = self.record(
+                &text,
+                Severity::Warn,
+                end_time,
+                SystemTime::now(),
+                self.inner.spans.root,
+                attributes,
+            );
+            self.hand_over(&sinks, record, true);
+        }
+        dropped
+    }
+}
+
+/// Severity of a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Severity {
+    Info,
+    Warn,
+    Error,
+}
+
+impl Severity {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Info => "INFO",
+            Severity::Warn => "WARN",
+            Severity::Error => "ERROR",
+        }
+    }
+
+    pub fn number(self) -> i32 {
+        match self {
+            Severity::Info => severity::INFO,
+            Severity::Warn => severity::WARN,
+            Severity::Error => severity::ERROR,
+        }
+    }
+}
+
+/// WARN for the runner's `WARNING:` lines, ERROR for its `ERROR:` lines.
+fn runner_severity(text: &str) -> Severity {
+    let text = text.trim_start();
+    if text.starts_with("WARNING") {
+        Severity::Warn
+    } else if text.starts_with("ERROR") {
+        Severity::Error
+    } else {
+        Severity::Info
+    }
+}
+
+fn unix_nanos(time: SystemTime) -> u64 {
+    time.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// Splits `text` into pieces of at most `max` bytes at character
+/// boundaries (one piece for a short or empty text).
+pub fn split_chunks(text: &str, max: usize) -> Vec<&str> {
+    if text.len() <= max {
+        return vec![text];
+    }
+    let mut out = Vec::new();
+    let mut rest = text;
+    while !rest.is_empty() {
+        let mut end = rest.len().min(max);
+        while !rest.is_char_boundary(end) {
+            end -= 1;
+        }
+        if end == 0 {
+            // `max` smaller than one character: take the character.
+            end = rest
+                .chars()
+                .next()
+                .map(char::len_utf8)
+                .unwrap_or(rest.len());
+        }
+        out.push(&rest[..end]);
+        rest = &rest[end..];
+    }
+    out
+}
+
+/// The line as GitLab's log view shows it (see the module docs); `None`
+/// when it shows nothing (and is not an empty line).
+pub fn visible_line(raw: &[u8]) -> Option<String> {
+    let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
+    if raw.is_empty() {
+        return Some(String::new());
+    }
+    // Fast path: plain text.
+    if !raw.iter().any(|b| *b == b'\r' || *b == 0x1b) {
+        return Some(String::from_utf8_lossy(raw).into_owned());
+    }
+    let mut shown: Option<String> = None;
+    for segment in raw.split(|b| *b == b'\r') {
+        if is_section_marker(segment) {
+            continue;
+        }
+        let text = strip_ansi(segment);
+        if !text.is_empty() {
+            shown = Some(text);
+        }
+    }
+    shown
+}
+
+/// `section_start:<digits>:<name>` or `section_end:<digits>:<name>`.
+fn is_section_marker(segment: &[u8]) -> bool {
+    let rest = segment
+        .strip_prefix(b"section_start:")
+        .or_else(|| segment.strip_prefix(b"section_end:"));
+    let Some(rest) = rest else {
+        return false;
+    };
+    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    digits > 0 && rest.get(digits) == Some(&b':')
+}
+
+/// Removes CSI (`ESC [ ... final`), OSC (`ESC ] ... BEL|ESC \`) and
+/// two-byte escape sequences.
+fn strip_ansi(bytes: &[u8]) -> String {
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] != 0x1b {
+            out.push(bytes[i]);
+            i += 1;
+            continue;
+        }
+        match bytes.get(i + 1) {
+            Some(b'[') => {
+                i += 2;
+                while i < bytes.len() && !(0x40..=0x7e).contains(&bytes[i]) {
+                    i += 1;
+                }
+                i += 1;
+            }
+            Some(b']') => {
+                i += 2;
+                while i < bytes.len() {
+                    if bytes[i] == 0x07 {
+                        i += 1;
+                        break;
+                    }
+                    if bytes[i] == 0x1b && bytes.get(i + 1) == Some(&b'\\') {
+                        i += 2;
+                        break;
+                    }
+                    i += 1;
+                }
+            }
+            Some(_) => i += 2,
+            None => i += 1,
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Splits a byte stream into lines, remembering when each line's first byte
+/// arrived and from which stream. A runner feeds it the masked log.
+#[derive(Debug, Default)]
+pub struct LineAssembler {
+    pending: Vec<u8>,
+    first: Option<(SystemTime, Stream)>,
+}
+
+impl LineAssembler {
+    pub fn new() -> LineAssembler {
+        LineAssembler::default()
+    }
+
+    /// Feeds bytes that arrived at `now` from `stream`; calls `line` for
+    /// every complete line (without its `\n`).
+    pub fn push(
+        &mut self,
+        bytes: &[u8],
+        stream: Stream,
+        now: SystemTime,
+        mut line: impl FnMut(&[u8], Stream, SystemTime),
+    ) {
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            let (time, from) = *self.first.get_or_insert((now, stream));
+            match rest.iter().position(|b| *b == b'\n') {
+                Some(end) => {
+                    if self.pending.is_empty() {
+                        line(&rest[..end], from, time);
+                    } else {
+                        self.pending.extend_from_slice(&rest[..end]);
+                        line(&self.pending, from, time);
+                        self.pending.clear();
+                    }
+                    self.first = None;
+                    rest = &rest[end + 1..];
+                }
+                None => {
+                    self.pending.extend_from_slice(rest);
+                    rest = &[];
+                    if self.pending.len() >= MAX_PENDING_LINE {
+                        line(&self.pending, from, time);
+                        self.pending.clear();
+                        self.first = None;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The stream ended: emits an unterminated last line.
+    pub fn finish(&mut self, mut line: impl FnMut(&[u8], Stream, SystemTime)) {
+        if let Some((time, from)) = self.first.take() {
+            if !self.pending.is_empty() {
+                line(&self.pending, from, time);
+            }
+        }
+        self.pending.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(raw: &str, expected: Option<&str>) {
+        assert_eq!(
+            visible_line(raw.as_bytes()).as_deref(),
+            expected,
+            "raw: {raw:?}"
+        );
+    }
+
+    #[test]
+    fn visible_lines() {
+        check("plain text", Some("plain text"));
+        check("", Some(""));
+        check("crlf\r", Some("crlf"));
+        check("\x1b[32;1mgreen\x1b[0;m done", Some("green done"));
+        check(
+            "section_start:1700000000:step_script\r\x1b[0K\x1b[0K\x1b[36;1mExecuting \"step_script\"\x1b[0;m",
+            Some("Executing \"step_script\""),
+        );
+        check("section_end:1700000000:step_script\r\x1b[0K", None);
+        check("10%\r20%\r30%", Some("30%"));
+        check("done\r", Some("done"));
+        check("progress 50%\r\x1b[0K", Some("progress 50%"));
+        check("\x1b]0;title\x07text", Some("text"));
+        check("\x1b[0K", None);
+        check("not a marker section_start:1:x\rshown", Some("shown"));
+        check("section_start:x:y\rshown", Some("shown"));
+    }
+
+    #[test]
+    fn invalid_utf8_is_replaced() {
+        assert_eq!(visible_line(b"a\xffb").as_deref(), Some("a\u{fffd}b"));
+    }
+
+    #[test]
+    fn chunks_at_char_boundaries() {
+        assert_eq!(split_chunks("", 4), [""]);
+        assert_eq!(split_chunks("abcd", 4), ["abcd"]);
+        assert_eq!(split_chunks("abcdefghi", 4), ["abcd", "efgh", "i"]);
+        assert_eq!(split_chunks("aéé", 2), ["a", "é", "é"]);
+        let long = "x".repeat(MAX_BODY_BYTES * 2 + 1);
+        let chunks = split_chunks(&long, MAX_BODY_BYTES);
+        assert_eq!(chunks.len(), 3);
+        assert_eq!(chunks.concat(), long);
+    }
+
+    #[test]
+    fn assembler_keeps_first_byte_time_and_stream() {
+        let t = |s| SystemTime::UNIX_EPOCH + Duration::from_secs(s);
+        let mut lines = Vec::new();
+        let mut a = LineAssembler::new();
+        let mut record = |l: &[u8], s: Stream, at: SystemTime| {
+            lines.push((
+                String::from_utf8_lossy(l).into_owned(),
+                s,
+                at.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs(),
+            ))
+        };
+        a.push(b"one\ntw", Stream::Stdout, t(1), &mut record);
+        a.push(b"o\n\nthree", Stream::Stderr, t(2), &mut record);
+        a.finish(&mut record);
+        assert_eq!(
+            lines,
+            [
+                ("one".to_string(), Stream::Stdout, 1),
+                ("two".to_string(), Stream::Stdout, 1),
+                ("".to_string(), Stream::Stderr, 2),
+                ("three".to_string(), Stream::Stderr, 2),
+            ]
+        );
+    }
+
+    #[test]
+    fn runner_severities() {
+        assert_eq!(runner_severity("WARNING: x"), Severity::Warn);
+        assert_eq!(runner_severity("ERROR: x"), Severity::Error);
+        assert_eq!(runner_severity("Running with"), Severity::Info);
+    }
+}

@@ -1,0 +1,158 @@
+//! Job log records (issue 12) through the runner-wide buffer: a trace keeps
+//! its root (reserved room for `job_execution` and the final log record),
+//! drops are counted per job and reason, records reach `/v1/logs` with the
+//! stage span, and the process metrics add up.
+
+use std::time::{Duration, SystemTime};
+
+use crate::export_support::*;
+use runner_telemetry::config::{BufferSettings, StaticEndpoint};
+use runner_telemetry::logs::Stream;
+use runner_telemetry::negotiate::Transport;
+use runner_telemetry::{DropReason, JobOutcome, RunnerTelemetry, SpanOutcome};
+use wiremock::matchers::method;
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+/// An endpoint nobody listens on: everything stays buffered, retried.
+fn closed_port() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    format!("http://127.0.0.1:{port}/v1/traces")
+}
+
+fn small_buffer_telemetry(url: &str, max_items: usize, logs: bool) -> RunnerTelemetry {
+    let mut settings = settings(Transport::HttpProtobuf, url);
+    settings.buffer = BufferSettings {
+        max_spans: max_items,
+        ..settings.buffer
+    };
+    if logs {
+        settings.logs = Some(StaticEndpoint {
+            transport: Transport::HttpProtobuf,
+            url: url.replace("/v1/traces", "/v1/logs"),
+            headers: Vec::new(),
+        });
+    }
+    RunnerTelemetry::new(settings, runner())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_buffer_keeps_each_jobs_root_span_over_its_children() {
+    let telemetry = small_buffer_telemetry(&closed_port(), 10, false);
+    let children: Vec<&'static str> = vec!["step_script"; 50];
+    let pending = run_job(&telemetry, 1, &v1_payload(), &children);
+    let report = pending.flush(Duration::ZERO).await;
+    assert_report(&report);
+    // 10 items: one held for the root from the job's start, so 9 children
+    // fit and 41 are dropped; the root then takes its own room.
+    assert_eq!(report.spans, 51);
+    assert_eq!(report.dropped_for(DropReason::QueueFull), 41);
+    assert_eq!(report.buffered(), 10);
+    assert_invariant(&telemetry);
+    telemetry.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_later_jobs_children_cannot_take_an_earlier_jobs_root_room() {
+    let telemetry = small_buffer_telemetry(&closed_port(), 10, false);
+    let mut first = telemetry.start_job(&v1_payload(), &job_info(1), SystemTime::now());
+    let second = run_job(&telemetry, 2, &v1_payload(), &["step_script"; 30]);
+    for _ in 0..5 {
+        first.child("step_script", vec![]).end(SpanOutcome::Ok);
+    }
+    let first = first
+        .finish(&JobOutcome::Success, SystemTime::now())
+        .unwrap();
+    let second = second.flush(Duration::ZERO).await;
+    let first = first.flush(Duration::ZERO).await;
+    // Job 2's root is kept too; job 1's children found the buffer full,
+    // its root did not.
+    assert_eq!(second.buffered() + first.buffered(), 10);
+    assert_eq!(first.dropped_for(DropReason::QueueFull), 5);
+    assert_eq!(first.buffered(), 1, "job 1's job_execution is buffered");
+    telemetry.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_log_records_are_counted_and_the_final_warning_is_kept() {
+    let telemetry = small_buffer_telemetry(&closed_port(), 20, true);
+    let job = telemetry.start_job(&v1_payload(), &job_info(7), SystemTime::now());
+    let logs = job.logs().expect("log export is on");
+    for i in 0..100 {
+        logs.emit_raw_line(
+            format!("line {i}").as_bytes(),
+            Stream::Stdout,
+            SystemTime::now(),
+        );
+    }
+    let pending = job.finish(&JobOutcome::Success, SystemTime::now()).unwrap();
+    let report = pending.flush(Duration::ZERO).await;
+    let records = report.log_records.as_ref().expect("a log account");
+    assert!(records.is_consistent(), "{records:?}");
+    // 20 items, 2 held (span root, final record): 18 lines fit.
+    assert_eq!(records.spans, 101, "100 lines and the final WARN record");
+    assert_eq!(records.dropped_for(DropReason::QueueFull), 82);
+    assert_eq!(records.buffered(), 19);
+    assert_eq!(report.buffered(), 1, "job_execution kept");
+    let m = telemetry.metrics().snapshot();
+    assert_eq!(m.log_records, 101);
+    assert_eq!(m.log_dropped(DropReason::QueueFull), 82);
+    assert_eq!(
+        m.spans + m.log_records,
+        m.exported
+            + m.log_exported
+            + m.dropped_total()
+            + m.log_dropped_total()
+            + m.buffer_spans as u64
+    );
+    let text = telemetry.metrics().render();
+    assert!(text.contains("ci_telemetry_log_records_dropped_total{reason=\"queue_full\"} 82"));
+    telemetry.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_reach_v1_logs_with_the_stage_span_and_job_ids() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200))
+        .mount(&server)
+        .await;
+    let telemetry = small_buffer_telemetry(&format!("{}/v1/traces", server.uri()), 1000, true);
+    let mut job = telemetry.start_job(&v1_payload(), &job_info(9), SystemTime::now());
+    let logs = job.logs().unwrap();
+    logs.emit_raw_line(b"\x1b[0KRunning with", Stream::Runner, SystemTime::now());
+    let stage = job.child("step_script", vec![]);
+    let stage_id = stage.span_context().unwrap().span_id();
+    logs.emit_raw_line(b"hello", Stream::Stdout, SystemTime::now());
+    stage.end(SpanOutcome::Ok);
+    logs.emit_raw_line(
+        b"\x1b[0;33mWARNING: after\x1b[0;m",
+        Stream::Runner,
+        SystemTime::now(),
+    );
+    let root_id = job.span_context().unwrap().span_id();
+    let pending = job.finish(&JobOutcome::Success, SystemTime::now()).unwrap();
+    let report = pending.flush(Duration::from_secs(10)).await;
+    let records = report.log_records.unwrap();
+    assert_eq!((records.spans, records.exported()), (3, 3));
+    let requests = server.received_requests().await.unwrap();
+    let bodies: Vec<&[u8]> = requests
+        .iter()
+        .filter(|r| r.url.path() == "/v1/logs")
+        .map(|r| r.body.as_slice())
+        .collect();
+    let all: Vec<u8> = bodies.concat();
+    // The protobuf carries the bodies as plain strings and the span IDs as
+    // raw bytes.
+    let has = |needle: &[u8]| all.windows(needle.len()).any(|w| w == needle);
+    assert!(has(b"Running with"));
+    assert!(has(b"WARNING: after"));
+    assert!(!has(b"\x1b["), "ANSI sequences removed");
+    assert!(has(&stage_id.to_bytes()));
+    assert!(has(&root_id.to_bytes()));
+    assert!(has(b"ci.log.stream"));
+    telemetry.shutdown().await;
+}
