@@ -20,7 +20,6 @@
 //! the export happens on the runtime's tasks (see [`crate::export`]).
 
 use std::borrow::Cow;
-use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -221,11 +220,16 @@ fn value_size(value: &Value) -> usize {
 /// does not, drops what cannot be cut, and adds
 /// `ci.telemetry.truncated=true` once. Room for that marker is kept aside,
 /// so the total never exceeds the cap.
+///
+/// It sits on the job's path for every attribute, so it stays cheap: the
+/// sizes admitted so far are a short list searched in place (a span carries
+/// a few dozen attributes at most), and admitted attributes are appended to
+/// the caller's list without a collection of their own.
 #[derive(Debug, Clone)]
 pub struct AttributeBudget {
     limit: usize,
     used: usize,
-    sizes: HashMap<Key, usize>,
+    sizes: Vec<(Key, usize)>,
     truncated: bool,
 }
 
@@ -235,12 +239,15 @@ impl Default for AttributeBudget {
     }
 }
 
+/// Bytes the `ci.telemetry.truncated=true` marker counts for.
+const MARKER_SIZE: usize = crate::keys::CI_TELEMETRY_TRUNCATED.len() + 1;
+
 impl AttributeBudget {
     pub fn new(limit: usize) -> Self {
         AttributeBudget {
             limit,
             used: 0,
-            sizes: HashMap::new(),
+            sizes: Vec::new(),
             truncated: false,
         }
     }
@@ -251,12 +258,7 @@ impl AttributeBudget {
 
     /// Bytes used so far, the marker included.
     pub fn used(&self) -> usize {
-        self.used
-            + if self.truncated {
-                attribute_size(&Self::marker())
-            } else {
-                0
-            }
+        self.used + if self.truncated { MARKER_SIZE } else { 0 }
     }
 
     pub fn is_truncated(&self) -> bool {
@@ -267,15 +269,27 @@ impl AttributeBudget {
     /// truncation marker the first time something is cut or dropped. Setting
     /// a key again replaces its earlier size.
     pub fn admit(&mut self, attribute: KeyValue) -> Vec<KeyValue> {
-        if let Some(old) = self.sizes.remove(&attribute.key) {
-            self.used -= old;
+        let mut out = Vec::with_capacity(1);
+        self.admit_into(attribute, &mut out);
+        out
+    }
+
+    /// [`AttributeBudget::admit`], appending to `out`.
+    pub fn admit_into(&mut self, attribute: KeyValue, out: &mut Vec<KeyValue>) {
+        let earlier = self
+            .sizes
+            .iter()
+            .position(|(key, _)| key.as_str() == attribute.key.as_str());
+        if let Some(index) = earlier {
+            self.used -= self.sizes.swap_remove(index).1;
         }
-        let capacity = self.limit.saturating_sub(attribute_size(&Self::marker()));
+        let capacity = self.limit.saturating_sub(MARKER_SIZE);
         let size = attribute_size(&attribute);
         if self.used + size <= capacity {
             self.used += size;
-            self.sizes.insert(attribute.key.clone(), size);
-            return vec![attribute];
+            self.sizes.push((attribute.key.clone(), size));
+            out.push(attribute);
+            return;
         }
         let room = capacity
             .saturating_sub(self.used)
@@ -299,24 +313,27 @@ impl AttributeBudget {
             }
             _ => None,
         };
-        let mut out = Vec::new();
         if let Some(value) = cut {
             let attribute = KeyValue::new(attribute.key, value);
             let size = attribute_size(&attribute);
             self.used += size;
-            self.sizes.insert(attribute.key.clone(), size);
+            self.sizes.push((attribute.key.clone(), size));
             out.push(attribute);
         }
         if !self.truncated {
             self.truncated = true;
             out.push(Self::marker());
         }
-        out
     }
 
     /// [`AttributeBudget::admit`] for several attributes, in order.
-    pub fn admit_all(&mut self, attributes: Vec<KeyValue>) -> Vec<KeyValue> {
-        attributes.into_iter().flat_map(|a| self.admit(a)).collect()
+    pub fn admit_all(&mut self, attributes: impl IntoIterator<Item = KeyValue>) -> Vec<KeyValue> {
+        let attributes = attributes.into_iter();
+        let mut out = Vec::with_capacity(attributes.size_hint().0 + 1);
+        for attribute in attributes {
+            self.admit_into(attribute, &mut out);
+        }
+        out
     }
 }
 
@@ -544,10 +561,7 @@ impl JobTelemetry {
                 }
                 attributes.push(KeyValue::new(CI_TELEMETRY_DROPPED_LOG_RECORDS, n as i64));
             }
-            let attributes = attributes
-                .into_iter()
-                .map(|a| mask_attribute(a, &secrets))
-                .collect();
+            let attributes = attributes.into_iter().map(|a| mask_attribute(a, &secrets));
             span.set_attributes(budget.admit_all(attributes));
             let status = match outcome {
                 JobOutcome::Success => Status::Ok,
@@ -684,10 +698,7 @@ fn start_child(
         return None;
     }
     let mut budget = AttributeBudget::default();
-    let attributes = attributes
-        .into_iter()
-        .map(|a| mask_attribute(a, secrets))
-        .collect();
+    let attributes = attributes.into_iter().map(|a| mask_attribute(a, secrets));
     let span = tracer
         .span_builder(name)
         .with_kind(SpanKind::Internal)
@@ -874,8 +885,7 @@ impl ChildSpan {
         self.with_inner("set_attributes", |c| {
             let attributes = attributes
                 .into_iter()
-                .map(|a| mask_attribute(a, &c.secrets))
-                .collect();
+                .map(|a| mask_attribute(a, &c.secrets));
             let admitted = c.budget.admit_all(attributes);
             c.context.span().set_attributes(admitted)
         });

@@ -3,9 +3,11 @@
 //! - `cargo xtask demo`           the main demo (stack + fake-rails + runner)
 //! - `cargo xtask test`           every check and test CI runs
 //! - `cargo xtask e2e [--stack embedded|docker]`  the conformance suite only
-//! - `cargo xtask bench`          telemetry on vs off, side by side
-//! - `cargo xtask bench-scaling`  the figures docs/scaling.md sizes from
+//! - `cargo xtask bench [--gate]` every performance goal side by side (`--gate`:
+//!   ratios and losses against thresholds)
 //! - `cargo xtask bench ingest`   landed spans/s, engine ceiling, 5x overload
+//! - `cargo xtask bench logs`     job log export, 1M lines, on vs off
+//! - `cargo xtask bench-scaling`  the figures docs/scaling.md sizes from
 //! - `cargo xtask stack up|down|status [--dir DIR]`
 //! - `cargo xtask cluster-schema [--cluster NAME]`  the schema for a cluster
 
@@ -28,10 +30,12 @@ Commands:
   test                          run every check and test (what CI runs)
   e2e [--stack embedded|docker] run the conformance suite against a real stack:
                                 the embedded one (default) or Docker's (official images)
-  bench                         measure telemetry's cost side by side (ratios)
-  bench-scaling                 measure the inputs of docs/scaling.md on this machine
+  bench [--gate|--short]        measure every performance goal side by side
+                                (release build); --gate: short profile, fail
+                                on a ratio or loss over xtask/bench-thresholds.toml
   bench ingest [--no-ceiling]   landed spans/s vs the engine's ceiling, and a 5x overload
   bench logs                    only the job log export scenario (1M lines)
+  bench-scaling                 measure the inputs of docs/scaling.md on this machine
   stack up|down|status [--dir DIR]
                                 control the embedded stack (default target/stack)
   cluster-schema [--cluster NAME]
@@ -44,6 +48,8 @@ fn main() -> ExitCode {
         Some("stack") => stack::run(&args[1..]),
         Some("demo") => demo::run(&args[1..]),
         Some("bench") => bench::run(&args[1..]),
+        // The bench's instrumented peer (one export pipeline per process).
+        Some("bench-peer") => bench::peer::run(&args[1..]),
         Some("test") => test::run_all(&args[1..]),
         Some("e2e") => test::run_e2e(&args[1..]),
         Some("cluster-schema") => cluster::run(&args[1..]),

@@ -6,8 +6,10 @@ use anyhow::{bail, Context, Result};
 use conformance::docker::Backend;
 use conformance::paths;
 
-/// Formatting, lints, the chDB server's own tests, then every Rust test
-/// (unit, integration and conformance). Stops at the first failure.
+/// Formatting, lints, the chDB server's own tests, every Rust test (unit,
+/// integration and conformance), then the bench gate (`cargo xtask bench
+/// --gate`: ratios and losses against `xtask/bench-thresholds.toml`). Stops
+/// at the first failure.
 pub fn run_all(args: &[String]) -> Result<()> {
     let root = paths::repo_root();
     step(
@@ -35,7 +37,9 @@ pub fn run_all(args: &[String]) -> Result<()> {
             .arg(root.join("compose").join("chdb-server"))
             .arg("-v"),
     )?;
-    step("Rust tests", &mut rust_tests(&["--workspace"], args))
+    step("Rust tests", &mut rust_tests(&["--workspace"], args))?;
+    println!("==> cargo xtask bench --gate");
+    crate::bench::run(&["--gate".to_string()])
 }
 
 /// The conformance suite alone: `--stack embedded` (default) or `--stack

@@ -2,7 +2,7 @@
 //! runner-wide buffer, with retries and an account of every span.
 //!
 //! ```text
-//! span.end() ─> JobSpanProcessor::on_end ─ encode once ─> SpanSink::accept (per endpoint, never blocks)
+//! span.end() ─> JobSpanProcessor::on_end ─ job's encoder task: encode once ─> SpanSink::accept (per endpoint, never blocks)
 //!                                                              │ buffer full: dropped (queue_full)
 //!                                                              v
 //!                                    runner-wide buffer (spans + bytes bound, max_age)
@@ -12,9 +12,11 @@
 //! ```
 //!
 //! * A span is handed over as soon as it ends (streaming: Phase 2 stage
-//!   spans leave while the job still runs), encoded to OTLP protobuf once
-//!   ([`encode`]), and never blocks the job: the buffer is a lock-protected
-//!   queue with a budget ([`hub`]).
+//!   spans leave while the job still runs), as data, to the job's encoder
+//!   task, which encodes it to OTLP protobuf once ([`encode`]) and puts it
+//!   in the buffer; nothing of that runs on the job's thread (unless the
+//!   encoder falls [`ENCODER_QUEUE`] spans behind) and nothing blocks the
+//!   job: the buffer is a lock-protected queue with a budget ([`hub`]).
 //! * What goes over the wire and which failures are retried: [`transport`]
 //!   and [`retry`] (the OTLP specification's rules, with the citations).
 //! * Credentials: static headers, a bearer token file, GCP ID tokens
@@ -62,28 +64,37 @@ pub use error::SetupError;
 pub use hub::{ExportHub, ShutdownReport, MAX_BATCH};
 pub use sink::{ExportTarget, SpanSink};
 
-/// The [`SpanProcessor`] of one job: encodes every ended span once and hands
-/// it to each sink, never blocking.
+/// Spans a job may have waiting for its encoder task; past this many, the
+/// job's own thread encodes (it never waits). A job's whole span cap, so a
+/// job never gets there unless the runtime is starved.
+pub const ENCODER_QUEUE: usize = crate::job::MAX_SPANS_PER_JOB;
+/// The encoder waits this long after a span arrives before encoding what
+/// has gathered: one wake-up of the task per burst, not one per span (each
+/// costs the job a cross-thread wake on a busy machine).
+pub const ENCODER_GATHER: Duration = Duration::from_millis(1);
+
+/// The [`SpanProcessor`] of one job: counts every ended span and hands it,
+/// as data, to the job's encoder task, which encodes it once and hands it
+/// to each sink. Encoding is thus off the job's thread; the sinks' decisions
+/// (buffer budget in bytes, drops and their reasons) are the same as if the
+/// job's thread had made them.
 pub(crate) struct JobSpanProcessor {
+    shared: Arc<JobSpans>,
+    encoder: tokio::sync::mpsc::Sender<Handoff>,
+}
+
+/// What a job's spans go to, shared by the processor and its encoder task.
+struct JobSpans {
     sinks: Vec<Box<dyn SpanSink>>,
     account: Arc<JobAccount>,
     resource: Arc<ResourceBlock>,
     scopes: Mutex<HashMap<InstrumentationScope, Arc<ScopeBlock>>>,
 }
 
-impl fmt::Debug for JobSpanProcessor {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("JobSpanProcessor")
-            .field("job_id", &self.account.job_id)
-            .finish_non_exhaustive()
-    }
-}
-
-impl SpanProcessor for JobSpanProcessor {
-    fn on_start(&self, _span: &mut Span, _cx: &Context) {}
-
-    fn on_end(&self, span: SpanData) {
-        self.account.span_ended();
+impl JobSpans {
+    /// Encodes `span` once and hands it to every sink; the job's root span
+    /// may use the room each sink holds for it.
+    fn deliver(&self, span: SpanData) {
         let root = span.name == crate::job::JOB_SPAN_NAME
             && (span.parent_span_is_remote
                 || span.parent_span_id == opentelemetry::trace::SpanId::INVALID);
@@ -100,12 +111,64 @@ impl SpanProcessor for JobSpanProcessor {
             scope,
         };
         for (index, sink) in self.sinks.iter().enumerate() {
-            self.account.span_created(index);
             match root {
                 true => sink.accept_root(encoded.clone(), &self.account, index),
                 false => sink.accept(encoded.clone(), &self.account, index),
             }
         }
+    }
+}
+
+/// An ended span on its way to the encoder. It is delivered exactly once:
+/// by the encoder task, or, if it never gets there (queue full, task or
+/// runtime gone), where it is dropped. So no span is lost uncounted.
+struct Handoff {
+    span: Option<SpanData>,
+    to: Arc<JobSpans>,
+}
+
+impl Drop for Handoff {
+    fn drop(&mut self) {
+        if let Some(span) = self.span.take() {
+            self.to.deliver(span);
+        }
+    }
+}
+
+async fn encode_spans(mut handoffs: tokio::sync::mpsc::Receiver<Handoff>) {
+    while let Some(first) = handoffs.recv().await {
+        tokio::time::sleep(ENCODER_GATHER).await;
+        drop(first);
+        while let Ok(handoff) = handoffs.try_recv() {
+            drop(handoff);
+        }
+    }
+}
+
+impl fmt::Debug for JobSpanProcessor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("JobSpanProcessor")
+            .field("job_id", &self.shared.account.job_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SpanProcessor for JobSpanProcessor {
+    fn on_start(&self, _span: &mut Span, _cx: &Context) {}
+
+    fn on_end(&self, span: SpanData) {
+        let account = &self.shared.account;
+        account.span_ended();
+        for index in 0..self.shared.sinks.len() {
+            account.span_created(index);
+        }
+        let handoff = Handoff {
+            span: Some(span),
+            to: self.shared.clone(),
+        };
+        // A full queue or a gone task hands the span back: dropping it
+        // delivers it here.
+        drop(self.encoder.try_send(handoff));
     }
 
     fn force_flush(&self) -> OTelSdkResult {
@@ -126,13 +189,13 @@ pub struct ExportPipeline {
 }
 
 impl ExportPipeline {
-    /// Returns the processor to install in the job's tracer provider. The
-    /// sinks' workers already run on the runner's runtime; `_runtime` is kept
-    /// for the callers' sake.
+    /// Returns the processor to install in the job's tracer provider, and
+    /// starts the job's encoder task on `runtime` (the sinks' workers
+    /// already run there).
     pub(crate) fn start(
         sinks: Vec<Box<dyn SpanSink>>,
         resource: &Resource,
-        _runtime: &tokio::runtime::Handle,
+        runtime: &tokio::runtime::Handle,
     ) -> (JobSpanProcessor, ExportPipeline) {
         let job_id = resource
             .get(&opentelemetry::Key::from_static_str(crate::keys::CI_JOB_ID))
@@ -142,11 +205,16 @@ impl ExportPipeline {
             });
         let labels = sinks.iter().map(|s| s.label()).collect();
         let account = Arc::new(JobAccount::new(job_id, labels));
+        let (encoder, handoffs) = tokio::sync::mpsc::channel(ENCODER_QUEUE);
+        runtime.spawn(encode_spans(handoffs));
         let processor = JobSpanProcessor {
-            sinks,
-            account: account.clone(),
-            resource: Arc::new(ResourceBlock::new(resource)),
-            scopes: Mutex::new(HashMap::new()),
+            shared: Arc::new(JobSpans {
+                sinks,
+                account: account.clone(),
+                resource: Arc::new(ResourceBlock::new(resource)),
+                scopes: Mutex::new(HashMap::new()),
+            }),
+            encoder,
         };
         (processor, ExportPipeline { account })
     }
