@@ -39,11 +39,24 @@ fn small_buffer_telemetry(url: &str, max_items: usize, logs: bool) -> RunnerTele
     RunnerTelemetry::new(settings, runner())
 }
 
+/// Waits until `spans` ended spans have been handed to the buffer: span
+/// encoding is the job's encoder task's, off the job's thread, so a flush
+/// with no deadline right after a job ends may find them undecided.
+async fn wait_until_handed_over(telemetry: &RunnerTelemetry, spans: u64) {
+    conformance::doubles::eventually(
+        "every ended span handed to the buffer",
+        Duration::from_secs(10),
+        || async { (telemetry.metrics().snapshot().spans >= spans).then_some(()) },
+    )
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_buffer_keeps_each_jobs_root_span_over_its_children() {
     let telemetry = small_buffer_telemetry(&closed_port(), 10, false);
     let children: Vec<&'static str> = vec!["step_script"; 50];
     let pending = run_job(&telemetry, 1, &v1_payload(), &children);
+    wait_until_handed_over(&telemetry, 51).await;
     let report = pending.flush(Duration::ZERO).await;
     assert_report(&report);
     // 10 items: one held for the root from the job's start, so 9 children
@@ -60,12 +73,15 @@ async fn a_later_jobs_children_cannot_take_an_earlier_jobs_root_room() {
     let telemetry = small_buffer_telemetry(&closed_port(), 10, false);
     let mut first = telemetry.start_job(&v1_payload(), &job_info(1), SystemTime::now());
     let second = run_job(&telemetry, 2, &v1_payload(), &["step_script"; 30]);
+    // Job 2's spans reach the buffer before job 1's children end.
+    wait_until_handed_over(&telemetry, 31).await;
     for _ in 0..5 {
         first.child("step_script", vec![]).end(SpanOutcome::Ok);
     }
     let first = first
         .finish(&JobOutcome::Success, SystemTime::now())
         .unwrap();
+    wait_until_handed_over(&telemetry, 31 + 6).await;
     let second = second.flush(Duration::ZERO).await;
     let first = first.flush(Duration::ZERO).await;
     // Job 2's root is kept too; job 1's children found the buffer full,
