@@ -8,7 +8,7 @@ use conformance::paths;
 
 /// Formatting, lints, the chDB server's own tests, every Rust test (unit,
 /// integration and conformance), then the bench gate (`cargo xtask bench
-/// --gate`: ratios and losses against `xtask/bench-thresholds.toml`). Stops
+/// --gate --dev-build`: ratios and losses against `xtask/bench-thresholds.toml`). Stops
 /// at the first failure.
 pub fn run_all(args: &[String]) -> Result<()> {
     let root = paths::repo_root();
@@ -38,8 +38,11 @@ pub fn run_all(args: &[String]) -> Result<()> {
             .arg("-v"),
     )?;
     step("Rust tests", &mut rust_tests(&["--workspace"], args))?;
-    println!("==> cargo xtask bench --gate");
-    crate::bench::run(&["--gate".to_string()])
+    // The gate on the debug build the tests already have: a release build of
+    // the workspace would more than double CI's time. Ratios and losses are
+    // what it gates, and the thresholds hold for both builds.
+    println!("==> cargo xtask bench --gate --dev-build");
+    crate::bench::run(&["--gate".to_string(), "--dev-build".to_string()])
 }
 
 /// The conformance suite alone: `--stack embedded` (default) or `--stack

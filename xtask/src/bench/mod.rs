@@ -117,6 +117,7 @@ pub fn run(args: &[String]) -> Result<()> {
         _ => {}
     }
     let mut gate = false;
+    let mut dev_build = false;
     let mut profile = Profile::full();
     for arg in args {
         match arg.as_str() {
@@ -125,10 +126,16 @@ pub fn run(args: &[String]) -> Result<()> {
                 profile = Profile::short();
             }
             "--short" => profile = Profile::short(),
-            other => bail!("unknown bench option `{other}` (expected --gate or --short)"),
+            // The build at hand (`cargo xtask test`'s debug build) instead of a
+            // release build: CI gates ratios and losses without a second,
+            // optimised build of the workspace.
+            "--dev-build" => dev_build = true,
+            other => {
+                bail!("unknown bench option `{other}` (expected --gate, --short or --dev-build)")
+            }
         }
     }
-    if cfg!(debug_assertions) && std::env::var_os(RELEASE_VAR).is_none() {
+    if cfg!(debug_assertions) && !dev_build && std::env::var_os(RELEASE_VAR).is_none() {
         return rerun_in_release(args);
     }
     let fake_rails = release_dir().join("fake-rails");
