@@ -653,19 +653,22 @@ fn start_active(start: JobTelemetryStart<'_>, runtime: &tokio::runtime::Handle) 
     spans.acquire();
     let stack = Arc::new(SpanStack::new(root.trace_id(), root.span_id()));
     let logs = resource_block.map(|resource| {
-        JobLogs::start(JobLogsStart {
-            sinks: log_sinks,
-            resource,
-            scope: Arc::new(ScopeBlock::new(
-                &InstrumentationScope::builder(SCOPE_NAME)
-                    .with_version(SCOPE_VERSION)
-                    .build(),
-            )),
-            spans: stack.clone(),
-            job_id: job.job_id,
-            pipeline_id: job.pipeline_id,
-            project_id: job.project_id,
-        })
+        JobLogs::start(
+            JobLogsStart {
+                sinks: log_sinks,
+                resource,
+                scope: Arc::new(ScopeBlock::new(
+                    &InstrumentationScope::builder(SCOPE_NAME)
+                        .with_version(SCOPE_VERSION)
+                        .build(),
+                )),
+                spans: stack.clone(),
+                job_id: job.job_id,
+                pipeline_id: job.pipeline_id,
+                project_id: job.project_id,
+            },
+            Some(runtime),
+        )
     });
     ActiveJob {
         provider,

@@ -23,6 +23,13 @@ pub trait SpanSink: Send + Sync + 'static {
     fn accept_root(&self, span: EncodedSpan, account: &Arc<JobAccount>, endpoint: usize) {
         self.accept(span, account, endpoint)
     }
+    /// Takes several items at once, in order, as [`Self::accept`] would one
+    /// by one (an endpoint takes its locks once for the batch).
+    fn accept_batch(&self, spans: Vec<EncodedSpan>, account: &Arc<JobAccount>, endpoint: usize) {
+        for span in spans {
+            self.accept(span, account, endpoint);
+        }
+    }
 }
 
 /// Where one job's spans go. `Debug` shows header names, not values.
