@@ -979,8 +979,13 @@ impl PendingFlush {
             return self.pipeline.flush(deadline).await;
         };
         let logs_flush = async {
+            // The job's task may still be rendering its output.
+            let started = std::time::Instant::now();
+            logs.rendered(deadline).await;
             let account = logs.account().clone();
-            account.flush(deadline).await
+            account
+                .flush(deadline.saturating_sub(started.elapsed()))
+                .await
         };
         let (mut report, logs_report) =
             futures_join(self.pipeline.flush(deadline), logs_flush).await;

@@ -32,6 +32,12 @@
 //! function span open at that moment, else `job_execution`. The resource is
 //! the job's spans' resource.
 //!
+//! The job's output path hands the masked bytes over in chunks
+//! ([`JobLogs::push_output`]); a per-job task does the line splitting,
+//! rendering, encoding and batching (see [`JobLogs`], [`LOG_QUEUE_BYTES`],
+//! [`LOG_DRAIN_PATIENCE`]), and lets output wait as bytes while the
+//! runner's buffer is half full.
+//!
 //! Records go through the runner's export buffer like spans ([`crate::export`]):
 //! never blocking the job, every record exported or dropped for a reason
 //! and counted per job ([`JobLogs::report`]). When the job ends with records
@@ -139,10 +145,17 @@ impl SpanStack {
 pub const LOG_QUEUE_BYTES: usize = 16 * 1024 * 1024;
 /// The log task renders at most this many queued bytes per turn, so that it
 /// holds the job's log state briefly.
-const LOG_TASK_ROUND: usize = 64 * 1024;
+const LOG_TASK_ROUND: usize = 4 * 1024;
 /// The log task waits this long after output arrives before rendering what
 /// has gathered: one wake-up per burst, not one per write.
 const LOG_TASK_GATHER: Duration = Duration::from_millis(1);
+/// While the runner's buffer is half full, the log task checks this often
+/// for room (output waits as compact masked bytes, not as records).
+const LOG_ROOM_POLL: Duration = Duration::from_millis(2);
+/// After the job finished, its log task waits for room in the buffer at
+/// most this long; then it renders the rest (records finding the buffer
+/// full are dropped `queue_full`, counted).
+pub const LOG_DRAIN_PATIENCE: Duration = Duration::from_secs(60);
 
 /// The log record side of one job. Cheap to clone; every clone emits into
 /// the same account.
@@ -165,6 +178,10 @@ struct LogsInner {
     /// Whether a task renders `pending`; without one, the writer does.
     task: bool,
     wake: Arc<tokio::sync::Notify>,
+    /// Set (and `rendered` notified) once the job's last record was handed
+    /// over.
+    done: std::sync::atomic::AtomicBool,
+    rendered: tokio::sync::Notify,
     account: Arc<JobAccount>,
     resource: Arc<ResourceBlock>,
     scope: Arc<ScopeBlock>,
@@ -186,6 +203,8 @@ impl Drop for LogsInner {
 struct Work {
     assembler: LineAssembler,
     sinks: Option<Vec<Box<dyn SpanSink>>>,
+    /// When the job finished, while its output is still being rendered.
+    finishing: Option<std::time::Instant>,
 }
 
 /// Output handed over and not yet rendered, in order.
@@ -204,13 +223,15 @@ enum Piece {
     },
     /// The output ended: an unterminated last line is emitted.
     End { span: SpanId },
+    /// The job finished at `end_time`: see [`JobLogs::finish`].
+    Finish { end_time: SystemTime },
 }
 
 impl Piece {
     fn len(&self) -> usize {
         match self {
             Piece::Output { bytes, .. } => bytes.len(),
-            Piece::End { .. } => 0,
+            Piece::End { .. } | Piece::Finish { .. } => 0,
         }
     }
 }
@@ -360,6 +381,8 @@ pub(crate) struct JobLogsStart {
 /// What one turn of the log task did.
 enum Turn {
     Idle,
+    /// The buffer is half full: output waits.
+    Wait,
     Rendered,
     Finished,
 }
@@ -384,10 +407,13 @@ impl JobLogs {
                 work: Mutex::new(Work {
                     assembler: LineAssembler::new(),
                     sinks: Some(start.sinks),
+                    finishing: None,
                 }),
                 pending: Mutex::new(Pending::default()),
                 task: runtime.is_some(),
                 wake: wake.clone(),
+                done: std::sync::atomic::AtomicBool::new(false),
+                rendered: tokio::sync::Notify::new(),
                 account: Arc::new(JobAccount::new(Some(start.job_id), labels)),
                 resource: start.resource,
                 scope: start.scope,
@@ -470,45 +496,77 @@ impl JobLogs {
         taken
     }
 
-    /// One turn of the job's task.
+    /// One turn of the job's task. While the runner's buffer is half full,
+    /// output waits (unless a quarter of [`LOG_QUEUE_BYTES`] waits, or the
+    /// job finished [`LOG_DRAIN_PATIENCE`] ago), so that a job's lines are
+    /// not dropped only because they came faster than the export.
     fn turn(&self) -> Turn {
         let mut work = self.work();
-        if work.sinks.is_none() {
+        let Some(sinks) = work.sinks.as_ref() else {
             return Turn::Finished;
-        }
-        let pieces = self.take_pending(LOG_TASK_ROUND);
-        if pieces.is_empty() {
+        };
+        let (queued, empty) = {
+            let pending = self.pending();
+            (pending.bytes, pending.pieces.is_empty())
+        };
+        if empty {
             return Turn::Idle;
         }
-        self.render(&mut work, pieces);
-        Turn::Rendered
+        let patient = work
+            .finishing
+            .is_none_or(|at| at.elapsed() < LOG_DRAIN_PATIENCE);
+        if patient && queued < LOG_QUEUE_BYTES / 4 && sinks.iter().any(|s| s.half_full()) {
+            return Turn::Wait;
+        }
+        let pieces = self.take_pending(LOG_TASK_ROUND);
+        match self.render(&mut work, pieces) {
+            true => Turn::Finished,
+            false => Turn::Rendered,
+        }
     }
 
     /// Splits, renders and encodes `pieces`, and hands the records to the
-    /// sinks in one batch.
-    fn render(&self, work: &mut Work, pieces: Vec<Piece>) {
-        let Work { assembler, sinks } = work;
-        let Some(sinks) = sinks.as_ref() else {
-            return;
-        };
-        let observed = unix_nanos(SystemTime::now());
-        let mut batch = Vec::new();
-        for piece in pieces {
-            match piece {
-                Piece::Output {
-                    bytes,
-                    stream,
-                    at,
-                    span,
-                } => assembler.push(&bytes, stream, at, |line, stream, at| {
-                    self.render_line(line, stream, at, span, observed, &mut batch)
-                }),
-                Piece::End { span } => assembler.finish(|line, stream, at| {
-                    self.render_line(line, stream, at, span, observed, &mut batch)
-                }),
+    /// sinks in one batch. True when the job's log ended (a
+    /// [`Piece::Finish`]).
+    fn render(&self, work: &mut Work, pieces: Vec<Piece>) -> bool {
+        let mut finished = None;
+        {
+            let Work {
+                assembler, sinks, ..
+            } = &mut *work;
+            let Some(sinks) = sinks.as_ref() else {
+                return true;
+            };
+            let observed = unix_nanos(SystemTime::now());
+            let mut batch = Vec::new();
+            for piece in pieces {
+                match piece {
+                    Piece::Output {
+                        bytes,
+                        stream,
+                        at,
+                        span,
+                    } => assembler.push(&bytes, stream, at, |line, stream, at| {
+                        self.render_line(line, stream, at, span, observed, &mut batch)
+                    }),
+                    Piece::End { span } => assembler.finish(|line, stream, at| {
+                        self.render_line(line, stream, at, span, observed, &mut batch)
+                    }),
+                    Piece::Finish { end_time } => {
+                        finished = Some(end_time);
+                        break;
+                    }
+                }
             }
+            self.deliver(sinks, batch);
         }
-        self.deliver(sinks, batch);
+        match finished {
+            Some(end_time) => {
+                self.finish_now(work, end_time);
+                true
+            }
+            None => false,
+        }
     }
 
     fn render_line(
@@ -683,20 +741,56 @@ impl JobLogs {
         &self.inner.account
     }
 
-    /// Ends the job's log: renders the output still waiting, then, when
-    /// records were dropped, a final WARN record (kept: it uses the job's
-    /// reserved room) says how many; the sinks are closed and later lines
-    /// ignored. Returns the records dropped before the final one.
+    /// Ends the job's log. Output still waiting for the job's task is
+    /// rendered there (the job does not wait for it), and the log ends
+    /// after it; otherwise it ends now. When the log ends with records
+    /// dropped, a final WARN record (kept: it uses the job's reserved room)
+    /// says how many; the sinks are closed and later lines ignored. Returns
+    /// the records known dropped now.
     pub(crate) fn finish(&self, end_time: SystemTime) -> u64 {
         let mut work = self.work();
+        if work.sinks.is_none() {
+            return self.dropped();
+        }
+        {
+            let mut pending = self.pending();
+            if self.inner.task && !pending.pieces.is_empty() {
+                pending.pieces.push_back(Piece::Finish { end_time });
+                work.finishing = Some(std::time::Instant::now());
+                drop(pending);
+                self.inner.wake.notify_one();
+                return self.dropped();
+            }
+        }
         let pieces = self.take_pending(usize::MAX);
         self.render(&mut work, pieces);
+        self.finish_now(&mut work, end_time)
+    }
+
+    /// Waits, at most `deadline`, until the job's last record was handed
+    /// over (its account then counts every line).
+    pub(crate) async fn rendered(&self, deadline: Duration) {
+        let until =
+            tokio::time::Instant::now() + deadline.min(Duration::from_secs(365 * 24 * 3600));
+        loop {
+            let notified = self.inner.rendered.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.inner.done.load(Ordering::Acquire) {
+                return;
+            }
+            if tokio::time::timeout_at(until, notified).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Ends the log now (see [`Self::finish`]).
+    fn finish_now(&self, work: &mut Work, end_time: SystemTime) -> u64 {
         let dropped = self.dropped();
         let Some(sinks) = work.sinks.take() else {
             return dropped;
         };
-        drop(work);
-        self.inner.wake.notify_one();
         if dropped > 0 {
             let text = format!(
                 "WARNING: {dropped} log lines of this job were not exported (the runner's telemetry buffer was full or the collector unreachable); this log is incomplete"
@@ -721,6 +815,9 @@ impl JobLogs {
             );
             self.hand_over_root(&sinks, record);
         }
+        self.inner.done.store(true, Ordering::Release);
+        self.inner.rendered.notify_waiters();
+        self.inner.wake.notify_one();
         dropped
     }
 }
@@ -740,6 +837,7 @@ async fn render_task(logs: std::sync::Weak<LogsInner>, wake: Arc<tokio::sync::No
                 Turn::Idle => break,
                 Turn::Finished => return,
                 Turn::Rendered => tokio::task::yield_now().await,
+                Turn::Wait => tokio::time::sleep(LOG_ROOM_POLL).await,
             }
         }
     }

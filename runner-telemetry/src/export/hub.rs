@@ -522,6 +522,14 @@ impl SpanSink for EndpointSink {
     fn accept_batch(&self, spans: Vec<EncodedSpan>, account: &Arc<JobAccount>, endpoint: usize) {
         self.push_batch(spans, account, endpoint);
     }
+
+    fn half_full(&self) -> bool {
+        let budget = &self.hub.budget;
+        let used = budget.used.lock().unwrap_or_else(|e| e.into_inner());
+        let held = budget.held.lock().unwrap_or_else(|e| e.into_inner());
+        (used.0 + held.0) * 2 >= budget.limits.max_spans
+            || (used.1 + held.1) * 2 >= budget.limits.max_bytes
+    }
 }
 
 impl EndpointSink {
