@@ -5,8 +5,9 @@
 //! straddles two writes is held back until it can be decided, so nothing
 //! that leaves the process (a PATCH, the checksum) ever contains it.
 //!
-//! With log export on, the same masked bytes are also split into lines and
-//! handed to the job's OTLP log records ([`runner_telemetry::logs`]): one
+//! With log export on, the same masked bytes are also handed, as they come
+//! (chunks, not lines), to the job's OTLP log records
+//! ([`runner_telemetry::logs`]), whose own task splits them into lines: one
 //! record per line, with the stream it came from (`stdout`/`stderr` from
 //! the script, `runner` for the runner's own lines) and the time its first
 //! byte arrived (the scripts run with `exec 2>&1`, as GitLab Runner's
@@ -21,7 +22,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use runner_telemetry::logs::{JobLogs, LineAssembler, Stream};
+use runner_telemetry::logs::{JobLogs, Stream};
 
 use tokio::sync::{watch, Notify};
 
@@ -126,7 +127,7 @@ struct LogState {
     truncated: bool,
     closed: bool,
     /// OTLP log records, when exported.
-    records: Option<(JobLogs, LineAssembler)>,
+    records: Option<JobLogs>,
 }
 
 /// The log of one job, shared by the executor (writing) and the uploader.
@@ -163,7 +164,7 @@ impl JobLog {
 
     /// From now on, every line also goes to `records` (OTLP log records).
     pub fn export_records(&self, records: JobLogs) {
-        self.lock().records = Some((records, LineAssembler::new()));
+        self.lock().records = Some(records);
     }
 
     /// Appends raw output written by the runner itself (masked on the way
@@ -233,8 +234,8 @@ impl JobLog {
         let rest = state.masker.finish();
         self.append(&mut state, &rest);
         to_records(&mut state, &rest, Stream::Runner);
-        if let Some((records, assembler)) = state.records.as_mut() {
-            assembler.finish(|line, stream, at| records.emit_raw_line(line, stream, at));
+        if let Some(records) = state.records.as_ref() {
+            records.end_output();
         }
         state.closed = true;
         drop(state);
@@ -290,10 +291,8 @@ fn to_records(state: &mut LogState, masked: &[u8], stream: Stream) {
     if masked.is_empty() {
         return;
     }
-    if let Some((records, assembler)) = state.records.as_mut() {
-        assembler.push(masked, stream, SystemTime::now(), |line, stream, at| {
-            records.emit_raw_line(line, stream, at)
-        });
+    if let Some(records) = state.records.as_ref() {
+        records.push_output(masked, stream, SystemTime::now());
     }
 }
 

@@ -653,19 +653,22 @@ fn start_active(start: JobTelemetryStart<'_>, runtime: &tokio::runtime::Handle) 
     spans.acquire();
     let stack = Arc::new(SpanStack::new(root.trace_id(), root.span_id()));
     let logs = resource_block.map(|resource| {
-        JobLogs::start(JobLogsStart {
-            sinks: log_sinks,
-            resource,
-            scope: Arc::new(ScopeBlock::new(
-                &InstrumentationScope::builder(SCOPE_NAME)
-                    .with_version(SCOPE_VERSION)
-                    .build(),
-            )),
-            spans: stack.clone(),
-            job_id: job.job_id,
-            pipeline_id: job.pipeline_id,
-            project_id: job.project_id,
-        })
+        JobLogs::start(
+            JobLogsStart {
+                sinks: log_sinks,
+                resource,
+                scope: Arc::new(ScopeBlock::new(
+                    &InstrumentationScope::builder(SCOPE_NAME)
+                        .with_version(SCOPE_VERSION)
+                        .build(),
+                )),
+                spans: stack.clone(),
+                job_id: job.job_id,
+                pipeline_id: job.pipeline_id,
+                project_id: job.project_id,
+            },
+            Some(runtime),
+        )
     });
     ActiveJob {
         provider,
@@ -976,8 +979,13 @@ impl PendingFlush {
             return self.pipeline.flush(deadline).await;
         };
         let logs_flush = async {
+            // The job's task may still be rendering its output.
+            let started = std::time::Instant::now();
+            logs.rendered(deadline).await;
             let account = logs.account().clone();
-            account.flush(deadline).await
+            account
+                .flush(deadline.saturating_sub(started.elapsed()))
+                .await
         };
         let (mut report, logs_report) =
             futures_join(self.pipeline.flush(deadline), logs_flush).await;

@@ -32,6 +32,12 @@
 //! function span open at that moment, else `job_execution`. The resource is
 //! the job's spans' resource.
 //!
+//! The job's output path hands the masked bytes over in chunks
+//! ([`JobLogs::push_output`]); a per-job task does the line splitting,
+//! rendering, encoding and batching (see [`JobLogs`], [`LOG_QUEUE_BYTES`],
+//! [`LOG_DRAIN_PATIENCE`]), and lets output wait as bytes while the
+//! runner's buffer is half full.
+//!
 //! Records go through the runner's export buffer like spans ([`crate::export`]):
 //! never blocking the job, every record exported or dropped for a reason
 //! and counted per job ([`JobLogs::report`]). When the job ends with records
@@ -44,6 +50,7 @@ use std::time::{Duration, SystemTime};
 
 use opentelemetry::trace::{SpanId, TraceId};
 use opentelemetry_proto::tonic::common::v1::KeyValue as ProtoKeyValue;
+use prost::Message;
 
 use crate::export::accounting::JobAccount;
 use crate::export::encode::EncodedSpan;
@@ -132,8 +139,32 @@ impl SpanStack {
     }
 }
 
+/// Bytes of job output a job may have waiting for its log task; past this,
+/// the job's own thread renders what is waiting (it never waits itself,
+/// nor drops anything uncounted). Bounds each job's queued output.
+pub const LOG_QUEUE_BYTES: usize = 16 * 1024 * 1024;
+/// The log task renders at most this many queued bytes per turn, so that it
+/// holds the job's log state briefly.
+const LOG_TASK_ROUND: usize = 4 * 1024;
+/// The log task waits this long after output arrives before rendering what
+/// has gathered: one wake-up per burst, not one per write.
+const LOG_TASK_GATHER: Duration = Duration::from_millis(1);
+/// While the runner's buffer is half full, the log task checks this often
+/// for room (output waits as compact masked bytes, not as records).
+const LOG_ROOM_POLL: Duration = Duration::from_millis(2);
+/// After the job finished, its log task waits for room in the buffer at
+/// most this long; then it renders the rest (records finding the buffer
+/// full are dropped `queue_full`, counted).
+pub const LOG_DRAIN_PATIENCE: Duration = Duration::from_secs(60);
+
 /// The log record side of one job. Cheap to clone; every clone emits into
 /// the same account.
+///
+/// The job's output reaches it as masked chunks ([`JobLogs::push_output`]),
+/// with their arrival time and the span open then; a per-job task splits
+/// them into lines, renders, encodes and hands the records to the sinks in
+/// batches. Nothing of that runs on the job's thread unless the task falls
+/// [`LOG_QUEUE_BYTES`] behind.
 #[derive(Clone)]
 pub struct JobLogs {
     inner: Arc<LogsInner>,
@@ -141,14 +172,191 @@ pub struct JobLogs {
 
 struct LogsInner {
     spans: Arc<SpanStack>,
-    /// `None` once the job finished: later lines are ignored.
-    sinks: Mutex<Option<Vec<Box<dyn SpanSink>>>>,
+    /// Locked before `pending`.
+    work: Mutex<Work>,
+    pending: Mutex<Pending>,
+    /// Whether a task renders `pending`; without one, the writer does.
+    task: bool,
+    wake: Arc<tokio::sync::Notify>,
+    /// Set (and `rendered` notified) once the job's last record was handed
+    /// over.
+    done: std::sync::atomic::AtomicBool,
+    rendered: tokio::sync::Notify,
     account: Arc<JobAccount>,
     resource: Arc<ResourceBlock>,
     scope: Arc<ScopeBlock>,
     /// `ci.job.id`, `ci.pipeline.id`, `ci.project.id`.
     ids: Vec<ProtoKeyValue>,
+    template: Template,
     lines: AtomicU64,
+}
+
+impl Drop for LogsInner {
+    fn drop(&mut self) {
+        // Ends the task.
+        self.wake.notify_one();
+    }
+}
+
+/// The job's line splitter and sinks; `sinks` is `None` once the job
+/// finished: later output is ignored.
+struct Work {
+    assembler: LineAssembler,
+    sinks: Option<Vec<Box<dyn SpanSink>>>,
+    /// When the job finished, while its output is still being rendered.
+    finishing: Option<std::time::Instant>,
+}
+
+/// Output handed over and not yet rendered, in order.
+#[derive(Default)]
+struct Pending {
+    pieces: std::collections::VecDeque<Piece>,
+    bytes: usize,
+}
+
+enum Piece {
+    Output {
+        bytes: Vec<u8>,
+        stream: Stream,
+        at: SystemTime,
+        span: SpanId,
+    },
+    /// The output ended: an unterminated last line is emitted.
+    End { span: SpanId },
+    /// The job finished at `end_time`: see [`JobLogs::finish`].
+    Finish { end_time: SystemTime },
+}
+
+impl Piece {
+    fn len(&self) -> usize {
+        match self {
+            Piece::Output { bytes, .. } => bytes.len(),
+            Piece::End { .. } | Piece::Finish { .. } => 0,
+        }
+    }
+}
+
+/// The constant parts of a job's records, encoded once: the protobuf of a
+/// record is written field by field, in field order, exactly as
+/// [`RawLogRecord::encode_bytes`] writes it.
+struct Template {
+    /// Fields 2 and 3, by [`Severity`].
+    severity: [Vec<u8>; 3],
+    /// Field 6 `ci.log.stream`, by [`Stream`].
+    stream: [Vec<u8>; 3],
+    /// Field 6 for each of the job's ids.
+    ids: Vec<u8>,
+    /// Fields 8 (flags) and 9 (trace id).
+    trace: Vec<u8>,
+}
+
+impl Template {
+    fn new(trace_id: TraceId, ids: &[ProtoKeyValue]) -> Template {
+        let severity = [Severity::Info, Severity::Warn, Severity::Error].map(|s| {
+            RawLogRecord {
+                severity_number: s.number(),
+                severity_text: s.as_str().into(),
+                ..Default::default()
+            }
+            .encode_to_vec()
+        });
+        let stream = [Stream::Stdout, Stream::Stderr, Stream::Runner].map(|s| {
+            RawLogRecord {
+                attributes: vec![string_attribute(CI_LOG_STREAM, s.as_str())],
+                ..Default::default()
+            }
+            .encode_to_vec()
+        });
+        let ids = RawLogRecord {
+            attributes: ids.to_vec(),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let trace = RawLogRecord {
+            flags: 1,
+            trace_id: trace_id.to_bytes().to_vec(),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        Template {
+            severity,
+            stream,
+            ids,
+            trace,
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn encode(
+        &self,
+        text: &str,
+        severity: Severity,
+        stream: Stream,
+        number: u64,
+        chunk: Option<(usize, usize)>,
+        time: u64,
+        observed: u64,
+        span: SpanId,
+    ) -> bytes::Bytes {
+        use prost::encoding::{encode_key, encode_varint, encoded_len_varint, WireType};
+        let mut buf = Vec::with_capacity(text.len() + 160);
+        if time != 0 {
+            prost::encoding::fixed64::encode(1, &time, &mut buf);
+        }
+        buf.extend_from_slice(&self.severity[severity_index(severity)]);
+        // Field 5: AnyValue { string_value (1) }.
+        let any_len = 1 + encoded_len_varint(text.len() as u64) + text.len();
+        encode_key(5, WireType::LengthDelimited, &mut buf);
+        encode_varint(any_len as u64, &mut buf);
+        encode_key(1, WireType::LengthDelimited, &mut buf);
+        encode_varint(text.len() as u64, &mut buf);
+        buf.extend_from_slice(text.as_bytes());
+        buf.extend_from_slice(&self.stream[stream_index(stream)]);
+        // Field 6: KeyValue { key (1), value (2): AnyValue { int_value (3) } }.
+        let key = CI_LOG_LINE_NUMBER.as_bytes();
+        let int_len = 1 + encoded_len_varint(number);
+        let kv_len = 1 + encoded_len_varint(key.len() as u64) + key.len() + 1 + 1 + int_len;
+        encode_key(6, WireType::LengthDelimited, &mut buf);
+        encode_varint(kv_len as u64, &mut buf);
+        encode_key(1, WireType::LengthDelimited, &mut buf);
+        encode_varint(key.len() as u64, &mut buf);
+        buf.extend_from_slice(key);
+        encode_key(2, WireType::LengthDelimited, &mut buf);
+        encode_varint(int_len as u64, &mut buf);
+        encode_key(3, WireType::Varint, &mut buf);
+        encode_varint(number, &mut buf);
+        buf.extend_from_slice(&self.ids);
+        if let Some((index, count)) = chunk {
+            for kv in [
+                int_attribute(CI_LOG_CHUNK_INDEX, index as i64),
+                int_attribute(CI_LOG_CHUNK_COUNT, count as i64),
+            ] {
+                prost::encoding::message::encode(6, &kv, &mut buf);
+            }
+        }
+        buf.extend_from_slice(&self.trace);
+        prost::encoding::bytes::encode(10, &span.to_bytes().to_vec(), &mut buf);
+        if observed != 0 {
+            prost::encoding::fixed64::encode(11, &observed, &mut buf);
+        }
+        buf.into()
+    }
+}
+
+fn severity_index(severity: Severity) -> usize {
+    match severity {
+        Severity::Info => 0,
+        Severity::Warn => 1,
+        Severity::Error => 2,
+    }
+}
+
+fn stream_index(stream: Stream) -> usize {
+    match stream {
+        Stream::Stdout => 0,
+        Stream::Stderr => 1,
+        Stream::Runner => 2,
+    }
 }
 
 impl std::fmt::Debug for JobLogs {
@@ -170,8 +378,19 @@ pub(crate) struct JobLogsStart {
     pub project_id: Option<i64>,
 }
 
+/// What one turn of the log task did.
+enum Turn {
+    Idle,
+    /// The buffer is half full: output waits.
+    Wait,
+    Rendered,
+    Finished,
+}
+
 impl JobLogs {
-    pub(crate) fn start(start: JobLogsStart) -> JobLogs {
+    /// Starts the job's log side; its task runs on `runtime` (without one,
+    /// output is rendered where it is handed over).
+    pub(crate) fn start(start: JobLogsStart, runtime: Option<&tokio::runtime::Handle>) -> JobLogs {
         let labels = start.sinks.iter().map(|s| s.label()).collect();
         let mut ids = vec![int_attribute(keys::CI_JOB_ID, start.job_id)];
         if let Some(id) = start.pipeline_id {
@@ -180,23 +399,185 @@ impl JobLogs {
         if let Some(id) = start.project_id {
             ids.push(int_attribute(keys::CI_PROJECT_ID, id));
         }
-        JobLogs {
+        let wake = Arc::new(tokio::sync::Notify::new());
+        let logs = JobLogs {
             inner: Arc::new(LogsInner {
+                template: Template::new(start.spans.trace_id, &ids),
                 spans: start.spans,
-                sinks: Mutex::new(Some(start.sinks)),
+                work: Mutex::new(Work {
+                    assembler: LineAssembler::new(),
+                    sinks: Some(start.sinks),
+                    finishing: None,
+                }),
+                pending: Mutex::new(Pending::default()),
+                task: runtime.is_some(),
+                wake: wake.clone(),
+                done: std::sync::atomic::AtomicBool::new(false),
+                rendered: tokio::sync::Notify::new(),
                 account: Arc::new(JobAccount::new(Some(start.job_id), labels)),
                 resource: start.resource,
                 scope: start.scope,
                 ids,
                 lines: AtomicU64::new(0),
             }),
+        };
+        if let Some(runtime) = runtime {
+            runtime.spawn(render_task(Arc::downgrade(&logs.inner), wake));
+        }
+        logs
+    }
+
+    fn work(&self) -> std::sync::MutexGuard<'_, Work> {
+        self.inner.work.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.inner.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Hands over masked job output of `stream` that arrived at `at`, in
+    /// any chunks: the job's task splits it into lines, each rendered by
+    /// [`visible_line`] and attributed to the span open now. Never blocks
+    /// on export; see [`LOG_QUEUE_BYTES`].
+    pub fn push_output(&self, masked: &[u8], stream: Stream, at: SystemTime) {
+        if masked.is_empty() {
+            return;
+        }
+        self.enqueue(Piece::Output {
+            bytes: masked.to_vec(),
+            stream,
+            at,
+            span: self.inner.spans.current(),
+        });
+    }
+
+    /// The output ended: an unterminated last line becomes a record.
+    pub fn end_output(&self) {
+        self.enqueue(Piece::End {
+            span: self.inner.spans.current(),
+        });
+    }
+
+    fn enqueue(&self, piece: Piece) {
+        if self.inner.task {
+            let mut pending = self.pending();
+            if pending.bytes + piece.len() <= LOG_QUEUE_BYTES {
+                pending.bytes += piece.len();
+                let was_empty = pending.pieces.is_empty();
+                pending.pieces.push_back(piece);
+                drop(pending);
+                if was_empty {
+                    self.inner.wake.notify_one();
+                }
+                return;
+            }
+        }
+        // No task, or it fell behind: render what waits, then this.
+        let mut work = self.work();
+        let mut pieces = self.take_pending(usize::MAX);
+        pieces.push(piece);
+        self.render(&mut work, pieces);
+    }
+
+    /// Takes up to `max` bytes of waiting output (at least one piece).
+    /// Called with `work` locked, so pieces are rendered in order.
+    fn take_pending(&self, max: usize) -> Vec<Piece> {
+        let mut pending = self.pending();
+        let mut taken = Vec::new();
+        let mut bytes = 0;
+        while let Some(piece) = pending.pieces.front() {
+            if !taken.is_empty() && bytes + piece.len() > max {
+                break;
+            }
+            bytes += piece.len();
+            taken.extend(pending.pieces.pop_front());
+        }
+        pending.bytes -= bytes;
+        taken
+    }
+
+    /// One turn of the job's task. While the runner's buffer is half full,
+    /// output waits (unless a quarter of [`LOG_QUEUE_BYTES`] waits, or the
+    /// job finished [`LOG_DRAIN_PATIENCE`] ago), so that a job's lines are
+    /// not dropped only because they came faster than the export.
+    fn turn(&self) -> Turn {
+        let mut work = self.work();
+        let Some(sinks) = work.sinks.as_ref() else {
+            return Turn::Finished;
+        };
+        let (queued, empty) = {
+            let pending = self.pending();
+            (pending.bytes, pending.pieces.is_empty())
+        };
+        if empty {
+            return Turn::Idle;
+        }
+        let patient = work
+            .finishing
+            .is_none_or(|at| at.elapsed() < LOG_DRAIN_PATIENCE);
+        if patient && queued < LOG_QUEUE_BYTES / 4 && sinks.iter().any(|s| s.half_full()) {
+            return Turn::Wait;
+        }
+        let pieces = self.take_pending(LOG_TASK_ROUND);
+        match self.render(&mut work, pieces) {
+            true => Turn::Finished,
+            false => Turn::Rendered,
         }
     }
 
-    /// Emits one raw line of the (masked) job log, without its `\n`,
-    /// rendered by [`visible_line`]. `first_byte` is when its first byte
-    /// arrived. Never blocks.
-    pub fn emit_raw_line(&self, raw: &[u8], stream: Stream, first_byte: SystemTime) {
+    /// Splits, renders and encodes `pieces`, and hands the records to the
+    /// sinks in one batch. True when the job's log ended (a
+    /// [`Piece::Finish`]).
+    fn render(&self, work: &mut Work, pieces: Vec<Piece>) -> bool {
+        let mut finished = None;
+        {
+            let Work {
+                assembler, sinks, ..
+            } = &mut *work;
+            let Some(sinks) = sinks.as_ref() else {
+                return true;
+            };
+            let observed = unix_nanos(SystemTime::now());
+            let mut batch = Vec::new();
+            for piece in pieces {
+                match piece {
+                    Piece::Output {
+                        bytes,
+                        stream,
+                        at,
+                        span,
+                    } => assembler.push(&bytes, stream, at, |line, stream, at| {
+                        self.render_line(line, stream, at, span, observed, &mut batch)
+                    }),
+                    Piece::End { span } => assembler.finish(|line, stream, at| {
+                        self.render_line(line, stream, at, span, observed, &mut batch)
+                    }),
+                    Piece::Finish { end_time } => {
+                        finished = Some(end_time);
+                        break;
+                    }
+                }
+            }
+            self.deliver(sinks, batch);
+        }
+        match finished {
+            Some(end_time) => {
+                self.finish_now(work, end_time);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn render_line(
+        &self,
+        raw: &[u8],
+        stream: Stream,
+        at: SystemTime,
+        span: SpanId,
+        observed: u64,
+        batch: &mut Vec<EncodedSpan>,
+    ) {
         let Some(text) = visible_line(raw) else {
             return;
         };
@@ -204,32 +585,97 @@ impl JobLogs {
             Stream::Runner => runner_severity(&text),
             _ => Severity::Info,
         };
-        self.emit_text(&text, stream, severity, first_byte);
+        self.render_text(
+            &text,
+            stream,
+            severity,
+            unix_nanos(at),
+            span,
+            observed,
+            batch,
+        );
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn render_text(
+        &self,
+        text: &str,
+        stream: Stream,
+        severity: Severity,
+        time: u64,
+        span: SpanId,
+        observed: u64,
+        batch: &mut Vec<EncodedSpan>,
+    ) {
+        let number = self.inner.lines.fetch_add(1, Ordering::Relaxed) + 1;
+        let chunks = split_chunks(text, MAX_BODY_BYTES);
+        let count = chunks.len();
+        for (index, chunk) in chunks.into_iter().enumerate() {
+            let part = (count > 1).then_some((index, count));
+            batch.push(EncodedSpan {
+                span: self
+                    .inner
+                    .template
+                    .encode(chunk, severity, stream, number, part, time, observed, span),
+                resource: self.inner.resource.clone(),
+                scope: self.inner.scope.clone(),
+            });
+        }
+    }
+
+    /// Accounts for `batch` and hands it to every sink.
+    fn deliver(&self, sinks: &[Box<dyn SpanSink>], batch: Vec<EncodedSpan>) {
+        if batch.is_empty() {
+            return;
+        }
+        let account = &self.inner.account;
+        account.items_handed_over(batch.len() as u64);
+        let last = sinks.len().saturating_sub(1);
+        let mut batch = Some(batch);
+        for (index, sink) in sinks.iter().enumerate() {
+            let items = match index == last {
+                true => batch.take().unwrap_or_default(),
+                false => batch.clone().unwrap_or_default(),
+            };
+            sink.accept_batch(items, account, index);
+        }
+    }
+
+    /// Emits one raw line of the (masked) job log, without its `\n`,
+    /// rendered by [`visible_line`], right away (the job's output goes
+    /// through [`Self::push_output`]). `first_byte` is when its first byte
+    /// arrived. Never blocks on export.
+    pub fn emit_raw_line(&self, raw: &[u8], stream: Stream, first_byte: SystemTime) {
+        let work = self.work();
+        let Some(sinks) = work.sinks.as_ref() else {
+            return;
+        };
+        let mut batch = Vec::new();
+        let observed = unix_nanos(SystemTime::now());
+        let span = self.inner.spans.current();
+        self.render_line(raw, stream, first_byte, span, observed, &mut batch);
+        self.deliver(sinks, batch);
     }
 
     /// Emits one visible line (chunked when longer than [`MAX_BODY_BYTES`]).
     pub fn emit_text(&self, text: &str, stream: Stream, severity: Severity, time: SystemTime) {
-        let number = self.inner.lines.fetch_add(1, Ordering::Relaxed) + 1;
-        let chunks = split_chunks(text, MAX_BODY_BYTES);
-        let count = chunks.len();
-        let span = self.inner.spans.current();
-        let observed = SystemTime::now();
-        let sinks = self.inner.sinks.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(sinks) = sinks.as_ref() else {
+        let work = self.work();
+        let Some(sinks) = work.sinks.as_ref() else {
             return;
         };
-        for (index, chunk) in chunks.into_iter().enumerate() {
-            let mut attributes = Vec::with_capacity(self.inner.ids.len() + 4);
-            attributes.push(string_attribute(CI_LOG_STREAM, stream.as_str()));
-            attributes.push(int_attribute(CI_LOG_LINE_NUMBER, number as i64));
-            attributes.extend(self.inner.ids.iter().cloned());
-            if count > 1 {
-                attributes.push(int_attribute(CI_LOG_CHUNK_INDEX, index as i64));
-                attributes.push(int_attribute(CI_LOG_CHUNK_COUNT, count as i64));
-            }
-            let record = self.record(chunk, severity, time, observed, span, attributes);
-            self.hand_over(sinks, record, false);
-        }
+        let mut batch = Vec::new();
+        let observed = unix_nanos(SystemTime::now());
+        let span = self.inner.spans.current();
+        self.render_text(
+            text,
+            stream,
+            severity,
+            unix_nanos(time),
+            span,
+            observed,
+            &mut batch,
+        );
+        self.deliver(sinks, batch);
     }
 
     fn record(
@@ -256,7 +702,7 @@ impl JobLogs {
         }
     }
 
-    fn hand_over(&self, sinks: &[Box<dyn SpanSink>], record: RawLogRecord, root: bool) {
+    fn hand_over_root(&self, sinks: &[Box<dyn SpanSink>], record: RawLogRecord) {
         let encoded = EncodedSpan {
             span: record.encode_bytes(),
             resource: self.inner.resource.clone(),
@@ -266,10 +712,7 @@ impl JobLogs {
         account.span_ended();
         for (index, sink) in sinks.iter().enumerate() {
             account.span_created(index);
-            match root {
-                true => sink.accept_root(encoded.clone(), account, index),
-                false => sink.accept(encoded.clone(), account, index),
-            }
+            sink.accept_root(encoded.clone(), account, index);
         }
     }
 
@@ -298,19 +741,54 @@ impl JobLogs {
         &self.inner.account
     }
 
-    /// Ends the job's log: when records were dropped, a final WARN record
-    /// (kept: it uses the job's reserved room) says how many; the sinks are
-    /// closed and later lines ignored. Returns the records dropped before
-    /// the final one.
+    /// Ends the job's log. Output still waiting for the job's task is
+    /// rendered there (the job does not wait for it), and the log ends
+    /// after it; otherwise it ends now. When the log ends with records
+    /// dropped, a final WARN record (kept: it uses the job's reserved room)
+    /// says how many; the sinks are closed and later lines ignored. Returns
+    /// the records known dropped now.
     pub(crate) fn finish(&self, end_time: SystemTime) -> u64 {
+        let mut work = self.work();
+        if work.sinks.is_none() {
+            return self.dropped();
+        }
+        {
+            let mut pending = self.pending();
+            if self.inner.task && !pending.pieces.is_empty() {
+                pending.pieces.push_back(Piece::Finish { end_time });
+                work.finishing = Some(std::time::Instant::now());
+                drop(pending);
+                self.inner.wake.notify_one();
+                return self.dropped();
+            }
+        }
+        let pieces = self.take_pending(usize::MAX);
+        self.render(&mut work, pieces);
+        self.finish_now(&mut work, end_time)
+    }
+
+    /// Waits, at most `deadline`, until the job's last record was handed
+    /// over (its account then counts every line).
+    pub(crate) async fn rendered(&self, deadline: Duration) {
+        let until =
+            tokio::time::Instant::now() + deadline.min(Duration::from_secs(365 * 24 * 3600));
+        loop {
+            let notified = self.inner.rendered.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.inner.done.load(Ordering::Acquire) {
+                return;
+            }
+            if tokio::time::timeout_at(until, notified).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Ends the log now (see [`Self::finish`]).
+    fn finish_now(&self, work: &mut Work, end_time: SystemTime) -> u64 {
         let dropped = self.dropped();
-        let sinks = self
-            .inner
-            .sinks
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        let Some(sinks) = sinks else {
+        let Some(sinks) = work.sinks.take() else {
             return dropped;
         };
         if dropped > 0 {
@@ -335,9 +813,33 @@ impl JobLogs {
                 self.inner.spans.root,
                 attributes,
             );
-            self.hand_over(&sinks, record, true);
+            self.hand_over_root(&sinks, record);
         }
+        self.inner.done.store(true, Ordering::Release);
+        self.inner.rendered.notify_waiters();
+        self.inner.wake.notify_one();
         dropped
+    }
+}
+
+/// The job's log task: renders handed-over output in turns until the job
+/// finished or its log is gone.
+async fn render_task(logs: std::sync::Weak<LogsInner>, wake: Arc<tokio::sync::Notify>) {
+    loop {
+        wake.notified().await;
+        tokio::time::sleep(LOG_TASK_GATHER).await;
+        loop {
+            let Some(inner) = logs.upgrade() else {
+                return;
+            };
+            let turn = JobLogs { inner }.turn();
+            match turn {
+                Turn::Idle => break,
+                Turn::Finished => return,
+                Turn::Rendered => tokio::task::yield_now().await,
+                Turn::Wait => tokio::time::sleep(LOG_ROOM_POLL).await,
+            }
+        }
     }
 }
 
@@ -622,6 +1124,56 @@ mod tests {
                 ("three".to_string(), Stream::Stderr, 2),
             ]
         );
+    }
+
+    #[test]
+    fn the_template_encodes_as_prost_does() {
+        let trace_id = TraceId::from_bytes([7; 16]);
+        let span = SpanId::from_bytes([3; 8]);
+        let ids = vec![
+            int_attribute(keys::CI_JOB_ID, 42),
+            int_attribute(keys::CI_PIPELINE_ID, -1),
+        ];
+        let template = Template::new(trace_id, &ids);
+        let long = "é".repeat(100);
+        for (text, severity, stream, number, chunk, time, observed) in [
+            ("hello", Severity::Info, Stream::Stdout, 1, None, 5, 6),
+            ("", Severity::Warn, Stream::Runner, 300, None, 0, 0),
+            (
+                long.as_str(),
+                Severity::Error,
+                Stream::Stderr,
+                u64::from(u32::MAX) + 9,
+                Some((1, 3)),
+                u64::MAX,
+                1,
+            ),
+        ] {
+            let mut attributes = vec![
+                string_attribute(CI_LOG_STREAM, stream.as_str()),
+                int_attribute(CI_LOG_LINE_NUMBER, number as i64),
+            ];
+            attributes.extend(ids.iter().cloned());
+            if let Some((index, count)) = chunk {
+                attributes.push(int_attribute(CI_LOG_CHUNK_INDEX, index as i64));
+                attributes.push(int_attribute(CI_LOG_CHUNK_COUNT, count as i64));
+            }
+            let expected = RawLogRecord {
+                time_unix_nano: time,
+                severity_number: severity.number(),
+                severity_text: severity.as_str().into(),
+                body: string_body(text),
+                attributes,
+                dropped_attributes_count: 0,
+                flags: 1,
+                trace_id: trace_id.to_bytes().to_vec(),
+                span_id: span.to_bytes().to_vec(),
+                observed_time_unix_nano: observed,
+            };
+            let encoded =
+                template.encode(text, severity, stream, number, chunk, time, observed, span);
+            assert_eq!(encoded, expected.encode_bytes(), "{text:?}");
+        }
     }
 
     #[test]

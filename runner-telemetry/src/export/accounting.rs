@@ -160,6 +160,15 @@ impl JobAccount {
             .fetch_add(1, Ordering::AcqRel);
     }
 
+    /// [`Self::span_ended`] and [`Self::span_created`] at every endpoint,
+    /// for `n` items at once.
+    pub(crate) fn items_handed_over(&self, n: u64) {
+        self.spans.fetch_add(n, Ordering::AcqRel);
+        for endpoint in &self.endpoints {
+            endpoint.created.fetch_add(n, Ordering::AcqRel);
+        }
+    }
+
     /// Records the outcome of `n` spans at `endpoint`.
     pub(crate) fn record(&self, endpoint: usize, outcome: Outcome, n: u64) {
         if n == 0 {

@@ -518,9 +518,107 @@ impl SpanSink for EndpointSink {
     fn accept_root(&self, span: EncodedSpan, account: &Arc<JobAccount>, endpoint: usize) {
         self.push(span, account, endpoint, true);
     }
+
+    fn accept_batch(&self, spans: Vec<EncodedSpan>, account: &Arc<JobAccount>, endpoint: usize) {
+        self.push_batch(spans, account, endpoint);
+    }
+
+    fn half_full(&self) -> bool {
+        let budget = &self.hub.budget;
+        let used = budget.used.lock().unwrap_or_else(|e| e.into_inner());
+        let held = budget.held.lock().unwrap_or_else(|e| e.into_inner());
+        (used.0 + held.0) * 2 >= budget.limits.max_spans
+            || (used.1 + held.1) * 2 >= budget.limits.max_bytes
+    }
 }
 
 impl EndpointSink {
+    /// [`Self::push`] of several non-root items, with one budget lock and
+    /// one queue lock for the whole batch.
+    fn push_batch(&self, spans: Vec<EncodedSpan>, account: &Arc<JobAccount>, endpoint: usize) {
+        let hub = &self.hub;
+        let signal = self.signal;
+        let total = spans.len() as u64;
+        if total == 0 {
+            return;
+        }
+        for _ in 0..total {
+            hub.metrics.created(signal);
+        }
+        if hub.shutting_down().is_some() {
+            hub.metrics
+                .dropped_signal(signal, DropReason::Shutdown, total);
+            account.record(endpoint, Outcome::Dropped(DropReason::Shutdown), total);
+            return;
+        }
+        let now = Instant::now();
+        let mut items = Vec::with_capacity(spans.len());
+        {
+            let budget = &hub.budget;
+            let mut used = budget.used.lock().unwrap_or_else(|e| e.into_inner());
+            let held = budget.held.lock().unwrap_or_else(|e| e.into_inner());
+            let (mut added, mut added_bytes) = (0usize, 0usize);
+            for span in spans {
+                let cost = span.span.len() + SPAN_OVERHEAD;
+                if used.0 + held.0 + 1 > budget.limits.max_spans
+                    || used.1 + held.1 + cost > budget.limits.max_bytes
+                {
+                    continue;
+                }
+                used.0 += 1;
+                used.1 += cost;
+                added += 1;
+                added_bytes += cost;
+                items.push(Item {
+                    span,
+                    account: account.clone(),
+                    endpoint,
+                    enqueued: now,
+                    cost,
+                    budget: budget.clone(),
+                    decided: false,
+                    signal,
+                });
+            }
+            if added > 0 {
+                budget.metrics.buffer_add(added as i64, added_bytes as i64);
+            }
+        }
+        let full = total - items.len() as u64;
+        if full > 0 {
+            hub.metrics
+                .dropped_signal(signal, DropReason::QueueFull, full);
+            account.record(endpoint, Outcome::Dropped(DropReason::QueueFull), full);
+        }
+        if items.is_empty() {
+            return;
+        }
+        // At most twice: the worker may have retired since the last batch.
+        for _ in 0..2 {
+            let worker = self
+                .worker
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            {
+                let mut queue = worker.lock();
+                if !queue.closed {
+                    queue.items.extend(items);
+                    drop(queue);
+                    worker.wake.notify_one();
+                    return;
+                }
+            }
+            match hub.worker(&worker.target, signal) {
+                Ok(fresh) => *self.worker.lock().unwrap_or_else(|e| e.into_inner()) = fresh,
+                Err(_) => break,
+            }
+        }
+        for mut item in items {
+            item.decide(Outcome::Dropped(DropReason::Shutdown));
+        }
+    }
+
     fn push(&self, span: EncodedSpan, account: &Arc<JobAccount>, endpoint: usize, root: bool) {
         let hub = &self.hub;
         let signal = self.signal;

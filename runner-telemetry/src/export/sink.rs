@@ -23,6 +23,19 @@ pub trait SpanSink: Send + Sync + 'static {
     fn accept_root(&self, span: EncodedSpan, account: &Arc<JobAccount>, endpoint: usize) {
         self.accept(span, account, endpoint)
     }
+    /// Whether the buffer behind this sink is half full or more (items or
+    /// bytes): a job's log task then waits before rendering more, leaving
+    /// room for spans (see [`crate::logs`]).
+    fn half_full(&self) -> bool {
+        false
+    }
+    /// Takes several items at once, in order, as [`Self::accept`] would one
+    /// by one (an endpoint takes its locks once for the batch).
+    fn accept_batch(&self, spans: Vec<EncodedSpan>, account: &Arc<JobAccount>, endpoint: usize) {
+        for span in spans {
+            self.accept(span, account, endpoint);
+        }
+    }
 }
 
 /// Where one job's spans go. `Debug` shows header names, not values.

@@ -172,3 +172,127 @@ async fn records_reach_v1_logs_with_the_stage_span_and_job_ids() {
     assert!(has(b"ci.log.stream"));
     telemetry.shutdown().await;
 }
+
+/// `LogRecord`'s fields the tests read, decoded from a `/v1/logs` body
+/// (`ExportLogsServiceRequest` -> `ResourceLogs` -> `ScopeLogs`).
+mod wire {
+    use prost::Message;
+
+    #[derive(Clone, PartialEq, Message)]
+    pub struct Request {
+        #[prost(message, repeated, tag = "1")]
+        pub resource_logs: Vec<ResourceLogs>,
+    }
+    #[derive(Clone, PartialEq, Message)]
+    pub struct ResourceLogs {
+        #[prost(message, repeated, tag = "2")]
+        pub scope_logs: Vec<ScopeLogs>,
+    }
+    #[derive(Clone, PartialEq, Message)]
+    pub struct ScopeLogs {
+        #[prost(message, repeated, tag = "2")]
+        pub log_records: Vec<runner_telemetry::export::logs_encode::RawLogRecord>,
+    }
+}
+
+/// Output handed over in chunks that cut lines anywhere: the job's log task
+/// makes one record per line, in order, numbered, each with the span open
+/// when its line was completed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_chunks_become_ordered_records_on_the_jobs_task() {
+    use opentelemetry_proto::tonic::common::v1::any_value::Value;
+    use prost::Message;
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200))
+        .mount(&server)
+        .await;
+    let telemetry = small_buffer_telemetry(&format!("{}/v1/traces", server.uri()), 1000, true);
+    let mut job = telemetry.start_job(&v1_payload(), &job_info(11), SystemTime::now());
+    let logs = job.logs().unwrap();
+    let root_id = job.span_context().unwrap().span_id();
+    logs.push_output(b"Running with\nhel", Stream::Runner, SystemTime::now());
+    let stage = job.child("step_script", vec![]);
+    let stage_id = stage.span_context().unwrap().span_id();
+    logs.push_output(
+        b"lo\nsection_end:1:x\r\x1b[0K\n\n",
+        Stream::Stdout,
+        SystemTime::now(),
+    );
+    stage.end(SpanOutcome::Ok);
+    logs.push_output(b"last", Stream::Stdout, SystemTime::now());
+    logs.end_output();
+    let pending = job.finish(&JobOutcome::Success, SystemTime::now()).unwrap();
+    let report = pending.flush(Duration::from_secs(10)).await;
+    let records = report.log_records.unwrap();
+    assert!(records.is_consistent(), "{records:?}");
+    assert_eq!((records.spans, records.exported()), (4, 4));
+    let requests = server.received_requests().await.unwrap();
+    let mut seen = Vec::new();
+    for request in requests.iter().filter(|r| r.url.path() == "/v1/logs") {
+        let decoded = wire::Request::decode(request.body.as_slice()).unwrap();
+        for record in decoded
+            .resource_logs
+            .iter()
+            .flat_map(|r| &r.scope_logs)
+            .flat_map(|s| &s.log_records)
+        {
+            let body = match record.body.as_ref().and_then(|b| b.value.as_ref()) {
+                Some(Value::StringValue(s)) => s.clone(),
+                other => panic!("body {other:?}"),
+            };
+            let number = record
+                .attributes
+                .iter()
+                .find(|a| a.key == "ci.log.line_number")
+                .and_then(|a| match a.value.as_ref()?.value.as_ref()? {
+                    Value::IntValue(n) => Some(*n),
+                    _ => None,
+                })
+                .unwrap();
+            seen.push((number, body, record.span_id.clone()));
+        }
+    }
+    seen.sort();
+    let root = root_id.to_bytes().to_vec();
+    let stage = stage_id.to_bytes().to_vec();
+    assert_eq!(
+        seen,
+        [
+            (1, "Running with".to_string(), root.clone()),
+            (2, "hello".to_string(), stage.clone()),
+            (3, String::new(), stage),
+            (4, "last".to_string(), root),
+        ]
+    );
+    telemetry.shutdown().await;
+}
+
+/// Output that comes faster than the export waits, as masked bytes, for
+/// room in a small buffer: every line is exported, none dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_waits_for_room_in_the_buffer_instead_of_being_dropped() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200))
+        .mount(&server)
+        .await;
+    let telemetry = small_buffer_telemetry(&format!("{}/v1/traces", server.uri()), 2000, true);
+    let job = telemetry.start_job(&v1_payload(), &job_info(12), SystemTime::now());
+    let logs = job.logs().expect("log export is on");
+    let text: String = (0..20_000).map(|i| format!("{i}\n")).collect();
+    for chunk in text.as_bytes().chunks(4093) {
+        logs.push_output(chunk, Stream::Stdout, SystemTime::now());
+    }
+    logs.end_output();
+    let pending = job.finish(&JobOutcome::Success, SystemTime::now()).unwrap();
+    let report = pending.flush(Duration::from_secs(120)).await;
+    let records = report.log_records.as_ref().expect("a log account");
+    assert!(records.is_consistent(), "{records:?}");
+    assert_eq!(records.spans, 20_000, "every line, no final WARN");
+    assert_eq!(records.exported(), 20_000);
+    let m = telemetry.metrics().snapshot();
+    assert_eq!(m.log_records, 20_000);
+    assert_eq!(m.log_dropped_total(), 0);
+    telemetry.shutdown().await;
+}
