@@ -71,9 +71,24 @@ impl Run {
     }
 }
 
-pub fn spawn_peer(config: &PeerConfig) -> Result<PeerResult> {
+/// This program, to run as a peer. `cargo xtask test` builds the workspace's
+/// binaries while xtask runs, which replaces xtask's own file: the running
+/// process's `/proc/self/exe` then names the deleted file, and the program
+/// at the same path is this one, rebuilt from the same sources.
+fn own_exe() -> Result<std::path::PathBuf> {
     let exe = std::env::current_exe()?;
-    let output = Command::new(exe)
+    if exe.exists() {
+        return Ok(exe);
+    }
+    let name = exe.to_string_lossy();
+    Ok(std::path::PathBuf::from(
+        name.strip_suffix(" (deleted)").unwrap_or(&name),
+    ))
+}
+
+pub fn spawn_peer(config: &PeerConfig) -> Result<PeerResult> {
+    let exe = own_exe()?;
+    let output = Command::new(&exe)
         .arg("bench-peer")
         .arg(serde_json::to_string(config)?)
         .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
@@ -82,7 +97,7 @@ pub fn spawn_peer(config: &PeerConfig) -> Result<PeerResult> {
         .env_remove("OTEL_BSP_SCHEDULE_DELAY")
         .env("RUST_LOG", "off")
         .output()
-        .context("starting a bench peer")?;
+        .with_context(|| format!("starting a bench peer ({})", exe.display()))?;
     let stdout = String::from_utf8_lossy(&output.stdout);
     if !output.status.success() {
         bail!(
