@@ -12,8 +12,10 @@
 pub mod clickhouse;
 pub mod cluster;
 pub mod docker;
+pub mod docker_stack;
 #[cfg(feature = "doubles")]
 pub mod doubles;
+pub mod endpoints;
 pub mod fault_proxy;
 pub mod gitlab;
 pub mod load;

@@ -5,7 +5,8 @@
 
 use std::time::{Duration, SystemTime};
 
-use conformance::docker::{Backend, DockerStack, OIDC_AUDIENCE};
+use conformance::docker::{Backend, OIDC_AUDIENCE};
+use conformance::docker_stack::DockerStack;
 use conformance::process::wait_for;
 use conformance::{Stack, StackOptions};
 
