@@ -6,8 +6,8 @@ use anyhow::{bail, Context, Result};
 use conformance::docker::Backend;
 use conformance::paths;
 
-/// Formatting, lints, the chDB server's own tests, every Rust test (unit,
-/// integration and conformance), then the bench gate (`cargo xtask bench
+/// Formatting, the chDB server's own tests, every Rust test (unit,
+/// integration and conformance) in a build linted by clippy, then the bench gate (`cargo xtask bench
 /// --gate --dev-build`: ratios and losses against `xtask/bench-thresholds.toml`). Stops
 /// at the first failure.
 pub fn run_all(args: &[String]) -> Result<()> {
@@ -16,20 +16,12 @@ pub fn run_all(args: &[String]) -> Result<()> {
         "cargo fmt --check",
         cargo().args(["fmt", "--all", "--", "--check"]),
     )?;
-    step(
-        "cargo clippy",
-        cargo().args([
-            "clippy",
-            "--workspace",
-            "--all-targets",
-            "--",
-            "-D",
-            "warnings",
-        ]),
-    )?;
     let venv = conformance::venv::ensure(&mut |line| println!("  {line}"))?;
     crate::browser::ensure_chromium()?;
-    build_binaries()?;
+    // No separate `cargo build --bins`: the test build makes every binary
+    // the suite starts (each package with integration tests gets its
+    // binaries built, `otel-child` included), with the features of the test
+    // build; a plain build first would compile much of the workspace twice.
     step(
         "chDB HTTP server tests",
         Command::new(venv.python())
@@ -37,7 +29,16 @@ pub fn run_all(args: &[String]) -> Result<()> {
             .arg(root.join("compose").join("chdb-server"))
             .arg("-v"),
     )?;
-    step("Rust tests", &mut rust_tests(&["--workspace"], args))?;
+    let mut tests = rust_tests(&["--workspace"], args);
+    if lint_while_building(&mut tests) {
+        step(
+            "Rust tests (built with clippy's lints, -D warnings)",
+            &mut tests,
+        )?;
+    } else {
+        step("cargo clippy", &mut clippy())?;
+        step("Rust tests", &mut tests)?;
+    }
     // The gate on the debug build the tests already have: a release build of
     // the workspace would more than double CI's time. Ratios and losses are
     // what it gates, and the thresholds hold for both builds.
@@ -116,6 +117,43 @@ fn rust_tests(selection: &[&str], extra: &[String]) -> Command {
     }
     cmd.args(selection).args(extra);
     cmd
+}
+
+/// `cargo clippy --workspace --all-targets -- -D warnings`.
+fn clippy() -> Command {
+    let mut cmd = cargo();
+    cmd.args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]);
+    cmd
+}
+
+/// Makes the test build run clippy's lints as it compiles the workspace's
+/// own crates, as `cargo clippy -- -D warnings` would (clippy-driver as
+/// cargo's workspace wrapper, its arguments in `CLIPPY_ARGS`, which is how
+/// `cargo clippy` drives it), instead of a separate `cargo clippy` whose
+/// check build shares nothing with the test build: on 2 cores that second
+/// pass over every dependency cost CI about 90 s. The test build covers the
+/// targets `--all-targets` does (every library, binary and integration test,
+/// in and out of `cfg(test)`; the workspace has no benches or examples).
+/// False when clippy-driver is not installed: then clippy runs on its own.
+fn lint_while_building(tests: &mut Command) -> bool {
+    let driver = Command::new("clippy-driver")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if driver {
+        tests.env("RUSTC_WORKSPACE_WRAPPER", "clippy-driver").env(
+            "CLIPPY_ARGS",
+            "-D__CLIPPY_HACKERY__warnings__CLIPPY_HACKERY__",
+        );
+    }
+    driver
 }
 
 /// The suite starts fake-rails and the runner as processes: build them first.

@@ -6,7 +6,9 @@
 //! (default `otel_child_work`) under `service.name` `otel-child`.
 //!
 //! Prints `otel-child trace_id=<hex> span_id=<hex> parent=<hex>` and exits 0
-//! once the span was exported; 1 when the export failed.
+//! once its tracer provider has shut down (the span exported, or the failure
+//! reported by the SDK's own diagnostics: its simple processor does not hand
+//! export errors to `shutdown`); 1 when the exporter cannot be built.
 
 use std::collections::HashMap;
 
