@@ -193,7 +193,7 @@ impl JobAccount {
     }
 
     /// Keeps the first error message seen at `endpoint`.
-    pub(crate) fn note_error(&self, endpoint: usize, error: &str) {
+    pub(crate) fn note_error(&self, endpoint: usize, error: &dyn std::fmt::Display) {
         let mut first = self.endpoints[endpoint]
             .first_error
             .lock()

@@ -25,6 +25,8 @@ use std::time::{Duration, SystemTime};
 
 use prost::Message;
 
+use super::error::{ExportError, RequestError};
+
 /// The longest delay a server may ask for; longer requests are cut to this.
 pub const MAX_SERVER_DELAY: Duration = Duration::from_secs(30);
 
@@ -36,6 +38,28 @@ pub enum Verdict {
     Retry { after: Option<Duration> },
     /// Do not try again: the spans are dropped as `permanent_error`.
     Permanent,
+}
+
+/// Classifies a failed export attempt by its kind: the collector's answer
+/// by [`classify_http`] or [`classify_grpc`]; no connection, a broken one or
+/// no answer in time, and a credential not to be had (a token file being
+/// rewritten, a metadata server restarting) are retried; a target that
+/// cannot be used or a request that cannot be built is not.
+pub fn classify(error: &ExportError, now: SystemTime) -> Verdict {
+    match error {
+        ExportError::Http {
+            status,
+            retry_after,
+            ..
+        } => classify_http(status.as_u16(), retry_after.as_deref(), now),
+        ExportError::Grpc { code, details, .. } => classify_grpc(*code, details),
+        ExportError::Request(RequestError::InvalidRequest(_)) | ExportError::Setup(_) => {
+            Verdict::Permanent
+        }
+        ExportError::Request(_) | ExportError::Auth(_) | ExportError::Stopped => {
+            Verdict::Retry { after: None }
+        }
+    }
 }
 
 /// Classifies an OTLP/HTTP answer that is not 2xx.
