@@ -346,7 +346,7 @@ pub async fn upload(
                         416 => {
                             match result.remote_size {
                                 Some(size) if size != start => {
-                                    tracing::info!("job={job_id} Job log offset resynced from {start} to {size}");
+                                    tracing::info!(job_id, "Job log offset resynced from {start} to {size}");
                                     log.set_sent(size);
                                 }
                                 _ => break,
@@ -359,14 +359,14 @@ pub async fn upload(
                         }
                         404 => return true,
                         status => {
-                            tracing::debug!("job={job_id} Job log PATCH answered {status}");
+                            tracing::debug!(job_id, status, "Job log `PATCH` answered {status}");
                             retry_after = result.retry_after;
                             break;
                         }
                     }
                 }
                 Err(e) => {
-                    tracing::debug!("job={job_id} Job log PATCH failed: {e}");
+                    tracing::debug!(job_id, "Job log `PATCH` failed: {e}");
                     retry_after = e.retry_after();
                     break;
                 }
@@ -383,7 +383,9 @@ pub async fn upload(
             if !attempts.wait(retry_after).await {
                 let (sent, size) = log.progress();
                 tracing::error!(
-                    "job={job_id} Could not send the end of the job log to GitLab: {sent} of {size} bytes sent after {} attempts",
+                    job_id,
+                    attempts = attempts.attempts(),
+                    "Could not send the end of the job log to GitLab: {sent} of {size} bytes sent after {} attempts",
                     attempts.attempts()
                 );
                 return false;

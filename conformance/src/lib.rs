@@ -17,6 +17,7 @@ pub mod doubles;
 pub mod fault_proxy;
 pub mod gitlab;
 pub mod load;
+pub mod log_lines;
 pub mod paths;
 pub mod process;
 pub mod proxy;

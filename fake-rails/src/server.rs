@@ -26,9 +26,9 @@ async fn log_request(request: Request, next: Next) -> Response {
     let started = Instant::now();
     let response = next.run(request).await;
     tracing::info!(
-        "{method} {path} {} {:.1}ms",
-        response.status().as_u16(),
-        started.elapsed().as_secs_f64() * 1000.0
+        status = response.status().as_u16(),
+        duration = %format_args!("{:.1}ms", started.elapsed().as_secs_f64() * 1000.0),
+        "{method} {path}"
     );
     response
 }

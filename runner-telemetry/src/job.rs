@@ -68,7 +68,8 @@ pub fn guarded<T>(job_id: i64, what: &str, f: impl FnOnce() -> T) -> Option<T> {
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "unknown panic".into());
             tracing::error!(
-                "job={job_id} Telemetry panicked in `{what}`, telemetry disabled for this job: {message}"
+                job_id,
+                "Telemetry panicked in `{what}`, telemetry disabled for this job: {message}"
             );
             None
         }
@@ -438,7 +439,7 @@ impl JobTelemetry {
     pub fn start(start: JobTelemetryStart<'_>) -> Self {
         let job_id = start.job.job_id;
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            tracing::warn!("job={job_id} Telemetry disabled: no tokio runtime to export from");
+            tracing::warn!(job_id, "Telemetry disabled: no tokio runtime to export from");
             return JobTelemetry::disabled(job_id);
         };
         let active = guarded(job_id, "start", move || start_active(start, &runtime));
@@ -545,7 +546,9 @@ impl JobTelemetry {
             let dropped = spans.dropped.load(Ordering::SeqCst);
             if dropped > 0 {
                 tracing::warn!(
-                    "job={job_id} The job reached the cap of {MAX_SPANS_PER_JOB} spans: {dropped} more were not created"
+                    job_id,
+                    dropped,
+                    "The job reached the cap of {MAX_SPANS_PER_JOB} spans: {dropped} more were not created"
                 );
             }
             let mut attributes = outcome_attributes(outcome);
@@ -556,7 +559,9 @@ impl JobTelemetry {
             if let Some(n) = dropped_log_records {
                 if n > 0 {
                     tracing::warn!(
-                        "job={job_id} {n} log records of the job were not exported (counted on job_execution as `{CI_TELEMETRY_DROPPED_LOG_RECORDS}`)"
+                        job_id,
+                        dropped = n,
+                        "{n} log records of the job were not exported (counted on `job_execution` as `{CI_TELEMETRY_DROPPED_LOG_RECORDS}`)"
                     );
                 }
                 attributes.push(KeyValue::new(CI_TELEMETRY_DROPPED_LOG_RECORDS, n as i64));

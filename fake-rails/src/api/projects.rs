@@ -386,7 +386,7 @@ pub async fn create_pipeline(
     tracing::debug!(
         pipeline_id = id,
         project_id = project.id,
-        "Created pipeline {id}"
+        "Created a pipeline"
     );
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }

@@ -216,7 +216,7 @@ fn create_runner(state: &AppState, p: RegisterParams) -> ApiResult<Response> {
         );
         id
     };
-    tracing::debug!(runner_id = id, "Registered runner {id}");
+    tracing::debug!(runner_id = id, "Registered a runner");
     let body = runner_token_body(id, &runner_token);
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }
@@ -336,8 +336,7 @@ pub async fn request_job(
     tracing::debug!(
         job_id = payload.id,
         telemetry = payload.features.job_telemetry.is_some() || payload.features.tracing.is_some(),
-        "Handed out job {}",
-        payload.id
+        "Handed out a job"
     );
     Ok((StatusCode::CREATED, Json(payload)).into_response())
 }
@@ -407,7 +406,7 @@ pub async fn update_job(
     };
     state.export(export);
     if status != JobStatus::Running {
-        tracing::debug!(job_id = id, "Job {id} finished: {}", status.as_str());
+        tracing::debug!(job_id = id, status = %status.as_str(), "Job finished");
     }
     Ok(Json(serde_json::json!({"id": id, "status": status.as_str()})).into_response())
 }

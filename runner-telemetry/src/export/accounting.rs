@@ -266,9 +266,9 @@ impl JobAccount {
 
 fn log_settled(job_id: i64, report: &FlushReport) {
     if report.dropped() == 0 {
-        tracing::info!("job={job_id} telemetry settled {report}");
+        tracing::info!(job_id, "Telemetry settled {report}");
     } else {
-        tracing::warn!("job={job_id} telemetry settled with drops {report}");
+        tracing::warn!(job_id, "Telemetry settled with drops {report}");
     }
 }
 

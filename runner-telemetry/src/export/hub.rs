@@ -859,7 +859,9 @@ async fn export_batch(
                         account.note_error(endpoint, &format!("partial success: {message}"));
                         if let Some(job) = account.job_id {
                             tracing::warn!(
-                                "job={job} Telemetry collector `{label}` rejected {n} spans (partial success): {message}"
+                                job_id = job,
+                                rejected = n,
+                                "Telemetry collector `{label}` rejected {n} spans (partial success): {message}"
                             );
                         }
                     }
@@ -889,9 +891,12 @@ async fn export_batch(
                     if first {
                         match account.job_id {
                             Some(job) => tracing::error!(
-                                "job={job} Telemetry export to `{label}` failed permanently, {n} spans dropped (further drops for this job are counted, not logged): {error}"
+                                job_id = job,
+                                dropped = n,
+                                "Telemetry export to `{label}` failed permanently, {n} spans dropped (further drops for this job are counted, not logged): {error}"
                             ),
                             None => tracing::error!(
+                                dropped = n,
                                 "Telemetry export to `{label}` failed permanently, {n} spans dropped: {error}"
                             ),
                         }

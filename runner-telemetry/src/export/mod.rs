@@ -26,7 +26,7 @@
 //! * [`ExportPipeline::flush`] waits for a job's spans at most until the
 //!   job's flush deadline and reports; spans still buffered then stay in the
 //!   runner's buffer, and the job's final line is logged when the last is
-//!   decided (`job=N telemetry settled ...`).
+//!   decided (`Telemetry settled ... job_id=N`).
 //!
 //! Why our own client rather than the SDK's `BatchSpanProcessor` and the
 //! stock `opentelemetry-otlp` exporters (which do retry, honouring
