@@ -1350,7 +1350,10 @@ async fn report_unparseable(
             panicked: false,
         };
     };
-    tracing::error!(job_id, "Invalid job payload, reporting the job failed: {error}");
+    tracing::error!(
+        job_id,
+        "Invalid job payload, reporting the job failed: {error}"
+    );
     let info = JobSpanInfo {
         job_id,
         ..Default::default()

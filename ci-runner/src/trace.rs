@@ -343,15 +343,16 @@ pub async fn upload(
                             log.set_sent(result.remote_size.unwrap_or(start + len));
                             progressed = true;
                         }
-                        416 => {
-                            match result.remote_size {
-                                Some(size) if size != start => {
-                                    tracing::info!(job_id, "Job log offset resynced from {start} to {size}");
-                                    log.set_sent(size);
-                                }
-                                _ => break,
+                        416 => match result.remote_size {
+                            Some(size) if size != start => {
+                                tracing::info!(
+                                    job_id,
+                                    "Job log offset resynced from {start} to {size}"
+                                );
+                                log.set_sent(size);
                             }
-                        }
+                            _ => break,
+                        },
                         403 => {
                             // The job is no longer running (canceled or gone).
                             let _ = stop.send(Some(StopRequest::Canceled));

@@ -28,9 +28,9 @@ use testcontainers::runners::SyncRunner;
 use testcontainers::{Container, GenericImage, ImageExt};
 
 use crate::clickhouse::ClickHouse;
+use crate::endpoints::{Endpoints, CLICKHOUSE_USER};
 use crate::paths;
 use crate::process::{self, wait_for, Lifetime, ManagedProcess};
-use crate::stack::{Endpoints, StackOptions, CLICKHOUSE_USER};
 
 /// Selects the stack behind [`crate::Stack`]: `embedded` (default) or `docker`.
 pub const STACK_ENV: &str = "CONFORMANCE_STACK";
@@ -177,16 +177,18 @@ struct GatewayPorts {
 }
 
 impl DockerStack {
-    pub fn start(options: &StackOptions, password: &str) -> Result<DockerStack> {
+    /// Starts the stack with its data and logs in `dir`, each container
+    /// given at least `start_timeout` to answer.
+    pub fn start(dir: &Path, start_timeout: Duration, password: &str) -> Result<DockerStack> {
         engine_answers()?;
         let collector_image = image("OTELCOL_IMAGE")?;
         let clickhouse_image = image("CLICKHOUSE_IMAGE")?;
-        let logs = options.dir.join("logs");
-        let timeout = options.start_timeout.max(Duration::from_secs(120));
+        let logs = dir.join("logs");
+        let timeout = start_timeout.max(Duration::from_secs(120));
 
         // The issuer first: the gateway's oidc extension reads its discovery
         // document when it starts.
-        let (issuer, issuer_url, issuer_public_url) = start_issuer(&options.dir)?;
+        let (issuer, issuer_url, issuer_public_url) = start_issuer(dir)?;
 
         let clickhouse = GenericImage::new(&clickhouse_image.name, &clickhouse_image.tag)
             .with_exposed_port(8123.tcp())

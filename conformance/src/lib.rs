@@ -14,6 +14,7 @@ pub mod cluster;
 pub mod docker;
 #[cfg(feature = "doubles")]
 pub mod doubles;
+pub mod endpoints;
 pub mod fault_proxy;
 pub mod gitlab;
 pub mod load;

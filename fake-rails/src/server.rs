@@ -15,7 +15,8 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::api::{self, Admin, ApiError, ApiResult};
-use crate::app_state::{AppState, GITLAB_REVISION, GITLAB_VERSION, JSON_BODY_LIMIT};
+use crate::app::AppState;
+use crate::app_state::{GITLAB_REVISION, GITLAB_VERSION, JSON_BODY_LIMIT};
 use crate::config::{Config, Contract};
 use crate::export::ExportStatsSnapshot;
 

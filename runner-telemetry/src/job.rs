@@ -44,11 +44,7 @@ use crate::secrets::{mask_attribute, mask_text, strip_credentials};
 pub const SCOPE_NAME: &str = "gitlab-ci-runner";
 /// Instrumentation scope version: this crate's version.
 pub const SCOPE_VERSION: &str = env!("CARGO_PKG_VERSION");
-/// Name of the span that covers a whole job.
-pub const JOB_SPAN_NAME: &str = "job_execution";
-/// Most spans one job may create, `job_execution` included (the design's
-/// limit).
-pub const MAX_SPANS_PER_JOB: usize = 1000;
+pub use crate::keys::{JOB_SPAN_NAME, MAX_SPANS_PER_JOB};
 /// Most bytes of attributes (keys and values) one span may carry (the
 /// design's 4 KB).
 pub const MAX_SPAN_ATTRIBUTE_BYTES: usize = 4096;
@@ -439,7 +435,10 @@ impl JobTelemetry {
     pub fn start(start: JobTelemetryStart<'_>) -> Self {
         let job_id = start.job.job_id;
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            tracing::warn!(job_id, "Telemetry disabled: no tokio runtime to export from");
+            tracing::warn!(
+                job_id,
+                "Telemetry disabled: no tokio runtime to export from"
+            );
             return JobTelemetry::disabled(job_id);
         };
         let active = guarded(job_id, "start", move || start_active(start, &runtime));

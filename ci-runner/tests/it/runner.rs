@@ -599,9 +599,7 @@ async fn status_is_not_delayed_by(collector_url: String, expect_deadline: bool) 
         settled.contains(" exported=0 ") && settled.contains("dropped_by=shutdown="),
         "{settled}"
     );
-    let flushed_at = runner
-        .line_time("Telemetry flush incomplete")
-        .unwrap();
+    let flushed_at = runner.line_time("Telemetry flush incomplete").unwrap();
     assert!(
         status_at < flushed_at,
         "the status must be sent before the flush ends"
@@ -730,14 +728,20 @@ async fn spans_reach_the_collector_from_the_binary() {
     );
 
     let log = runner.log();
-    let contract = |job: u64| job_line(&log, job, "Telemetry enabled").and_then(|l| field(l, "contract"));
+    let contract =
+        |job: u64| job_line(&log, job, "Telemetry enabled").and_then(|l| field(l, "contract"));
     assert_eq!(contract(6), Some("v1"), "{log}");
     assert!(
         job_line(&log, 6, "Telemetry flushed spans=4 exported=4 dropped=0").is_some(),
         "{log}"
     );
     assert!(
-        job_line(&log, 7, "Telemetry disabled: features.job_telemetry is false").is_some(),
+        job_line(
+            &log,
+            7,
+            "Telemetry disabled: features.job_telemetry is false"
+        )
+        .is_some(),
         "{log}"
     );
     assert_eq!(contract(8), Some("v2"), "{log}");

@@ -13,7 +13,8 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use super::{entities, lenient, Admin, ApiError, ApiResult, Params, QueryPairs};
-use crate::app_state::{now, AppState};
+use crate::app::AppState;
+use crate::app_state::now;
 use crate::ci_config::{self, CacheKey, CiConfig};
 use crate::git;
 use crate::state::{CommitInfo, JobStatus, PipelineVariable, Project, Store};

@@ -11,7 +11,8 @@ use axum::{Json, Router};
 use serde::Deserialize;
 
 use super::{lenient, Admin, ApiError, ApiResult, Params, QueryPairs};
-use crate::app_state::{now, AppState, ARTIFACT_BODY_LIMIT, TRACE_BODY_LIMIT};
+use crate::app::AppState;
+use crate::app_state::{now, ARTIFACT_BODY_LIMIT, TRACE_BODY_LIMIT};
 use crate::export::{ExportItem, JobSpanData};
 use crate::flags::CI_JOB_TELEMETRY;
 use crate::ids::{self, RailsSpan};

@@ -67,7 +67,7 @@ pub use sink::{ExportTarget, SpanSink};
 /// Spans a job may have waiting for its encoder task; past this many, the
 /// job's own thread encodes (it never waits). A job's whole span cap, so a
 /// job never gets there unless the runtime is starved.
-pub const ENCODER_QUEUE: usize = crate::job::MAX_SPANS_PER_JOB;
+pub const ENCODER_QUEUE: usize = crate::keys::MAX_SPANS_PER_JOB;
 /// The encoder waits this long after a span arrives before encoding what
 /// has gathered: one wake-up of the task per burst, not one per span (each
 /// costs the job a cross-thread wake on a busy machine).
@@ -95,7 +95,7 @@ impl JobSpans {
     /// Encodes `span` once and hands it to every sink; the job's root span
     /// may use the room each sink holds for it.
     fn deliver(&self, span: SpanData) {
-        let root = span.name == crate::job::JOB_SPAN_NAME
+        let root = span.name == crate::keys::JOB_SPAN_NAME
             && (span.parent_span_is_remote
                 || span.parent_span_id == opentelemetry::trace::SpanId::INVALID);
         let scope = {

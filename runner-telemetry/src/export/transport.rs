@@ -24,12 +24,11 @@ use prost::Message;
 use super::encode::RawExportRequest;
 use super::error::{AuthError, ExportError, RequestError, SetupError};
 use super::logs_encode::Signal;
+pub use super::logs_encode::GRPC_EXPORT_PATH;
 use super::retry::{classify, Verdict};
 use crate::negotiate::Transport;
 use crate::secrets::{redact_all, url_credentials, Secret};
 
-/// The gRPC method of OTLP traces.
-pub const GRPC_EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
 /// Longest server message kept in an error.
 const MAX_MESSAGE: usize = 200;
 
