@@ -60,7 +60,7 @@ use opentelemetry_sdk::Resource;
 pub use accounting::{DropReason, EndpointReport, FlushReport, JobAccount};
 pub use auth::Auth;
 pub use encode::{EncodedSpan, ResourceBlock, ScopeBlock};
-pub use error::SetupError;
+pub use error::{AuthError, ExportError, RequestError, SetupError};
 pub use hub::{ExportHub, ShutdownReport, MAX_BATCH};
 pub use sink::{ExportTarget, SpanSink};
 
