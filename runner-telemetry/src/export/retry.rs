@@ -298,6 +298,73 @@ mod tests {
     }
 
     #[test]
+    fn errors_by_kind() {
+        use crate::export::error::{AuthError, SetupError};
+        use http::StatusCode;
+        let now = SystemTime::UNIX_EPOCH;
+        let check = |error: ExportError, expected: &str| {
+            assert_eq!(render(classify(&error, now)), expected, "{error}");
+        };
+        let http = |status: StatusCode, retry_after: Option<&str>| ExportError::Http {
+            status,
+            retry_after: retry_after.map(str::to_string),
+            message: None,
+        };
+        // No connection, a broken one, no answer: the collector may be back.
+        check(
+            RequestError::Connect("refused".into()).into(),
+            "retry(backoff)",
+        );
+        check(RequestError::Io("reset".into()).into(), "retry(backoff)");
+        check(RequestError::Body("eof".into()).into(), "retry(backoff)");
+        check(
+            RequestError::Timeout(Duration::from_secs(5)).into(),
+            "retry(backoff)",
+        );
+        check(ExportError::Stopped, "retry(backoff)");
+        // A token file being rewritten, a metadata server restarting.
+        check(AuthError::NotHeaderSafe.into(), "retry(backoff)");
+        // Nothing a retry can change.
+        check(
+            RequestError::InvalidRequest("uri".into()).into(),
+            "permanent",
+        );
+        check(SetupError::Tls("no roots".into()).into(), "permanent");
+        // The collector's answer, by its status.
+        check(
+            http(StatusCode::SERVICE_UNAVAILABLE, Some("2")),
+            "retry(2s)",
+        );
+        check(http(StatusCode::BAD_REQUEST, Some("2")), "permanent");
+        let grpc = |code: tonic::Code| ExportError::Grpc {
+            code,
+            details: bytes::Bytes::new(),
+            message: None,
+        };
+        check(grpc(tonic::Code::Unavailable), "retry(backoff)");
+        check(grpc(tonic::Code::InvalidArgument), "permanent");
+        // Only a refused credential invalidates the cached token.
+        assert!(http(StatusCode::UNAUTHORIZED, None).is_unauthenticated());
+        assert!(grpc(tonic::Code::Unauthenticated).is_unauthenticated());
+        assert!(!http(StatusCode::FORBIDDEN, None).is_unauthenticated());
+        // The messages are the one-liners the logs and reports show.
+        let busy = ExportError::Http {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            retry_after: None,
+            message: Some("busy".into()),
+        };
+        assert_eq!(busy.to_string(), "HTTP 503 Service Unavailable: busy");
+        assert_eq!(
+            grpc(tonic::Code::Unavailable).to_string(),
+            "gRPC Unavailable"
+        );
+        assert_eq!(
+            ExportError::from(RequestError::Timeout(Duration::from_millis(250))).to_string(),
+            "no answer within 250ms"
+        );
+    }
+
+    #[test]
     fn backoff_grows_with_jitter_and_resets() {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_millis(1000));
         for _ in 0..50 {
