@@ -283,24 +283,22 @@ pub async fn run_job(
     };
     let job_id = payload.id;
     tracing::info!(
-        "job={job_id} Job received name={:?} stage={:?} project={:?} pipeline={} timeout={}s",
-        payload.job_info.name,
-        payload.job_info.stage,
-        payload.job_info.project_full_path,
-        payload
-            .job_info
-            .pipeline_id
-            .map(|p| p.to_string())
-            .unwrap_or_else(|| "-".into()),
-        payload.timeout_secs
+        job_id,
+        name = ?payload.job_info.name,
+        stage = ?payload.job_info.stage,
+        project = ?payload.job_info.project_full_path,
+        pipeline_id = payload.job_info.pipeline_id,
+        timeout = %format_args!("{}s", payload.timeout_secs),
+        "Job received"
     );
     let span_info = payload.span_info(&ctx.gitlab_url);
     let mut telemetry = ctx.telemetry.start_job(&raw, &span_info, received);
     if telemetry.is_enabled() && uses_derived_trace_id(ctx.telemetry.settings().negotiation, &raw) {
         if let Some(derived) = negotiate::derived_trace_context(&raw) {
             tracing::info!(
-                "job={job_id} telemetry trace_id={} derived from the pipeline id (the payload has no trace context): job_execution is a root span",
-                derived.trace_id()
+                job_id,
+                trace_id = %derived.trace_id(),
+                "Telemetry trace id derived from the pipeline id (the payload has no trace context): `job_execution` is a root span"
             );
         }
     }
@@ -354,7 +352,7 @@ pub async fn run_job(
         Ok(ending) => (ending, false),
         Err(panic) => {
             let why = panic_message(panic.as_ref());
-            tracing::error!("job={job_id} The job's task panicked, failing the job: {why}");
+            tracing::error!(job_id, "The job's task panicked, failing the job: {why}");
             (
                 Ending::system_failure(&format!("the runner failed internally: {why}")),
                 true,
@@ -381,25 +379,30 @@ pub async fn run_job(
     .await;
     if delivered && !log_complete {
         tracing::error!(
-            "job={job_id} GitLab has the job's final status but not the end of its log"
+            job_id,
+            "GitLab has the job's final status but not the end of its log"
         );
     }
-    let duration = started.elapsed().as_secs_f64();
+    let duration = format!("{:.3}s", started.elapsed().as_secs_f64());
     match &ending.outcome {
-        JobOutcome::Success => tracing::info!("job={job_id} Job succeeded duration={duration:.3}s"),
+        JobOutcome::Success => tracing::info!(job_id, duration = %duration, "Job succeeded"),
         JobOutcome::Failed {
             failure_reason,
             exit_code,
-        } => {
-            tracing::info!(
-            "job={job_id} Job failed reason={failure_reason} exit_code={} duration={duration:.3}s",
-            exit_code.map(|c| c.to_string()).unwrap_or_else(|| "-".into())
-        )
-        }
-        JobOutcome::TimedOut => tracing::info!(
-            "job={job_id} Job failed reason=job_execution_timeout duration={duration:.3}s"
+        } => tracing::info!(
+            job_id,
+            reason = %failure_reason,
+            exit_code,
+            duration = %duration,
+            "Job failed"
         ),
-        JobOutcome::Canceled => tracing::info!("job={job_id} Job canceled duration={duration:.3}s"),
+        JobOutcome::TimedOut => tracing::info!(
+            job_id,
+            reason = %"job_execution_timeout",
+            duration = %duration,
+            "Job failed"
+        ),
+        JobOutcome::Canceled => tracing::info!(job_id, duration = %duration, "Job canceled"),
     }
 
     let flush = telemetry.finish(&ending.outcome, end_time);
@@ -558,8 +561,8 @@ impl Job<'_> {
         if let Err(e) = std::fs::remove_dir_all(&workspace.tmp) {
             if e.kind() != std::io::ErrorKind::NotFound {
                 tracing::warn!(
-                    "job={} Cannot remove `{}`: {e}",
-                    self.job_id(),
+                    job_id = self.job_id(),
+                    "Cannot remove `{}`: {e}",
                     workspace.tmp.display()
                 );
             }
@@ -588,7 +591,7 @@ impl Job<'_> {
             log.line(&format!(
                 "\x1b[0;33mWARNING: the shell executor runs the job on the host: image `{image}` is ignored\x1b[0;m"
             ));
-            tracing::info!("job={job_id} The shell executor ignores image `{image}`");
+            tracing::info!(job_id, "The shell executor ignores image `{image}`");
         }
         log.section_end("prepare_executor");
 
@@ -617,7 +620,8 @@ impl Job<'_> {
             }
             Err(e) => {
                 tracing::error!(
-                    "job={job_id} Cannot prepare the build directory `{}`: {e}",
+                    job_id,
+                    "Cannot prepare the build directory `{}`: {e}",
                     slot.dir.display()
                 );
                 let why = format!("cannot prepare the build directory: {e}");
@@ -1279,18 +1283,28 @@ pub async fn send_status(
             Ok(UpdateResult::Accepted) => {
                 if let Some(since) = failing_since {
                     tracing::info!(
-                        "job={job_id} Final status delivered after {attempt} attempts ({:.1}s of errors)",
+                        job_id,
+                        attempts = attempt,
+                        "Final status delivered after {attempt} attempts ({:.1}s of errors)",
                         since.elapsed().as_secs_f64()
                     );
                 }
                 return true;
             }
             Ok(UpdateResult::Pending) => {
-                tracing::debug!("job={job_id} Status update accepted, GitLab still processing (attempt {attempt})");
+                tracing::debug!(
+                    job_id,
+                    attempt,
+                    "Status update accepted, GitLab still processing"
+                );
                 None
             }
             Ok(UpdateResult::Rejected(code)) => {
-                tracing::warn!("job={job_id} GitLab refused the status update with HTTP {code}");
+                tracing::warn!(
+                    job_id,
+                    status = code,
+                    "GitLab refused the status update with HTTP {code}"
+                );
                 return true;
             }
             Err(e) => {
@@ -1299,7 +1313,9 @@ pub async fn send_status(
                 if attempt >= next_warning {
                     next_warning = attempt + 10;
                     tracing::warn!(
-                        "job={job_id} Status update failed (attempt {attempt}), retrying: {e}"
+                        job_id,
+                        attempt,
+                        "Status update failed (attempt {attempt}), retrying: {e}"
                     );
                 }
                 e.retry_after()
@@ -1307,7 +1323,9 @@ pub async fn send_status(
         };
         if !attempts.wait(retry_after).await {
             tracing::error!(
-                "job={job_id} Could not send the job's final status to GitLab after {attempt} attempts: the job is lost (it stays `running` in GitLab)"
+                job_id,
+                attempts = attempt,
+                "Could not send the job's final status to GitLab after {attempt} attempts: the job is lost (it stays `running` in GitLab)"
             );
             return false;
         }
@@ -1332,7 +1350,10 @@ async fn report_unparseable(
             panicked: false,
         };
     };
-    tracing::error!("job={job_id} Invalid job payload, reporting the job failed: {error}");
+    tracing::error!(
+        job_id,
+        "Invalid job payload, reporting the job failed: {error}"
+    );
     let info = JobSpanInfo {
         job_id,
         ..Default::default()
@@ -1366,7 +1387,7 @@ async fn report_unparseable(
         &ctx.patience,
     )
     .await;
-    tracing::info!("job={job_id} Job failed reason=runner_system_failure exit_code=-");
+    tracing::info!(job_id, reason = %"runner_system_failure", "Job failed");
     let flush = telemetry.finish(&ending.outcome, end_time);
     JobDone {
         job_id: Some(job_id),

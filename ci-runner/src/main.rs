@@ -182,9 +182,10 @@ async fn register(
                 return 1;
             }
             tracing::info!(
-                "Runner registered name={name} id={} config={}",
-                id.map(|i| i.to_string()).unwrap_or_else(|| "-".into()),
-                path.display()
+                runner = %name,
+                runner_id = id,
+                config = %path.display(),
+                "Runner registered"
             );
             0
         }

@@ -142,14 +142,11 @@ pub async fn run(config: RunConfig) -> i32 {
         panicked: AtomicU64::new(0),
     });
     tracing::info!(
-        "Runner started concurrent={} check_interval={}ms runners={}{}",
-        config.concurrent,
-        config.check_interval.as_millis(),
-        contexts.len(),
-        config
-            .max_jobs
-            .map(|m| format!(" max_jobs={m}"))
-            .unwrap_or_default()
+        concurrent = config.concurrent,
+        check_interval = %format_args!("{}ms", config.check_interval.as_millis()),
+        runners = contexts.len(),
+        max_jobs = config.max_jobs,
+        "Runner started"
     );
 
     let contexts: Vec<Arc<JobContext>> = contexts.into_iter().map(Arc::new).collect();
@@ -182,14 +179,18 @@ pub async fn run(config: RunConfig) -> i32 {
     drop(shutdown_tx);
     if lost > 0 {
         tracing::error!(
-            "Runner stopped jobs={} lost={lost} panicked={panicked}: GitLab never got the final status of {lost} job(s)",
-            shared.taken.load(Ordering::SeqCst)
+            jobs = shared.taken.load(Ordering::SeqCst),
+            lost,
+            panicked,
+            "Runner stopped: GitLab never got the final status of {lost} job(s)"
         );
         return 2;
     }
     tracing::info!(
-        "Runner stopped jobs={} lost=0 panicked={panicked}",
-        shared.taken.load(Ordering::SeqCst)
+        jobs = shared.taken.load(Ordering::SeqCst),
+        lost,
+        panicked,
+        "Runner stopped"
     );
     0
 }
@@ -243,7 +244,7 @@ async fn prepare_runner(
                 ))
             }
             Err(e) if e.is_transient() && started.elapsed() < VERIFY_PATIENCE => {
-                tracing::warn!("Runner `{}`: verifying the token failed, retrying: {e}", runner.name);
+                tracing::warn!(runner = %runner.name, "Verifying the runner token failed, retrying: {e}");
                 let wait = e.retry_after().unwrap_or(delay);
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
@@ -265,22 +266,19 @@ async fn prepare_runner(
         executor: runner.executor.clone(),
     };
     for warning in &runner.telemetry.warnings {
-        tracing::warn!(
-            "Runner `{}` telemetry configuration: {warning}",
-            runner.name
-        );
+        tracing::warn!(runner = %runner.name, "Telemetry configuration: {warning}");
     }
     tracing::info!(
-        "Runner verified name={} url={} id={} executor={} builds_dir={} cache_dir={} telemetry={} static_endpoint={} flush_timeout={}ms",
-        runner.name,
-        strip_credentials(&runner.url),
-        identity.id.map(|i| i.to_string()).unwrap_or_else(|| "-".into()),
-        runner.executor,
-        runner.builds_dir.display(),
-        runner.cache_dir.display(),
-        if runner.telemetry.enabled { "on" } else { "off" },
-        runner.telemetry.endpoint,
-        runner.telemetry.flush_timeout.as_millis()
+        runner = %runner.name,
+        url = %strip_credentials(&runner.url),
+        runner_id = identity.id,
+        executor = %runner.executor,
+        builds_dir = %runner.builds_dir.display(),
+        cache_dir = %runner.cache_dir.display(),
+        telemetry = %if runner.telemetry.enabled { "on" } else { "off" },
+        static_endpoint = %runner.telemetry.endpoint,
+        flush_timeout = %format_args!("{}ms", runner.telemetry.flush_timeout.as_millis()),
+        "Runner verified"
     );
     Ok(JobContext {
         client,
@@ -382,16 +380,16 @@ async fn poll(ctx: Arc<JobContext>, runner: RunnerConfig, shared: Arc<Shared>) {
             }
             Err(ApiError::Forbidden) => {
                 tracing::error!(
-                    "Runner `{}`: job request answered 403 Forbidden: is the runner token still valid?",
-                    runner.name
+                    runner = %runner.name,
+                    "Job request answered 403 Forbidden: is the runner token still valid?"
                 );
                 backoff = (backoff * 2).min(MAX_BACKOFF);
                 backoff
             }
             Err(ApiError::InvalidResponse(e)) => {
                 tracing::error!(
-                    "Runner `{}`: received a job that cannot be read or reported: {e}",
-                    runner.name
+                    runner = %runner.name,
+                    "Received a job that cannot be read or reported: {e}"
                 );
                 shared.check_interval
             }
@@ -400,10 +398,7 @@ async fn poll(ctx: Arc<JobContext>, runner: RunnerConfig, shared: Arc<Shared>) {
                 // interval, or when it said, so polling resumes as soon as
                 // GitLab answers again. One line when it starts failing.
                 if failures == 0 {
-                    tracing::warn!(
-                        "Runner `{}`: job request failed, retrying: {e}",
-                        runner.name
-                    );
+                    tracing::warn!(runner = %runner.name, "Job request failed, retrying: {e}");
                 }
                 failures += 1;
                 e.retry_after().unwrap_or(shared.check_interval)
@@ -422,7 +417,7 @@ async fn poll(ctx: Arc<JobContext>, runner: RunnerConfig, shared: Arc<Shared>) {
 /// Logs that job requests work again after `failures` failed ones.
 fn recovered(runner: &str, failures: &mut u64) {
     if *failures > 0 {
-        tracing::info!("Runner `{runner}`: job requests work again after {failures} failed");
+        tracing::info!(runner = %runner, "Job requests work again after {failures} failed");
         *failures = 0;
     }
 }
@@ -446,7 +441,7 @@ async fn report_panicked(ctx: &JobContext, job: Option<(i64, String)>, why: &str
         );
         return false;
     };
-    tracing::error!("job={job_id} The job's task panicked, failing the job: {why}");
+    tracing::error!(job_id, "The job's task panicked, failing the job: {why}");
     let log = JobLog::new(vec![token.clone()]);
     log.line(&format!(
         "\x1b[31;1mERROR: Job failed (system failure): the runner failed internally: {why}\x1b[0;m"

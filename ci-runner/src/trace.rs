@@ -343,15 +343,16 @@ pub async fn upload(
                             log.set_sent(result.remote_size.unwrap_or(start + len));
                             progressed = true;
                         }
-                        416 => {
-                            match result.remote_size {
-                                Some(size) if size != start => {
-                                    tracing::info!("job={job_id} Job log offset resynced from {start} to {size}");
-                                    log.set_sent(size);
-                                }
-                                _ => break,
+                        416 => match result.remote_size {
+                            Some(size) if size != start => {
+                                tracing::info!(
+                                    job_id,
+                                    "Job log offset resynced from {start} to {size}"
+                                );
+                                log.set_sent(size);
                             }
-                        }
+                            _ => break,
+                        },
                         403 => {
                             // The job is no longer running (canceled or gone).
                             let _ = stop.send(Some(StopRequest::Canceled));
@@ -359,14 +360,14 @@ pub async fn upload(
                         }
                         404 => return true,
                         status => {
-                            tracing::debug!("job={job_id} Job log PATCH answered {status}");
+                            tracing::debug!(job_id, status, "Job log `PATCH` answered {status}");
                             retry_after = result.retry_after;
                             break;
                         }
                     }
                 }
                 Err(e) => {
-                    tracing::debug!("job={job_id} Job log PATCH failed: {e}");
+                    tracing::debug!(job_id, "Job log `PATCH` failed: {e}");
                     retry_after = e.retry_after();
                     break;
                 }
@@ -383,7 +384,9 @@ pub async fn upload(
             if !attempts.wait(retry_after).await {
                 let (sent, size) = log.progress();
                 tracing::error!(
-                    "job={job_id} Could not send the end of the job log to GitLab: {sent} of {size} bytes sent after {} attempts",
+                    job_id,
+                    attempts = attempts.attempts(),
+                    "Could not send the end of the job log to GitLab: {sent} of {size} bytes sent after {} attempts",
                     attempts.attempts()
                 );
                 return false;

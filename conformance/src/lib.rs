@@ -19,6 +19,7 @@ pub mod endpoints;
 pub mod fault_proxy;
 pub mod gitlab;
 pub mod load;
+pub mod log_lines;
 pub mod paths;
 pub mod process;
 pub mod proxy;

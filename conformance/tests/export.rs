@@ -209,7 +209,7 @@ fn spans_made_during_a_30s_outage_reach_clickhouse_once() {
     assert_invariant(&delivered);
     let log = world.runner_log();
     assert!(log.contains("recovered after"), "{log}");
-    assert!(log.contains("telemetry settled spans="), "{log}");
+    assert!(log.contains("Telemetry settled spans="), "{log}");
 }
 
 #[test]

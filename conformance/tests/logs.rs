@@ -14,7 +14,7 @@
 //!    100,000 lines here (`CONFORMANCE_LOG_LINES` to change it); the
 //!    1,000,000-line run with its timings is `cargo xtask bench`.
 //!
-//! The runner's account is read from its `telemetry flushed` line
+//! The runner's account is read from its `Telemetry flushed` line
 //! (`log_records=N log_records_exported=E log_records_dropped=D`).
 
 use std::collections::BTreeMap;
@@ -134,7 +134,9 @@ fn flushed_account(world: &World, job: u64) -> (u64, u64, u64) {
         || {
             let log = world.runner_log();
             let Some(line) = log.lines().find(|l| {
-                l.contains(&format!("job={job} telemetry flush")) && l.contains("log_records=")
+                l.contains("Telemetry flush")
+                    && l.contains("log_records=")
+                    && conformance::log_lines::is_job(l, job)
             }) else {
                 return Ok(None);
             };

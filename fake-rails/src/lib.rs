@@ -13,6 +13,7 @@
 //! ```
 
 mod api;
+mod app;
 mod app_state;
 pub mod ci_config;
 pub mod cli;
@@ -29,7 +30,8 @@ mod state;
 pub mod telemetry;
 mod tokens;
 
-pub use app_state::{format_time, AppState, Settings, GITLAB_VERSION};
+pub use app::{AppState, Settings};
+pub use app_state::{format_time, GITLAB_VERSION};
 pub use cli::{Cli, GeneratedTokens};
 pub use config::{Config, Contract, SigningKeySource};
 pub use export::ExportStatsSnapshot;

@@ -5,7 +5,7 @@
 use serde::Serialize;
 use time::OffsetDateTime;
 
-use crate::app_state::Settings;
+use crate::app::Settings;
 use crate::ci_config::{ArtifactSpec, ImageSpec, When};
 use crate::config::Contract;
 use crate::state::{Job, Pipeline, Project, Runner, Store};

@@ -15,7 +15,8 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::api::{self, Admin, ApiError, ApiResult};
-use crate::app_state::{AppState, GITLAB_REVISION, GITLAB_VERSION, JSON_BODY_LIMIT};
+use crate::app::AppState;
+use crate::app_state::{GITLAB_REVISION, GITLAB_VERSION, JSON_BODY_LIMIT};
 use crate::config::{Config, Contract};
 use crate::export::ExportStatsSnapshot;
 
@@ -26,9 +27,9 @@ async fn log_request(request: Request, next: Next) -> Response {
     let started = Instant::now();
     let response = next.run(request).await;
     tracing::info!(
-        "{method} {path} {} {:.1}ms",
-        response.status().as_u16(),
-        started.elapsed().as_secs_f64() * 1000.0
+        status = response.status().as_u16(),
+        duration = %format_args!("{:.1}ms", started.elapsed().as_secs_f64() * 1000.0),
+        "{method} {path}"
     );
     response
 }

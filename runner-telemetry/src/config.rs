@@ -564,14 +564,16 @@ pub fn parse_connection_string(text: &str) -> Result<ConnectionString, ConfigErr
     Ok(parsed)
 }
 
-fn parse_protocol(value: &str) -> Result<Transport, String> {
+fn parse_protocol(value: &str) -> Result<Transport, ConfigError> {
     match value.trim() {
         "grpc" => Ok(Transport::Grpc),
         "http/protobuf" => Ok(Transport::HttpProtobuf),
-        "http/json" => Err("`http/json` is not supported, use `http/protobuf`".into()),
-        other => Err(format!(
-            "`{other}` is not a protocol (`grpc` or `http/protobuf`)"
+        "http/json" => Err(ConfigError::Invalid(
+            "`http/json` is not supported, use `http/protobuf`".into(),
         )),
+        other => Err(ConfigError::Invalid(format!(
+            "`{other}` is not a protocol (`grpc` or `http/protobuf`)"
+        ))),
     }
 }
 

@@ -44,11 +44,7 @@ use crate::secrets::{mask_attribute, mask_text, strip_credentials};
 pub const SCOPE_NAME: &str = "gitlab-ci-runner";
 /// Instrumentation scope version: this crate's version.
 pub const SCOPE_VERSION: &str = env!("CARGO_PKG_VERSION");
-/// Name of the span that covers a whole job.
-pub const JOB_SPAN_NAME: &str = "job_execution";
-/// Most spans one job may create, `job_execution` included (the design's
-/// limit).
-pub const MAX_SPANS_PER_JOB: usize = 1000;
+pub use crate::keys::{JOB_SPAN_NAME, MAX_SPANS_PER_JOB};
 /// Most bytes of attributes (keys and values) one span may carry (the
 /// design's 4 KB).
 pub const MAX_SPAN_ATTRIBUTE_BYTES: usize = 4096;
@@ -68,7 +64,8 @@ pub fn guarded<T>(job_id: i64, what: &str, f: impl FnOnce() -> T) -> Option<T> {
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "unknown panic".into());
             tracing::error!(
-                "job={job_id} Telemetry panicked in `{what}`, telemetry disabled for this job: {message}"
+                job_id,
+                "Telemetry panicked in `{what}`, telemetry disabled for this job: {message}"
             );
             None
         }
@@ -438,7 +435,10 @@ impl JobTelemetry {
     pub fn start(start: JobTelemetryStart<'_>) -> Self {
         let job_id = start.job.job_id;
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            tracing::warn!("job={job_id} Telemetry disabled: no tokio runtime to export from");
+            tracing::warn!(
+                job_id,
+                "Telemetry disabled: no tokio runtime to export from"
+            );
             return JobTelemetry::disabled(job_id);
         };
         let active = guarded(job_id, "start", move || start_active(start, &runtime));
@@ -545,7 +545,9 @@ impl JobTelemetry {
             let dropped = spans.dropped.load(Ordering::SeqCst);
             if dropped > 0 {
                 tracing::warn!(
-                    "job={job_id} The job reached the cap of {MAX_SPANS_PER_JOB} spans: {dropped} more were not created"
+                    job_id,
+                    dropped,
+                    "The job reached the cap of {MAX_SPANS_PER_JOB} spans: {dropped} more were not created"
                 );
             }
             let mut attributes = outcome_attributes(outcome);
@@ -556,7 +558,9 @@ impl JobTelemetry {
             if let Some(n) = dropped_log_records {
                 if n > 0 {
                     tracing::warn!(
-                        "job={job_id} {n} log records of the job were not exported (counted on job_execution as `{CI_TELEMETRY_DROPPED_LOG_RECORDS}`)"
+                        job_id,
+                        dropped = n,
+                        "{n} log records of the job were not exported (counted on `job_execution` as `{CI_TELEMETRY_DROPPED_LOG_RECORDS}`)"
                     );
                 }
                 attributes.push(KeyValue::new(CI_TELEMETRY_DROPPED_LOG_RECORDS, n as i64));

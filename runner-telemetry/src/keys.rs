@@ -1,6 +1,13 @@
 //! Attribute keys of runner spans: GitLab's `ci.*` names (what the backend's
 //! views read) and the OpenTelemetry CI/CD semantic-convention equivalents
-//! (`docs/contract.md` §2).
+//! (`docs/contract.md` §2); and the name and per-job limit of the job's
+//! spans, which both [`crate::job`] and [`crate::export`] read.
+
+/// Name of the span that covers a whole job.
+pub const JOB_SPAN_NAME: &str = "job_execution";
+/// Most spans one job may create, `job_execution` included (the design's
+/// limit).
+pub const MAX_SPANS_PER_JOB: usize = 1000;
 
 pub const SERVICE_VERSION: &str = "service.version";
 

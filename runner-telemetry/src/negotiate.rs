@@ -69,7 +69,7 @@ impl fmt::Display for Negotiation {
 }
 
 /// Why a job emits no telemetry. `Display` is one line, meant for the
-/// runner's log (`job=42 telemetry disabled: <reason>`).
+/// runner's log (`Telemetry disabled: <reason> job_id=42`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DisabledReason {
     /// The payload is not a JSON object.

@@ -4,12 +4,15 @@
 //! Log lines (stderr, one per event):
 //!
 //! ```text
-//! job=42 telemetry disabled: features.job_telemetry is false
-//! job=42 telemetry enabled contract=v1 trace_id=4bf9… parent=00f0… span_id=… endpoint=http/protobuf+http://localhost:4318/v1/traces
-//! job=42 telemetry flushed spans=1 exported=1 dropped=0 elapsed=3ms
-//! job=42 telemetry flush incomplete spans=3 exported=0 dropped=1 buffered=2 elapsed=5001ms deadline_exceeded=true dropped_by=queue_full=1 endpoint=… (exported=0 dropped=1 buffered=2 error="…")
-//! job=42 telemetry settled spans=3 exported=2 dropped=1 elapsed=31200ms dropped_by=queue_full=1 endpoint=… (…)
+//! Telemetry disabled: features.job_telemetry is false job_id=42
+//! Telemetry enabled endpoint=http/protobuf+http://localhost:4318/v1/traces job_id=42 contract=v1 trace_id=4bf9… parent_span_id=00f0… span_id=…
+//! Telemetry flushed spans=1 exported=1 dropped=0 elapsed=3ms job_id=42
+//! Telemetry flush incomplete spans=3 exported=0 dropped=1 buffered=2 elapsed=5001ms deadline_exceeded=true dropped_by=queue_full=1 endpoint=… (exported=0 dropped=1 buffered=2 error="…") job_id=42
+//! Telemetry settled spans=3 exported=2 dropped=1 elapsed=31200ms dropped_by=queue_full=1 endpoint=… (…) job_id=42
 //! ```
+//!
+//! (the fields, `job_id=42`, follow the message as tracing-subscriber's
+//! `fmt` prints them; ci-runner's README lists the field names).
 //!
 //! The `flushed`/`flush incomplete` line comes when the job's flush deadline
 //! ends (or earlier, when every span is decided). Spans still `buffered`
@@ -64,17 +67,20 @@ impl RunnerTelemetry {
                     .unwrap_or_else(|| "-".into())
             };
             tracing::info!(
-                "Telemetry export runner={} buffer_max_spans={} buffer_max_bytes={} max_age={}s retry_backoff={}ms..{}ms export_timeout={}ms shutdown_timeout={}ms ca_file={} bearer_token_file={}",
-                runner.name,
-                b.max_spans,
-                b.max_bytes,
-                b.max_age.as_secs_f64(),
-                b.initial_backoff.as_millis(),
-                b.max_backoff.as_millis(),
-                settings.export_timeout.as_millis(),
-                settings.shutdown_timeout.as_millis(),
-                path(&settings.ca_file),
-                path(&settings.bearer_token_file),
+                runner = %runner.name,
+                buffer_max_spans = b.max_spans,
+                buffer_max_bytes = b.max_bytes,
+                max_age = %format_args!("{}s", b.max_age.as_secs_f64()),
+                retry_backoff = %format_args!(
+                    "{}ms..{}ms",
+                    b.initial_backoff.as_millis(),
+                    b.max_backoff.as_millis()
+                ),
+                export_timeout = %format_args!("{}ms", settings.export_timeout.as_millis()),
+                shutdown_timeout = %format_args!("{}ms", settings.shutdown_timeout.as_millis()),
+                ca_file = %path(&settings.ca_file),
+                bearer_token_file = %path(&settings.bearer_token_file),
+                "Telemetry export configured"
             );
         }
         RunnerTelemetry {
@@ -189,7 +195,7 @@ impl RunnerTelemetry {
         }) {
             Some(Ok(telemetry)) => telemetry,
             Some(Err(reason)) => {
-                tracing::info!("job={job_id} telemetry disabled: {reason}");
+                tracing::info!(job_id, "Telemetry disabled: {reason}");
                 JobTelemetry::disabled(job_id)
             }
             None => JobTelemetry::disabled(job_id),
@@ -258,13 +264,7 @@ impl RunnerTelemetry {
             ContractVersion::V1 => "v1",
             ContractVersion::V2 => "v2",
         };
-        let mut line = format!(
-            "job={job_id} telemetry enabled contract={contract} trace_id={} parent={} span_id={} {}",
-            plan.trace_context.trace_id(),
-            plan.trace_context.parent_span_id(),
-            span.span_id(),
-            endpoints.join(" ")
-        );
+        let mut line = endpoints.join(" ");
         for skipped in &plan.skipped {
             line.push_str(&format!(" skipped=[{skipped}]"));
         }
@@ -272,7 +272,14 @@ impl RunnerTelemetry {
             line.push(' ');
             line.push_str(&note);
         }
-        tracing::info!("{line}");
+        tracing::info!(
+            job_id,
+            contract = %contract,
+            trace_id = %plan.trace_context.trace_id(),
+            parent_span_id = %plan.trace_context.parent_span_id(),
+            span_id = %span.span_id(),
+            "Telemetry enabled {line}"
+        );
         Ok(telemetry)
     }
 
@@ -291,9 +298,9 @@ pub async fn flush_and_log(pending: PendingFlush, deadline: Duration) -> FlushRe
     let job_id = pending.job_id();
     let report = pending.flush(deadline).await;
     if report.dropped() == 0 && report.buffered() == 0 && !report.panicked {
-        tracing::info!("job={job_id} telemetry flushed {report}");
+        tracing::info!(job_id, "Telemetry flushed {report}");
     } else {
-        tracing::warn!("job={job_id} telemetry flush incomplete {report}");
+        tracing::warn!(job_id, "Telemetry flush incomplete {report}");
     }
     report
 }

@@ -14,10 +14,12 @@ use anyhow::{bail, Result};
 use conformance::gitlab::{
     clickhouse_args, init_repository, Contract, FakeRails, FakeRailsOptions, ADMIN_TOKEN,
 };
-use conformance::process::{self, Lifetime};
+use conformance::process::Lifetime;
 use conformance::runner::{Runner, RunnerOptions};
 use conformance::trace::{self, format_duration, StoredSpan, Tree};
 use conformance::{paths, ClickHouse};
+
+use crate::stack::{stop_demo_rails, RAILS_PID_FILE};
 use serde_json::Value;
 
 /// What the demo pipeline's jobs must end as.
@@ -219,46 +221,6 @@ pub fn run(args: &[String]) -> Result<()> {
     }
     println!("All expectations met.");
     Ok(())
-}
-
-/// The demo's fake-rails, kept running with the stack, in `<stack>/pids/`.
-const RAILS_PID_FILE: &str = "fake-rails.pid";
-
-/// Stops the fake-rails an earlier demo left running with the stack in
-/// `stack_dir` (exactly the process its PID file names, if it is still
-/// fake-rails); says what it did.
-pub fn stop_demo_rails(stack_dir: &std::path::Path) -> Result<Option<String>> {
-    let pid_file = stack_dir.join("pids").join(RAILS_PID_FILE);
-    let Some(pid) = std::fs::read_to_string(&pid_file)
-        .ok()
-        .and_then(|s| s.trim().parse::<u32>().ok())
-    else {
-        return Ok(None);
-    };
-    let ours =
-        process::alive(pid) && process::cmdline(pid).is_some_and(|c| c.contains("fake-rails"));
-    let line = if ours {
-        process::terminate(pid, Duration::from_secs(10));
-        if process::alive(pid) {
-            bail!("fake-rails (pid {pid}) did not stop");
-        }
-        format!("Stopped the demo's fake-rails (pid {pid})")
-    } else {
-        format!("The demo's fake-rails was not running (stale pid {pid})")
-    };
-    let _ = std::fs::remove_file(&pid_file);
-    Ok(Some(line))
-}
-
-/// Whether the demo's fake-rails is running with the stack in `stack_dir`.
-pub fn demo_rails_pid(stack_dir: &std::path::Path) -> Option<u32> {
-    let pid = std::fs::read_to_string(stack_dir.join("pids").join(RAILS_PID_FILE))
-        .ok()?
-        .trim()
-        .parse::<u32>()
-        .ok()?;
-    (process::alive(pid) && process::cmdline(pid).is_some_and(|c| c.contains("fake-rails")))
-        .then_some(pid)
 }
 
 struct PageUrls {

@@ -16,6 +16,8 @@ mod bench_ingest;
 mod browser;
 mod cluster;
 mod demo;
+#[cfg(test)]
+mod imports;
 mod scaling;
 mod stack;
 mod test;

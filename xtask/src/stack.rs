@@ -87,7 +87,7 @@ fn print_endpoints(dir: &std::path::Path, endpoints: &Endpoints) {
 
 fn down(dir: &std::path::Path) -> Result<()> {
     // The demo's fake-rails reads the stack: it goes first.
-    if let Some(line) = crate::demo::stop_demo_rails(dir)? {
+    if let Some(line) = stop_demo_rails(dir)? {
         println!("{line}");
     }
     for line in stack::down(dir)? {
@@ -105,7 +105,7 @@ fn status(dir: &std::path::Path) -> Result<()> {
             (None, _) => println!("{:<10} not running", c.name),
         }
     }
-    if let Some(pid) = crate::demo::demo_rails_pid(dir) {
+    if let Some(pid) = demo_rails_pid(dir) {
         println!("{:<10} running (pid {pid}, the demo's)", "fake-rails");
     }
     if states.iter().all(|c| c.running) {
@@ -117,4 +117,45 @@ fn status(dir: &std::path::Path) -> Result<()> {
     } else {
         bail!("the stack in {} is not (fully) running", dir.display())
     }
+}
+
+/// The demo's fake-rails, kept running with the stack, in `<stack>/pids/`.
+pub const RAILS_PID_FILE: &str = "fake-rails.pid";
+
+/// Stops the fake-rails an earlier demo left running with the stack in
+/// `stack_dir` (exactly the process its PID file names, if it is still
+/// fake-rails); says what it did.
+pub fn stop_demo_rails(stack_dir: &std::path::Path) -> Result<Option<String>> {
+    let pid_file = stack_dir.join("pids").join(RAILS_PID_FILE);
+    let Some(pid) = std::fs::read_to_string(&pid_file)
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+    else {
+        return Ok(None);
+    };
+    let ours = conformance::process::alive(pid)
+        && conformance::process::cmdline(pid).is_some_and(|c| c.contains("fake-rails"));
+    let line = if ours {
+        conformance::process::terminate(pid, std::time::Duration::from_secs(10));
+        if conformance::process::alive(pid) {
+            bail!("fake-rails (pid {pid}) did not stop");
+        }
+        format!("Stopped the demo's fake-rails (pid {pid})")
+    } else {
+        format!("The demo's fake-rails was not running (stale pid {pid})")
+    };
+    let _ = std::fs::remove_file(&pid_file);
+    Ok(Some(line))
+}
+
+/// Whether the demo's fake-rails is running with the stack in `stack_dir`.
+pub fn demo_rails_pid(stack_dir: &std::path::Path) -> Option<u32> {
+    let pid = std::fs::read_to_string(stack_dir.join("pids").join(RAILS_PID_FILE))
+        .ok()?
+        .trim()
+        .parse::<u32>()
+        .ok()?;
+    (conformance::process::alive(pid)
+        && conformance::process::cmdline(pid).is_some_and(|c| c.contains("fake-rails")))
+    .then_some(pid)
 }

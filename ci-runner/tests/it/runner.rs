@@ -20,6 +20,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{patch, post, put};
 use axum::Json;
 use conformance::doubles::otlp::{closed_port, grpc_collector, http_collector, stalled_server};
+use conformance::log_lines::{field, job_line};
 use serde_json::{json, Value};
 
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -419,9 +420,14 @@ async fn passing_job_succeeds_and_after_script_failure_does_not_matter() {
     assert!(state.patches.iter().all(|(_, _, status)| *status == 202));
     drop(state);
     let log = runner.log();
-    assert!(log.contains("job=1 Job succeeded duration="), "{log}");
+    assert!(log.contains("Job succeeded job_id=1 duration="), "{log}");
     assert!(
-        log.contains("job=1 telemetry disabled: telemetry is disabled in the runner configuration"),
+        job_line(
+            &log,
+            1,
+            "Telemetry disabled: telemetry is disabled in the runner configuration"
+        )
+        .is_some(),
         "{log}"
     );
     assert!(
@@ -458,7 +464,7 @@ async fn failing_job_is_a_script_failure_and_after_script_still_runs() {
     assert!(
         runner
             .log()
-            .contains("job=2 Job failed reason=script_failure exit_code=3"),
+            .contains("Job failed job_id=2 reason=script_failure exit_code=3 duration="),
         "{}",
         runner.log()
     );
@@ -529,7 +535,7 @@ async fn job_timeout_kills_the_script() {
     assert!(
         runner
             .log()
-            .contains("job=4 Job failed reason=job_execution_timeout"),
+            .contains("Job failed job_id=4 reason=job_execution_timeout duration="),
         "{}",
         runner.log()
     );
@@ -566,33 +572,34 @@ async fn status_is_not_delayed_by(collector_url: String, expect_deadline: bool) 
     assert_update(&api, 5, "success", None, None);
 
     let log = runner.log();
-    assert!(
-        log.contains(&format!(
-            "job=5 telemetry enabled contract=v1 trace_id={TRACE_ID} parent={PARENT}"
-        )),
-        "{log}"
+    let enabled = job_line(&log, 5, "Telemetry enabled").unwrap_or_else(|| panic!("{log}"));
+    assert_eq!(
+        (
+            field(enabled, "contract"),
+            field(enabled, "trace_id"),
+            field(enabled, "parent_span_id")
+        ),
+        (Some("v1"), Some(TRACE_ID), Some(PARENT)),
+        "{enabled}"
     );
     // The span is retried past the flush deadline (it stays in the runner's
     // buffer), and counted as `shutdown` when the runner stops.
     let line = |prefix: &str| {
-        log.lines()
-            .find(|l| l.contains(prefix))
+        job_line(&log, 5, prefix)
             .unwrap_or_else(|| panic!("no `{prefix}` line in {log}"))
             .to_string()
     };
-    let incomplete = line("job=5 telemetry flush incomplete spans=");
+    let incomplete = line("Telemetry flush incomplete spans=");
     assert!(
         incomplete.contains(" exported=0 dropped=0 buffered="),
         "{incomplete}"
     );
-    let settled = line("job=5 telemetry settled with drops spans=");
+    let settled = line("Telemetry settled with drops spans=");
     assert!(
         settled.contains(" exported=0 ") && settled.contains("dropped_by=shutdown="),
         "{settled}"
     );
-    let flushed_at = runner
-        .line_time("job=5 telemetry flush incomplete")
-        .unwrap();
+    let flushed_at = runner.line_time("Telemetry flush incomplete").unwrap();
     assert!(
         status_at < flushed_at,
         "the status must be sent before the flush ends"
@@ -721,16 +728,23 @@ async fn spans_reach_the_collector_from_the_binary() {
     );
 
     let log = runner.log();
-    assert!(log.contains("job=6 telemetry enabled contract=v1"), "{log}");
+    let contract =
+        |job: u64| job_line(&log, job, "Telemetry enabled").and_then(|l| field(l, "contract"));
+    assert_eq!(contract(6), Some("v1"), "{log}");
     assert!(
-        log.contains("job=6 telemetry flushed spans=4 exported=4 dropped=0"),
+        job_line(&log, 6, "Telemetry flushed spans=4 exported=4 dropped=0").is_some(),
         "{log}"
     );
     assert!(
-        log.contains("job=7 telemetry disabled: features.job_telemetry is false"),
+        job_line(
+            &log,
+            7,
+            "Telemetry disabled: features.job_telemetry is false"
+        )
+        .is_some(),
         "{log}"
     );
-    assert!(log.contains("job=8 telemetry enabled contract=v2"), "{log}");
+    assert_eq!(contract(8), Some("v2"), "{log}");
     assert_eq!(
         api.lock().requests[0]["info"]["features"]["job_telemetry"],
         true
@@ -971,7 +985,8 @@ async fn a_final_status_never_accepted_is_named_and_the_runner_exits_2() {
     assert_eq!(runner.wait_exit().await, 2, "{}", runner.log());
     let log = runner.log();
     assert!(
-        log.contains("ERROR") && log.contains("job=41 Could not send the job's final status"),
+        job_line(&log, 41, "Could not send the job's final status")
+            .is_some_and(|l| l.contains("ERROR")),
         "{log}"
     );
     assert!(log.contains("lost=1"), "{log}");
@@ -1025,16 +1040,14 @@ async fn at_shutdown_a_failing_final_status_is_retried_for_the_shutdown_timeout(
     );
     // The job ended and its status keeps failing (the limit is an hour).
     until("the first failed status update", || {
-        runner.log().contains("job=45 Status update failed")
+        job_line(&runner.log(), 45, "Status update failed").is_some()
     })
     .await;
     assert!(api.update(45).is_none());
     runner.signal(libc::SIGTERM);
     assert_eq!(runner.wait_exit().await, 2, "{}", runner.log());
     assert!(
-        runner
-            .log()
-            .contains("job=45 Could not send the job's final status"),
+        job_line(&runner.log(), 45, "Could not send the job's final status").is_some(),
         "{}",
         runner.log()
     );

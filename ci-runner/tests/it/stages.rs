@@ -22,6 +22,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{patch, post, put};
 use axum::Json;
 use conformance::doubles::otlp::{http_collector, Collector, ReceivedSpan};
+use conformance::log_lines::{field, job_line};
 use serde_json::{json, Value};
 
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -841,7 +842,7 @@ async fn old_gitlab_without_trace_context_gets_a_derived_root_trace_when_asked()
     let log = run_runner(addr, &collector, 1, work.path(), &[]).await;
     assert_eq!(api.state(8).as_deref(), Some("success"));
     assert!(
-        log.contains("job=8 telemetry disabled: trace_context is missing"),
+        job_line(&log, 8, "Telemetry disabled: trace_context is missing").is_some(),
         "{log}"
     );
 
@@ -855,7 +856,12 @@ async fn old_gitlab_without_trace_context_gets_a_derived_root_trace_when_asked()
     )
     .await;
     assert_eq!(api.state(9).as_deref(), Some("success"));
-    assert!(log.contains("job=9 telemetry trace_id=000000000000000000000000000001fa derived from the pipeline id"), "{log}");
+    let derived = job_line(&log, 9, "Telemetry trace id derived from the pipeline id");
+    assert_eq!(
+        derived.and_then(|l| field(l, "trace_id")),
+        Some("000000000000000000000000000001fa"),
+        "{log}"
+    );
     let nine = spans_of(&collector, 9).await;
     let ten = spans_of(&collector, 10).await;
     let (root9, children) = tree(&nine);

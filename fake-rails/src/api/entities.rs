@@ -3,7 +3,8 @@
 use serde_json::{json, Value};
 use time::OffsetDateTime;
 
-use crate::app_state::{format_time, Settings};
+use crate::app::Settings;
+use crate::app_state::format_time;
 use crate::state::{Job, JobStatus, Pipeline, Project, Runner, Store};
 
 fn time_or_null(t: Option<OffsetDateTime>) -> Value {

@@ -9,7 +9,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::{lenient, Admin, ApiError, ApiResult, Params};
-use crate::app_state::AppState;
+use crate::app::AppState;
 use crate::flags::{project_flipper_id, Feature};
 
 /// Feature flags (the Flipper API).

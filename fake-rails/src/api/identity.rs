@@ -10,7 +10,8 @@ use axum::{Json, Router};
 use serde::Deserialize;
 
 use super::{lenient, ApiError, ApiResult, Params, QueryPairs};
-use crate::app_state::{now, AppState};
+use crate::app::AppState;
+use crate::app_state::now;
 use crate::ids;
 use crate::state::JobStatus;
 

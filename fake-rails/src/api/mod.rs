@@ -21,7 +21,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::de::DeserializeOwned;
 
-use crate::app_state::AppState;
+use crate::app::AppState;
 
 /// A GitLab-style error: a status and `{"message": "..."}`.
 #[derive(Debug)]

@@ -13,7 +13,8 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use super::{entities, lenient, Admin, ApiError, ApiResult, Params, QueryPairs};
-use crate::app_state::{now, AppState};
+use crate::app::AppState;
+use crate::app_state::now;
 use crate::ci_config::{self, CacheKey, CiConfig};
 use crate::git;
 use crate::state::{CommitInfo, JobStatus, PipelineVariable, Project, Store};
@@ -386,7 +387,7 @@ pub async fn create_pipeline(
     tracing::debug!(
         pipeline_id = id,
         project_id = project.id,
-        "Created pipeline {id}"
+        "Created a pipeline"
     );
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }

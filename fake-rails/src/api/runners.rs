@@ -11,7 +11,8 @@ use axum::{Json, Router};
 use serde::Deserialize;
 
 use super::{lenient, Admin, ApiError, ApiResult, Params, QueryPairs};
-use crate::app_state::{now, AppState, ARTIFACT_BODY_LIMIT, TRACE_BODY_LIMIT};
+use crate::app::AppState;
+use crate::app_state::{now, ARTIFACT_BODY_LIMIT, TRACE_BODY_LIMIT};
 use crate::export::{ExportItem, JobSpanData};
 use crate::flags::CI_JOB_TELEMETRY;
 use crate::ids::{self, RailsSpan};
@@ -216,7 +217,7 @@ fn create_runner(state: &AppState, p: RegisterParams) -> ApiResult<Response> {
         );
         id
     };
-    tracing::debug!(runner_id = id, "Registered runner {id}");
+    tracing::debug!(runner_id = id, "Registered a runner");
     let body = runner_token_body(id, &runner_token);
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }
@@ -336,8 +337,7 @@ pub async fn request_job(
     tracing::debug!(
         job_id = payload.id,
         telemetry = payload.features.job_telemetry.is_some() || payload.features.tracing.is_some(),
-        "Handed out job {}",
-        payload.id
+        "Handed out a job"
     );
     Ok((StatusCode::CREATED, Json(payload)).into_response())
 }
@@ -407,7 +407,7 @@ pub async fn update_job(
     };
     state.export(export);
     if status != JobStatus::Running {
-        tracing::debug!(job_id = id, "Job {id} finished: {}", status.as_str());
+        tracing::debug!(job_id = id, status = %status.as_str(), "Job finished");
     }
     Ok(Json(serde_json::json!({"id": id, "status": status.as_str()})).into_response())
 }

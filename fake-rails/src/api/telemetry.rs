@@ -17,7 +17,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 
 use super::{header, QueryPairs};
-use crate::app_state::AppState;
+use crate::app::AppState;
 use crate::ids;
 use crate::pages;
 use crate::state::{Job, JobStatus, Store};

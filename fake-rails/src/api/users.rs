@@ -7,7 +7,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 
 use super::{entities, Admin, ApiResult};
-use crate::app_state::AppState;
+use crate::app::AppState;
 
 pub fn routes() -> Router<AppState> {
     Router::new().route("/api/v4/user", get(current_user))

@@ -91,7 +91,7 @@ async fn startup_lines_are_machine_readable_and_logs_hold_no_tokens() {
         .await
         .unwrap();
     assert!(
-        stderr.contains("POST /api/v4/runners 201"),
+        stderr.contains("POST /api/v4/runners status=201"),
         "one line per request:\n{stderr}"
     );
     assert!(

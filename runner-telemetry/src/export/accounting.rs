@@ -193,7 +193,7 @@ impl JobAccount {
     }
 
     /// Keeps the first error message seen at `endpoint`.
-    pub(crate) fn note_error(&self, endpoint: usize, error: &str) {
+    pub(crate) fn note_error(&self, endpoint: usize, error: &dyn std::fmt::Display) {
         let mut first = self.endpoints[endpoint]
             .first_error
             .lock()
@@ -266,9 +266,9 @@ impl JobAccount {
 
 fn log_settled(job_id: i64, report: &FlushReport) {
     if report.dropped() == 0 {
-        tracing::info!("job={job_id} telemetry settled {report}");
+        tracing::info!(job_id, "Telemetry settled {report}");
     } else {
-        tracing::warn!("job={job_id} telemetry settled with drops {report}");
+        tracing::warn!(job_id, "Telemetry settled with drops {report}");
     }
 }
 

@@ -29,6 +29,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use base64::Engine;
 
+use super::error::AuthError;
 use super::transport::HttpClient;
 use crate::secrets::Secret;
 
@@ -97,12 +98,14 @@ struct TokenFile {
 }
 
 impl TokenFile {
-    async fn token(&self) -> Result<Secret, String> {
+    async fn token(&self) -> Result<Secret, AuthError> {
         let path = &self.path;
-        let what = || format!("the bearer token file `{}`", path.display());
-        let meta = tokio::fs::metadata(path)
-            .await
-            .map_err(|e| format!("cannot read {}: {e}", what()))?;
+        let unreadable = |e: std::io::Error| AuthError::TokenFileUnreadable {
+            path: path.clone(),
+            kind: e.kind(),
+            message: e.to_string(),
+        };
+        let meta = tokio::fs::metadata(path).await.map_err(unreadable)?;
         let modified = meta.modified().ok();
         {
             let cached = self.cached.lock().unwrap_or_else(|e| e.into_inner());
@@ -115,15 +118,13 @@ impl TokenFile {
                 }
             }
         }
-        let text = tokio::fs::read_to_string(path)
-            .await
-            .map_err(|e| format!("cannot read {}: {e}", what()))?;
+        let text = tokio::fs::read_to_string(path).await.map_err(unreadable)?;
         let token = text.trim();
         if token.is_empty() {
-            return Err(format!("{} is empty", what()));
+            return Err(AuthError::TokenFileEmpty { path: path.clone() });
         }
         if token.chars().any(|c| c.is_control()) {
-            return Err(format!("{} holds more than one line", what()));
+            return Err(AuthError::TokenFileLines { path: path.clone() });
         }
         let token = Secret::new(token);
         *self.cached.lock().unwrap_or_else(|e| e.into_inner()) = Some(FileToken {
@@ -177,7 +178,11 @@ impl Authenticator {
 
     /// The bearer token for `auth`, if it has one. Errors are one line and
     /// never contain a token.
-    pub async fn bearer(&self, auth: &Auth, http: &HttpClient) -> Result<Option<Secret>, String> {
+    pub async fn bearer(
+        &self,
+        auth: &Auth,
+        http: &HttpClient,
+    ) -> Result<Option<Secret>, AuthError> {
         match auth {
             Auth::None => Ok(None),
             Auth::BearerTokenFile(path) => self.token_file(path).token().await.map(Some),
@@ -217,7 +222,7 @@ impl Authenticator {
             .clone()
     }
 
-    async fn id_token(&self, audience: &str, http: &HttpClient) -> Result<Secret, String> {
+    async fn id_token(&self, audience: &str, http: &HttpClient) -> Result<Secret, AuthError> {
         // One fetch at a time: concurrent exports wait for it and share it.
         let mut tokens = self.id_tokens.lock().await;
         if let Some(cached) = tokens.get(audience) {
@@ -229,26 +234,33 @@ impl Authenticator {
         let mut url = url::Url::parse(&format!(
             "{base}/computeMetadata/v1/instance/service-accounts/default/identity"
         ))
-        .map_err(|e| format!("the metadata server URL `{base}` is invalid: {e}"))?;
+        .map_err(|e| AuthError::MetadataUrl {
+            base: base.clone(),
+            message: e.to_string(),
+        })?;
         url.query_pairs_mut().append_pair("audience", audience);
         self.id_token_fetches.fetch_add(1, Ordering::Relaxed);
         let answer = http
             .get(url.as_str(), &[("metadata-flavor", "Google")], self.timeout)
             .await
-            .map_err(|e| {
-                format!("cannot get an ID token for audience `{audience}` from {base}: {e}")
+            .map_err(|source| AuthError::MetadataRequest {
+                audience: audience.to_string(),
+                base: base.clone(),
+                source,
             })?;
         if !answer.status.is_success() {
-            return Err(format!(
-                "cannot get an ID token for audience `{audience}`: {base} answered {}",
-                answer.status
-            ));
+            return Err(AuthError::MetadataStatus {
+                audience: audience.to_string(),
+                base: base.clone(),
+                status: answer.status,
+            });
         }
         let text = String::from_utf8_lossy(&answer.body).trim().to_string();
         let Some(exp) = jwt_expiry(&text) else {
-            return Err(format!(
-                "cannot get an ID token for audience `{audience}`: {base} did not answer with a JWT carrying `exp`"
-            ));
+            return Err(AuthError::NotAJwt {
+                audience: audience.to_string(),
+                base: base.clone(),
+            });
         };
         let token = Secret::new(&text);
         let lifetime = exp

@@ -48,7 +48,7 @@ use tokio::task::JoinHandle;
 use super::accounting::{DropReason, JobAccount, Outcome};
 use super::auth::Authenticator;
 use super::encode::{build_request, EncodedSpan, SpanRef};
-use super::error::SetupError;
+use super::error::{ExportError, SetupError};
 use super::logs_encode::Signal;
 use super::retry::{Backoff, Verdict};
 use super::sink::{ExportTarget, SpanSink};
@@ -805,13 +805,7 @@ async fn export_batch(
         let attempt = async {
             let bearer = match hub.auth.bearer(&worker.target.auth, http).await {
                 Ok(b) => b,
-                Err(error) => {
-                    return Attempt::Failed {
-                        verdict: Verdict::Retry { after: None },
-                        error,
-                        unauthenticated: false,
-                    }
-                }
+                Err(error) => return Attempt::failed(error),
             };
             let request = build_request(batch.iter().map(|i| SpanRef {
                 span: &i.span.span,
@@ -843,11 +837,7 @@ async fn export_batch(
         };
         let attempt = tokio::select! {
             attempt = attempt => attempt,
-            _ = deadline_passed => Attempt::Failed {
-                verdict: Verdict::Retry { after: None },
-                error: "the runner stopped before the collector answered".into(),
-                unauthenticated: false,
-            },
+            _ = deadline_passed => Attempt::failed(ExportError::Stopped),
         };
         if hub.shutting_down().is_some() {
             final_attempt_done = true;
@@ -869,7 +859,9 @@ async fn export_batch(
                         account.note_error(endpoint, &format!("partial success: {message}"));
                         if let Some(job) = account.job_id {
                             tracing::warn!(
-                                "job={job} Telemetry collector `{label}` rejected {n} spans (partial success): {message}"
+                                job_id = job,
+                                rejected = n,
+                                "Telemetry collector `{label}` rejected {n} spans (partial success): {message}"
                             );
                         }
                     }
@@ -899,9 +891,12 @@ async fn export_batch(
                     if first {
                         match account.job_id {
                             Some(job) => tracing::error!(
-                                "job={job} Telemetry export to `{label}` failed permanently, {n} spans dropped (further drops for this job are counted, not logged): {error}"
+                                job_id = job,
+                                dropped = n,
+                                "Telemetry export to `{label}` failed permanently, {n} spans dropped (further drops for this job are counted, not logged): {error}"
                             ),
                             None => tracing::error!(
+                                dropped = n,
                                 "Telemetry export to `{label}` failed permanently, {n} spans dropped: {error}"
                             ),
                         }

@@ -38,12 +38,14 @@ impl Signal {
     /// The gRPC method of the signal's collector service.
     pub fn grpc_path(self) -> &'static str {
         match self {
-            Signal::Traces => super::transport::GRPC_EXPORT_PATH,
+            Signal::Traces => GRPC_EXPORT_PATH,
             Signal::Logs => GRPC_LOGS_EXPORT_PATH,
         }
     }
 }
 
+/// `TraceService/Export`, the gRPC method of OTLP traces.
+pub const GRPC_EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
 /// `LogsService/Export`.
 pub const GRPC_LOGS_EXPORT_PATH: &str = "/opentelemetry.proto.collector.logs.v1.LogsService/Export";
 

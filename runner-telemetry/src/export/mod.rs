@@ -26,7 +26,7 @@
 //! * [`ExportPipeline::flush`] waits for a job's spans at most until the
 //!   job's flush deadline and reports; spans still buffered then stay in the
 //!   runner's buffer, and the job's final line is logged when the last is
-//!   decided (`job=N telemetry settled ...`).
+//!   decided (`Telemetry settled ... job_id=N`).
 //!
 //! Why our own client rather than the SDK's `BatchSpanProcessor` and the
 //! stock `opentelemetry-otlp` exporters (which do retry, honouring
@@ -60,14 +60,14 @@ use opentelemetry_sdk::Resource;
 pub use accounting::{DropReason, EndpointReport, FlushReport, JobAccount};
 pub use auth::Auth;
 pub use encode::{EncodedSpan, ResourceBlock, ScopeBlock};
-pub use error::SetupError;
+pub use error::{AuthError, ExportError, RequestError, SetupError};
 pub use hub::{ExportHub, ShutdownReport, MAX_BATCH};
 pub use sink::{ExportTarget, SpanSink};
 
 /// Spans a job may have waiting for its encoder task; past this many, the
 /// job's own thread encodes (it never waits). A job's whole span cap, so a
 /// job never gets there unless the runtime is starved.
-pub const ENCODER_QUEUE: usize = crate::job::MAX_SPANS_PER_JOB;
+pub const ENCODER_QUEUE: usize = crate::keys::MAX_SPANS_PER_JOB;
 /// The encoder waits this long after a span arrives before encoding what
 /// has gathered: one wake-up of the task per burst, not one per span (each
 /// costs the job a cross-thread wake on a busy machine).
@@ -95,7 +95,7 @@ impl JobSpans {
     /// Encodes `span` once and hands it to every sink; the job's root span
     /// may use the room each sink holds for it.
     fn deliver(&self, span: SpanData) {
-        let root = span.name == crate::job::JOB_SPAN_NAME
+        let root = span.name == crate::keys::JOB_SPAN_NAME
             && (span.parent_span_is_remote
                 || span.parent_span_id == opentelemetry::trace::SpanId::INVALID);
         let scope = {

@@ -25,6 +25,8 @@ use std::time::{Duration, SystemTime};
 
 use prost::Message;
 
+use super::error::{ExportError, RequestError};
+
 /// The longest delay a server may ask for; longer requests are cut to this.
 pub const MAX_SERVER_DELAY: Duration = Duration::from_secs(30);
 
@@ -36,6 +38,28 @@ pub enum Verdict {
     Retry { after: Option<Duration> },
     /// Do not try again: the spans are dropped as `permanent_error`.
     Permanent,
+}
+
+/// Classifies a failed export attempt by its kind: the collector's answer
+/// by [`classify_http`] or [`classify_grpc`]; no connection, a broken one or
+/// no answer in time, and a credential not to be had (a token file being
+/// rewritten, a metadata server restarting) are retried; a target that
+/// cannot be used or a request that cannot be built is not.
+pub fn classify(error: &ExportError, now: SystemTime) -> Verdict {
+    match error {
+        ExportError::Http {
+            status,
+            retry_after,
+            ..
+        } => classify_http(status.as_u16(), retry_after.as_deref(), now),
+        ExportError::Grpc { code, details, .. } => classify_grpc(*code, details),
+        ExportError::Request(RequestError::InvalidRequest(_)) | ExportError::Setup(_) => {
+            Verdict::Permanent
+        }
+        ExportError::Request(_) | ExportError::Auth(_) | ExportError::Stopped => {
+            Verdict::Retry { after: None }
+        }
+    }
 }
 
 /// Classifies an OTLP/HTTP answer that is not 2xx.
@@ -271,6 +295,73 @@ mod tests {
         ] {
             check(code, &info, "permanent");
         }
+    }
+
+    #[test]
+    fn errors_by_kind() {
+        use crate::export::error::{AuthError, SetupError};
+        use http::StatusCode;
+        let now = SystemTime::UNIX_EPOCH;
+        let check = |error: ExportError, expected: &str| {
+            assert_eq!(render(classify(&error, now)), expected, "{error}");
+        };
+        let http = |status: StatusCode, retry_after: Option<&str>| ExportError::Http {
+            status,
+            retry_after: retry_after.map(str::to_string),
+            message: None,
+        };
+        // No connection, a broken one, no answer: the collector may be back.
+        check(
+            RequestError::Connect("refused".into()).into(),
+            "retry(backoff)",
+        );
+        check(RequestError::Io("reset".into()).into(), "retry(backoff)");
+        check(RequestError::Body("eof".into()).into(), "retry(backoff)");
+        check(
+            RequestError::Timeout(Duration::from_secs(5)).into(),
+            "retry(backoff)",
+        );
+        check(ExportError::Stopped, "retry(backoff)");
+        // A token file being rewritten, a metadata server restarting.
+        check(AuthError::NotHeaderSafe.into(), "retry(backoff)");
+        // Nothing a retry can change.
+        check(
+            RequestError::InvalidRequest("uri".into()).into(),
+            "permanent",
+        );
+        check(SetupError::Tls("no roots".into()).into(), "permanent");
+        // The collector's answer, by its status.
+        check(
+            http(StatusCode::SERVICE_UNAVAILABLE, Some("2")),
+            "retry(2s)",
+        );
+        check(http(StatusCode::BAD_REQUEST, Some("2")), "permanent");
+        let grpc = |code: tonic::Code| ExportError::Grpc {
+            code,
+            details: bytes::Bytes::new(),
+            message: None,
+        };
+        check(grpc(tonic::Code::Unavailable), "retry(backoff)");
+        check(grpc(tonic::Code::InvalidArgument), "permanent");
+        // Only a refused credential invalidates the cached token.
+        assert!(http(StatusCode::UNAUTHORIZED, None).is_unauthenticated());
+        assert!(grpc(tonic::Code::Unauthenticated).is_unauthenticated());
+        assert!(!http(StatusCode::FORBIDDEN, None).is_unauthenticated());
+        // The messages are the one-liners the logs and reports show.
+        let busy = ExportError::Http {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            retry_after: None,
+            message: Some("busy".into()),
+        };
+        assert_eq!(busy.to_string(), "HTTP 503 Service Unavailable: busy");
+        assert_eq!(
+            grpc(tonic::Code::Unavailable).to_string(),
+            "gRPC Unavailable"
+        );
+        assert_eq!(
+            ExportError::from(RequestError::Timeout(Duration::from_millis(250))).to_string(),
+            "no answer within 250ms"
+        );
     }
 
     #[test]

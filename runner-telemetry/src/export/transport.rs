@@ -22,14 +22,13 @@ use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse
 use prost::Message;
 
 use super::encode::RawExportRequest;
-use super::error::SetupError;
+use super::error::{AuthError, ExportError, RequestError, SetupError};
 use super::logs_encode::Signal;
-use super::retry::{classify_grpc, classify_http, Verdict};
+pub use super::logs_encode::GRPC_EXPORT_PATH;
+use super::retry::{classify, Verdict};
 use crate::negotiate::Transport;
 use crate::secrets::{redact_all, url_credentials, Secret};
 
-/// The gRPC method of OTLP traces.
-pub const GRPC_EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
 /// Longest server message kept in an error.
 const MAX_MESSAGE: usize = 200;
 
@@ -40,12 +39,25 @@ pub enum Attempt {
     /// (partial success).
     Delivered { rejected: u64, message: String },
     Failed {
+        /// From [`classify`] of `error`.
         verdict: Verdict,
         /// One line, without credentials.
-        error: String,
+        error: ExportError,
         /// 401/`UNAUTHENTICATED`: the credential may be stale.
         unauthenticated: bool,
     },
+}
+
+impl Attempt {
+    /// A failed attempt, classified by the kind of its error.
+    pub fn failed(error: impl Into<ExportError>) -> Attempt {
+        let error = error.into();
+        Attempt::Failed {
+            verdict: classify(&error, SystemTime::now()),
+            unauthenticated: error.is_unauthenticated(),
+            error,
+        }
+    }
 }
 
 /// A response of the plain HTTP client.
@@ -129,14 +141,14 @@ impl HttpClient {
         &self,
         request: http::Request<Full<Bytes>>,
         timeout: Duration,
-    ) -> Result<HttpAnswer, String> {
+    ) -> Result<HttpAnswer, RequestError> {
         let exchange = async {
             let response = self.client.request(request).await.map_err(describe_hyper)?;
             let (parts, body) = response.into_parts();
             let body = body
                 .collect()
                 .await
-                .map_err(|e| format!("reading the answer failed: {e}"))?
+                .map_err(|e| RequestError::Body(e.to_string()))?
                 .to_bytes();
             Ok(HttpAnswer {
                 status: parts.status,
@@ -146,7 +158,7 @@ impl HttpClient {
         };
         match tokio::time::timeout(timeout, exchange).await {
             Ok(result) => result,
-            Err(_) => Err(format!("no answer within {}", human(timeout))),
+            Err(_) => Err(RequestError::Timeout(timeout)),
         }
     }
 
@@ -156,39 +168,30 @@ impl HttpClient {
         url: &str,
         headers: &[(&str, &str)],
         timeout: Duration,
-    ) -> Result<HttpAnswer, String> {
+    ) -> Result<HttpAnswer, RequestError> {
         let mut builder = http::Request::get(url);
         for (k, v) in headers {
             builder = builder.header(*k, *v);
         }
         let request = builder
             .body(Full::new(Bytes::new()))
-            .map_err(|e| format!("invalid request: {e}"))?;
+            .map_err(|e| RequestError::InvalidRequest(e.to_string()))?;
         self.request(request, timeout).await
-    }
-}
-
-fn human(d: Duration) -> String {
-    if d.subsec_millis() == 0 {
-        format!("{}s", d.as_secs())
-    } else {
-        format!("{}ms", d.as_millis())
     }
 }
 
 /// The innermost cause of a client error ("Connection refused (os error
 /// 111)"), which says more than the outer ones.
-fn describe_hyper(e: hyper_util::client::legacy::Error) -> String {
-    let kind = if e.is_connect() {
-        "cannot connect"
-    } else {
-        "request failed"
-    };
+fn describe_hyper(e: hyper_util::client::legacy::Error) -> RequestError {
     let mut source: &dyn std::error::Error = &e;
     while let Some(next) = source.source() {
         source = next;
     }
-    format!("{kind}: {source}")
+    if e.is_connect() {
+        RequestError::Connect(source.to_string())
+    } else {
+        RequestError::Io(source.to_string())
+    }
 }
 
 /// Headers of a target, validated once.
@@ -221,9 +224,9 @@ fn redact_answer(text: &str, url: &str, headers: &Headers, bearer: Option<&Secre
     redact_all(text, values)
 }
 
-fn bearer_value(token: &Secret) -> Result<HeaderValue, String> {
+fn bearer_value(token: &Secret) -> Result<HeaderValue, AuthError> {
     let mut value = HeaderValue::from_str(&format!("Bearer {}", token.expose()))
-        .map_err(|_| "the bearer token has characters a header cannot carry".to_string())?;
+        .map_err(|_| AuthError::NotHeaderSafe)?;
     value.set_sensitive(true);
     Ok(value)
 }
@@ -332,11 +335,7 @@ impl Transports {
         };
         match tokio::time::timeout(self.export_timeout, attempt).await {
             Ok(attempt) => attempt,
-            Err(_) => Attempt::Failed {
-                verdict: Verdict::Retry { after: None },
-                error: format!("no answer within {}", human(self.export_timeout)),
-                unauthenticated: false,
-            },
+            Err(_) => Attempt::failed(RequestError::Timeout(self.export_timeout)),
         }
     }
 
@@ -347,11 +346,6 @@ impl Transports {
         bearer: Option<&Secret>,
         request: RawExportRequest,
     ) -> Attempt {
-        let retry = |error: String| Attempt::Failed {
-            verdict: Verdict::Retry { after: None },
-            error,
-            unauthenticated: false,
-        };
         let mut builder = http::Request::post(url)
             .header(http::header::CONTENT_TYPE, "application/x-protobuf")
             .header(
@@ -364,23 +358,17 @@ impl Transports {
         if let Some(token) = bearer {
             match bearer_value(token) {
                 Ok(value) => builder = builder.header(http::header::AUTHORIZATION, value),
-                Err(e) => return retry(e),
+                Err(e) => return Attempt::failed(e),
             }
         }
         let body = Full::new(Bytes::from(request.encode_to_vec()));
         let request = match builder.body(body) {
             Ok(r) => r,
-            Err(e) => {
-                return Attempt::Failed {
-                    verdict: Verdict::Permanent,
-                    error: format!("invalid request: {e}"),
-                    unauthenticated: false,
-                }
-            }
+            Err(e) => return Attempt::failed(RequestError::InvalidRequest(e.to_string())),
         };
         let answer = match self.http.request(request, self.export_timeout).await {
             Ok(a) => a,
-            Err(e) => return retry(e),
+            Err(e) => return Attempt::failed(e),
         };
         if answer.status.is_success() {
             // A body that does not decode (empty, JSON) is a full success.
@@ -390,22 +378,22 @@ impl Transports {
         let retry_after = answer
             .headers
             .get(http::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok());
-        let verdict = classify_http(answer.status.as_u16(), retry_after, SystemTime::now());
-        let mut error = format!("HTTP {}", answer.status);
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let mut message = None;
         let text = String::from_utf8_lossy(&answer.body);
         let text = text.trim();
         if !text.is_empty() && text.is_char_boundary(text.len().min(MAX_MESSAGE)) {
             let cut: String = text.chars().take(MAX_MESSAGE).collect();
             if cut.chars().all(|c| !c.is_control() || c == ' ') {
-                error.push_str(&format!(": {}", redact_answer(&cut, url, headers, bearer)));
+                message = Some(redact_answer(&cut, url, headers, bearer));
             }
         }
-        Attempt::Failed {
-            verdict,
-            error,
-            unauthenticated: answer.status == StatusCode::UNAUTHORIZED,
-        }
+        Attempt::failed(ExportError::Http {
+            status: answer.status,
+            retry_after,
+            message,
+        })
     }
 
     async fn send_grpc(
@@ -418,21 +406,11 @@ impl Transports {
     ) -> Attempt {
         let channel = match self.grpc_channel(url) {
             Ok(c) => c,
-            Err(error) => {
-                return Attempt::Failed {
-                    verdict: Verdict::Permanent,
-                    error: error.to_string(),
-                    unauthenticated: false,
-                }
-            }
+            Err(error) => return Attempt::failed(error),
         };
         let mut grpc = tonic::client::Grpc::new(channel);
         if let Err(e) = grpc.ready().await {
-            return Attempt::Failed {
-                verdict: Verdict::Retry { after: None },
-                error: format!("cannot connect: {e}"),
-                unauthenticated: false,
-            };
+            return Attempt::failed(RequestError::Connect(e.to_string()));
         }
         let mut request = tonic::Request::new(request);
         request.set_timeout(self.export_timeout);
@@ -456,13 +434,7 @@ impl Transports {
                 Ok(value) => {
                     metadata.insert("authorization", value);
                 }
-                Err(_) => {
-                    return Attempt::Failed {
-                        verdict: Verdict::Retry { after: None },
-                        error: "the bearer token has characters gRPC metadata cannot carry".into(),
-                        unauthenticated: false,
-                    }
-                }
+                Err(_) => return Attempt::failed(AuthError::NotMetadataSafe),
             }
         }
         let codec =
@@ -471,20 +443,13 @@ impl Transports {
         match grpc.unary(request, path, codec).await {
             Ok(response) => delivered(response.into_inner(), url, headers, bearer),
             Err(status) => {
-                let verdict = classify_grpc(status.code(), status.details());
                 let message: String = status.message().chars().take(MAX_MESSAGE).collect();
-                let mut error = format!("gRPC {:?}", status.code());
-                if !message.is_empty() {
-                    error.push_str(&format!(
-                        ": {}",
-                        redact_answer(&message, url, headers, bearer)
-                    ));
-                }
-                Attempt::Failed {
-                    verdict,
-                    error,
-                    unauthenticated: status.code() == tonic::Code::Unauthenticated,
-                }
+                Attempt::failed(ExportError::Grpc {
+                    code: status.code(),
+                    details: Bytes::copy_from_slice(status.details()),
+                    message: (!message.is_empty())
+                        .then(|| redact_answer(&message, url, headers, bearer)),
+                })
             }
         }
     }

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::export_support::*;
+use conformance::log_lines::job_line;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -122,7 +123,11 @@ async fn bad_request_is_permanent_and_not_retried() {
         ),
         (1, 1, 0)
     );
-    assert!(logs().contains("job=3 Telemetry export to"), "{}", logs());
+    assert!(
+        job_line(&logs(), 3, "Telemetry export to").is_some(),
+        "{}",
+        logs()
+    );
     assert_invariant(&telemetry);
 }
 
@@ -223,7 +228,11 @@ async fn partial_success_counts_the_rejected_spans() {
         report.to_string().contains("dropped_by=rejected=2"),
         "{report}"
     );
-    assert!(logs().contains("job=5 Telemetry collector"), "{}", logs());
+    assert!(
+        job_line(&logs(), 5, "Telemetry collector").is_some(),
+        "{}",
+        logs()
+    );
     let m = telemetry.metrics().snapshot();
     assert_eq!((m.exported, m.dropped(DropReason::Rejected)), (2, 2));
     assert_invariant(&telemetry);
@@ -358,9 +367,12 @@ async fn spans_of_many_jobs_survive_an_outage_and_arrive_once() {
     assert_eq!((delivered.len(), unique.len()), (10, 10), "none twice");
     for job in 10..15 {
         assert!(
-            logs().contains(&format!(
-                "job={job} telemetry settled spans=2 exported=2 dropped=0"
-            )),
+            job_line(
+                &logs(),
+                job,
+                "Telemetry settled spans=2 exported=2 dropped=0"
+            )
+            .is_some(),
             "{}",
             logs()
         );

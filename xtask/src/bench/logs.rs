@@ -138,7 +138,9 @@ fn flushed_line(runner: &Runner, job: u64) -> Result<(u64, u64, u64)> {
         || {
             let log = runner.log();
             let Some(line) = log.lines().find(|l| {
-                l.contains(&format!("job={job} telemetry flush")) && l.contains("log_records=")
+                l.contains("Telemetry flush")
+                    && l.contains("log_records=")
+                    && conformance::log_lines::is_job(l, job)
             }) else {
                 return Ok(None);
             };
