@@ -5,9 +5,10 @@
 //! part costs per landed row.
 //!
 //! Threads are grouped by their name (`comm`, digits removed), which the
-//! caller may map to groups of its own (`Watched::classify`). Threads that
-//! ended during the phase are only in their process's total (`ended
-//! threads`).
+//! caller may map to groups of its own (`Watched::classify`). A thread that
+//! ended during the phase counts under its name with what it had used when
+//! last seen (`Snapshot::update` between the two snapshots); the rest of its
+//! time is only in its process's total (`ended threads`).
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -70,6 +71,26 @@ pub fn snapshot(watched: &[Watched]) -> Snapshot {
         processes,
         machine_busy,
         machine_total,
+    }
+}
+
+impl Snapshot {
+    /// Takes `newer`'s totals, and its threads over this one's: a thread
+    /// that ended since keeps what it had used when last seen, under its
+    /// name. Sampling often this way leaves little under `ended threads`.
+    pub fn update(&mut self, newer: Snapshot) {
+        if self.processes.len() != newer.processes.len() {
+            *self = newer;
+            return;
+        }
+        for ((total, threads), (new_total, new_threads)) in
+            self.processes.iter_mut().zip(newer.processes)
+        {
+            *total = new_total;
+            threads.extend(new_threads);
+        }
+        self.machine_busy = newer.machine_busy;
+        self.machine_total = newer.machine_total;
     }
 }
 
@@ -233,35 +254,48 @@ mod tests {
             classify: by_name,
         }];
         let before = snapshot(&watched);
-        let worker = std::thread::Builder::new()
-            .name("spin-test".into())
-            .spawn(|| {
-                // Spins until it has used a few ticks of its own.
-                let own = || stat_ticks("/proc/thread-self/stat").unwrap().1;
-                let start = own();
-                let mut x = 0u64;
-                while own() < start + 3 {
-                    for _ in 0..100_000 {
-                        x = x.wrapping_mul(31).wrapping_add(7);
-                    }
-                    std::hint::black_box(x);
+        let spin = || {
+            // Spins until it has used a few ticks of its own.
+            let own = || stat_ticks("/proc/thread-self/stat").unwrap().1;
+            let start = own();
+            let mut x = 0u64;
+            while own() < start + 3 {
+                for _ in 0..100_000 {
+                    x = x.wrapping_mul(31).wrapping_add(7);
                 }
+                std::hint::black_box(x);
+            }
+        };
+        // One thread is seen while it runs, the other only ends.
+        let (spun, seen) = (std::sync::mpsc::channel(), std::sync::mpsc::channel());
+        let named = std::thread::Builder::new()
+            .name("spin-seen".into())
+            .spawn(move || {
+                spin();
+                spun.0.send(()).unwrap();
+                seen.1.recv().unwrap();
             })
             .unwrap();
-        // The thread is measured while it is alive, then its time stays in
-        // the process's total.
-        while !worker.is_finished() {
-            std::thread::yield_now();
-        }
-        worker.join().unwrap();
-        let after = snapshot(&watched);
+        std::thread::Builder::new()
+            .name("spin-unseen".into())
+            .spawn(spin)
+            .unwrap()
+            .join()
+            .unwrap();
+        spun.1.recv().unwrap();
+        let mut after = snapshot(&watched);
+        seen.0.send(()).unwrap();
+        named.join().unwrap();
+        after.update(snapshot(&watched));
         let split = split(&watched, &before, &after);
         let (_, total, groups) = &split.processes[0];
-        assert!(*total > 0.0, "{split:?}");
+        let group = |name: &str| groups.iter().find(|g| g.0 == name).map(|g| g.1);
+        assert!(group("spin-seen").is_some_and(|s| s > 0.0), "{groups:?}");
         assert!(
-            groups.iter().any(|(n, _)| n == "ended threads"),
+            group("ended threads").is_some_and(|s| s > 0.0),
             "{groups:?}"
         );
+        assert!(*total >= group("spin-seen").unwrap(), "{split:?}");
         assert!(split.machine_total > 0.0);
         assert_eq!(group_name("chdb-req-12"), "chdb-req");
         assert_eq!(group_name("BgSchPool"), "BgSchPool");
