@@ -74,6 +74,8 @@ ignored), progress headers (`send_progress_in_http_headers`).
 
 import argparse
 import base64
+import dataclasses
+import functools
 import hmac
 import json
 import os
@@ -273,8 +275,25 @@ class Analysis:
     data_start: int = 0  # offset where the data begins
 
 
+# A collector sends the same INSERT text with every request, and lexing it
+# in Python was the largest part of such a request's CPU in chdb-http: short
+# texts' analyses are remembered (each caller gets its own copy).
+_ANALYSIS_CACHE_TEXT_CHARS = 4096
+
+
 def analyze(text: str) -> Analysis:
     """Lex `text` (for INSERT data, lexing stops where the data starts)."""
+    if len(text) <= _ANALYSIS_CACHE_TEXT_CHARS:
+        return dataclasses.replace(_analyze_cached(text))
+    return _analyze(text)
+
+
+@functools.lru_cache(maxsize=256)
+def _analyze_cached(text: str) -> Analysis:
+    return _analyze(text)
+
+
+def _analyze(text: str) -> Analysis:
     result = Analysis()
     depth = 0
     after_semicolon = False
@@ -586,6 +605,10 @@ class Handler(BaseHTTPRequestHandler):
     config: Config = None
     committer: Optional[ingest.GroupCommitter] = None
     wait_for_async_insert = "1"  # the server's default, as in a ClickHouse profile
+
+    def setup(self):
+        ingest.name_os_thread("chdb-req")  # one thread per connection
+        super().setup()
 
     # -- logging ----------------------------------------------------------
 

@@ -13,7 +13,10 @@ fresh database each time, and prints rows/s per batch size (views included).
 That is the most a stack built on this engine can land on this machine; the
 stack's landed rate is compared with it (`cargo xtask bench`, compose/README.md).
 
-Prints one line per batch size: `ceiling batch=<rows> rows=<n> seconds=<s> rows_per_s=<r>`.
+Prints one line per batch size: `ceiling batch=<rows> rows=<n> seconds=<s> rows_per_s=<r>
+cpu_seconds=<c> cpu_s_per_100k=<c per 100,000 rows>` (the CPU of the whole process, every engine
+thread included, while the inserts ran: on a shared machine the rate drops with the load, the CPU
+per row much less, and it is what the stack's CPU split is compared with).
 """
 
 import argparse
@@ -126,6 +129,7 @@ def main(argv=None):
             for statement in schema(database):
                 check(session.query(statement))
             started = time.monotonic()
+            cpu_started = time.process_time()  # every thread of this process: the engine's included
             for path in paths:
                 check(
                     session.query(
@@ -134,12 +138,14 @@ def main(argv=None):
                     )
                 )
             elapsed = time.monotonic() - started
+            cpu = time.process_time() - cpu_started
             stored = int(check(session.query(f"SELECT count() FROM {database}.otel_traces")).bytes())
             ci = int(check(session.query(f"SELECT count() FROM {database}.ci_job_telemetry_traces")).bytes())
             if stored != args.rows or ci != args.rows:
                 raise RuntimeError(f"expected {args.rows} rows, stored {stored} (CI view {ci})")
             print(
-                f"ceiling batch={batch} rows={args.rows} seconds={elapsed:.2f} rows_per_s={args.rows / elapsed:.0f}",
+                f"ceiling batch={batch} rows={args.rows} seconds={elapsed:.2f} rows_per_s={args.rows / elapsed:.0f} "
+                f"cpu_seconds={cpu:.2f} cpu_s_per_100k={cpu * 100_000 / args.rows:.2f}",
                 flush=True,
             )
             for path in paths:

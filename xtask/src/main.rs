@@ -15,6 +15,7 @@ mod bench;
 mod bench_ingest;
 mod browser;
 mod cluster;
+mod cpu_split;
 mod demo;
 #[cfg(test)]
 mod imports;
@@ -35,7 +36,8 @@ Commands:
   bench [--gate|--short]        measure every performance goal side by side
                                 (release build); --gate: short profile, fail
                                 on a ratio or loss over xtask/bench-thresholds.toml
-  bench ingest [--no-ceiling]   landed spans/s vs the engine's ceiling, and a 5x overload
+  bench ingest [--no-ceiling] [--no-overload]
+                                landed spans/s vs the engine's ceiling, and a 5x overload
   bench logs                    only the job log export scenario (1M lines)
   bench-scaling                 measure the inputs of docs/scaling.md on this machine
   stack up|down|status [--dir DIR]
