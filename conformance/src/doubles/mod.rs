@@ -1,5 +1,7 @@
-//! Test doubles shared by every crate's tests (feature `doubles`): recording
-//! OTLP collectors ([`otlp`]) and [`eventually`]. Real components are used
+//! Test doubles shared by every crate's tests (feature `doubles`): the
+//! scriptable recording OTLP collector ([`otlp`]), and [`eventually`] (with
+//! [`eventually_blocking`] for tests without a runtime), the one way a test
+//! polls until a deadline. Real components are used
 //! wherever a test does not need to script a failure; these stand in where
 //! it does, or where a test must see exactly what arrived.
 
@@ -26,5 +28,25 @@ where
             "timed out waiting for {what}"
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// [`eventually`] for synchronous tests: polls `check` until it returns
+/// `Some`, at most `deadline`, and panics naming `what` if it never does.
+pub fn eventually_blocking<T>(
+    what: &str,
+    deadline: Duration,
+    mut check: impl FnMut() -> Option<T>,
+) -> T {
+    let until = std::time::Instant::now() + deadline;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
