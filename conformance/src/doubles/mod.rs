@@ -33,20 +33,11 @@ where
 
 /// [`eventually`] for synchronous tests: polls `check` until it returns
 /// `Some`, at most `deadline`, and panics naming `what` if it never does.
+/// The same loop as the harness's [`crate::process::wait_for`].
 pub fn eventually_blocking<T>(
     what: &str,
     deadline: Duration,
     mut check: impl FnMut() -> Option<T>,
 ) -> T {
-    let until = std::time::Instant::now() + deadline;
-    loop {
-        if let Some(value) = check() {
-            return value;
-        }
-        assert!(
-            std::time::Instant::now() < until,
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    crate::process::wait_for(what, deadline, || Ok(check())).unwrap_or_else(|e| panic!("{e:#}"))
 }
