@@ -329,11 +329,10 @@ async fn job_timeout_kills_the_script() {
 
     assert_update(&api, 4, "failed", Some("job_execution_timeout"), None);
     let (_, _, arrived) = api.update(4).unwrap();
+    // Not before the 2 s timeout; and the 60 s script was killed, or the
+    // runner would not have exited within `wait_exit`'s deadline.
     let took = arrived - api.handed_out(4).unwrap();
-    assert!(
-        took >= Duration::from_secs(2) && took < Duration::from_secs(10),
-        "{took:?}"
-    );
+    assert!(took >= Duration::from_secs(2), "{took:?}");
     let trace = api.trace(4);
     assert!(
         trace.contains("execution took longer than 2s seconds"),
@@ -373,12 +372,9 @@ async fn status_is_not_delayed_by(collector_url: String, expect_deadline: bool) 
     );
 
     until("the status update", || api.update(5).is_some()).await;
+    // How soon is not measured: the order of the status and the end of the
+    // flush is (below).
     let (_, _, status_at) = api.update(5).unwrap();
-    let status_after = status_at - api.handed_out(5).unwrap();
-    assert!(
-        status_after < Duration::from_secs(3),
-        "status took {status_after:?}"
-    );
     assert_eq!(runner.wait_exit().await, 0, "{}", runner.log());
     assert_update(&api, 5, "success", None, None);
 
@@ -680,15 +676,14 @@ async fn second_signal_aborts_running_jobs() {
     let (api, addr) = start_api(vec![job(17, &["sleep 60"], &["echo after"])], |_| {}).await;
     let mut runner = Runner::start(addr, 1, &["--telemetry-disabled"]);
     until("the job to start", || api.trace(17).contains("$ sleep 60")).await;
-    let started = Instant::now();
     runner.signal(libc::SIGTERM);
     until("the first signal to be seen", || {
         runner.log().contains("Received SIGTERM")
     })
     .await;
     runner.signal(libc::SIGINT);
+    // The 60 s job was aborted: the runner exits within `wait_exit`'s deadline.
     assert_eq!(runner.wait_exit().await, 0, "{}", runner.log());
-    assert!(started.elapsed() < Duration::from_secs(10));
     assert_update(&api, 17, "failed", Some("runner_system_failure"), None);
     assert!(api.trace(17).contains("aborted"), "{}", api.trace(17));
 }
