@@ -1,10 +1,12 @@
 //! Test doubles shared by every crate's tests (feature `doubles`): the
-//! scriptable recording OTLP collector ([`otlp`]), and [`eventually`] (with
+//! scriptable recording OTLP collector ([`otlp`]), input generators for
+//! the robustness tests ([`inputs`]), and [`eventually`] (with
 //! [`eventually_blocking`] for tests without a runtime), the one way a test
 //! polls until a deadline. Real components are used
 //! wherever a test does not need to script a failure; these stand in where
 //! it does, or where a test must see exactly what arrived.
 
+pub mod inputs;
 pub mod otlp;
 
 use std::time::Duration;
