@@ -14,7 +14,6 @@ pub mod cluster;
 pub mod docker;
 #[cfg(feature = "doubles")]
 pub mod doubles;
-pub mod fault_proxy;
 pub mod gitlab;
 pub mod load;
 pub mod paths;
