@@ -365,3 +365,19 @@ async fn grpc_unavailable_is_retried_and_resource_exhausted_only_with_retry_info
     assert_eq!(collector.received().len(), 1);
     assert_invariant(&telemetry);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_connection_is_retried_and_the_span_delivered_once() {
+    // The first request is read and its connection closed without an answer.
+    let collector = scripted_collector(vec![Answer::Reset]).await;
+    let telemetry = http_telemetry(&collector);
+    let report = flush_v1_job(&telemetry, 30).await;
+    assert_eq!((report.exported(), report.dropped()), (1, 0), "{report}");
+    assert_report(&report);
+    let received = collector.received();
+    let answers: Vec<&Answer> = received.iter().map(|r| &r.answer).collect();
+    assert_eq!(answers, [&Answer::Reset, &Answer::Ok]);
+    assert_eq!(received[0].span_ids(), received[1].span_ids());
+    assert_eq!(telemetry.metrics().snapshot().export_errors, 1);
+    assert_invariant(&telemetry);
+}
