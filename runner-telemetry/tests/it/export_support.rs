@@ -105,10 +105,8 @@ pub fn run_job(
     for name in children {
         job.child(*name, vec![]).end(SpanOutcome::Ok);
     }
-    let pending = job
-        .finish(&JobOutcome::Success, SystemTime::now())
-        .expect("a flush");
-    pending
+    job.finish(&JobOutcome::Success, SystemTime::now())
+        .expect("a flush")
 }
 
 /// Runs a v1 job without child spans (see `run_job`) and flushes it.
