@@ -25,6 +25,8 @@ const DEADLINE: Duration = Duration::from_secs(30);
 struct Runner {
     child: Child,
     lines: Arc<Mutex<Vec<(Instant, String)>>>,
+    /// Reads stderr into `lines` until the runner closes it.
+    reader: Option<std::thread::JoinHandle<()>>,
     _builds: tempfile::TempDir,
 }
 
@@ -46,7 +48,7 @@ impl Runner {
         let stderr = child.stderr.take().unwrap();
         let lines = Arc::new(Mutex::new(Vec::new()));
         let sink = lines.clone();
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 sink.lock().unwrap().push((Instant::now(), line));
             }
@@ -54,6 +56,7 @@ impl Runner {
         Runner {
             child,
             lines,
+            reader: Some(reader),
             _builds: builds,
         }
     }
@@ -85,8 +88,13 @@ impl Runner {
             std::future::ready(child.try_wait().unwrap())
         })
         .await;
-        // Let the stderr thread drain.
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Every stderr line read: the reader ends at the pipe's end.
+        if let Some(reader) = self.reader.take() {
+            eventually("ci-runner's stderr read to its end", DEADLINE, || {
+                std::future::ready(reader.is_finished().then_some(()))
+            })
+            .await;
+        }
         status.code().unwrap_or(-1)
     }
 
