@@ -428,3 +428,46 @@ fn no_runtime_means_disabled_not_a_panic() {
     let job = telemetry.start_job(&v1_payload(), &job_info(), SystemTime::now());
     assert!(!job.is_enabled());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_records_over_grpc_reach_the_logs_service() {
+    use runner_telemetry::logs::Stream;
+    let collector = grpc_collector().await;
+    let mut settings = settings(Transport::Grpc, &collector.grpc_endpoint());
+    settings.logs = Some(StaticEndpoint {
+        transport: Transport::Grpc,
+        url: collector.grpc_endpoint(),
+        headers: Vec::new(),
+    });
+    let telemetry = RunnerTelemetry::new(settings, runner());
+    let job = telemetry.start_job(&v1_payload(), &job_info(), SystemTime::now());
+    let logs = job.logs().expect("log export is on");
+    logs.emit_raw_line(b"hello over gRPC", Stream::Stdout, SystemTime::now());
+    let pending = job.finish(&JobOutcome::Success, SystemTime::now()).unwrap();
+    let report = pending.flush(DEADLINE).await;
+    let records = report.log_records.expect("a log account");
+    assert!(
+        records.spans >= 1 && records.exported() == records.spans,
+        "{records:?}"
+    );
+
+    let received = collector.received();
+    let logs_requests: Vec<_> = received.iter().filter(|r| r.logs.is_some()).collect();
+    assert!(!logs_requests.is_empty(), "{received:#?}");
+    assert!(logs_requests
+        .iter()
+        .all(|r| r.grpc && r.path == "/opentelemetry.proto.collector.logs.v1.LogsService/Export"));
+    let bodies: Vec<String> = collector
+        .log_records()
+        .iter()
+        .filter_map(|r| match r.body.as_ref()?.value.as_ref()? {
+            opentelemetry_proto::tonic::common::v1::any_value::Value::StringValue(s) => {
+                Some(s.clone())
+            }
+            _ => None,
+        })
+        .collect();
+    assert!(bodies.iter().any(|b| b == "hello over gRPC"), "{bodies:?}");
+    assert!(received.iter().any(|r| r.traces.is_some() && r.grpc));
+    telemetry.shutdown().await;
+}
