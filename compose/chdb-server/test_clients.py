@@ -1,7 +1,7 @@
 """chdb-http against clickhouse-connect, ClickHouse's Python client, at its
 default settings (compression on: lz4 request bodies, compressed answers).
 The `clickhouse` Rust crate has its own tests in
-conformance/tests/clickhouse_clients.rs.
+conformance/tests/it/clickhouse_clients.rs.
 
     .venv/bin/python -m unittest discover -s compose/chdb-server -v
 """

@@ -22,7 +22,7 @@
 -- Body, ResourceSchemaUrl, ResourceAttributes, ScopeSchemaUrl, ScopeName,
 -- ScopeVersion, ScopeAttributes, LogAttributes) in RowBinary (rotel's list
 -- captured on the wire); EventName takes its default, the materialized
--- columns are computed. conformance/tests/stack.rs pins this column list and
+-- columns are computed. conformance/tests/it/stack.rs pins this column list and
 -- checks that rotel's inserts land.
 CREATE TABLE IF NOT EXISTS otel.otel_logs
 (

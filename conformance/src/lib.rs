@@ -16,7 +16,6 @@ pub mod docker_stack;
 #[cfg(feature = "doubles")]
 pub mod doubles;
 pub mod endpoints;
-pub mod fault_proxy;
 pub mod gitlab;
 pub mod load;
 pub mod log_lines;

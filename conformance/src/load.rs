@@ -304,7 +304,8 @@ impl Source {
     }
 }
 
-fn string(key: &str, value: &str) -> KeyValue {
+/// An OTLP string attribute.
+pub fn string(key: &str, value: &str) -> KeyValue {
     KeyValue {
         key: key.into(),
         value: Some(AnyValue {
@@ -314,7 +315,8 @@ fn string(key: &str, value: &str) -> KeyValue {
     }
 }
 
-fn int(key: &str, value: i64) -> KeyValue {
+/// An OTLP integer attribute.
+pub fn int(key: &str, value: i64) -> KeyValue {
     KeyValue {
         key: key.into(),
         value: Some(AnyValue {

@@ -107,7 +107,7 @@ impl World {
     }
 
     /// Like [`World::start_runner`], with the runner talking to `url` (a
-    /// [`crate::proxy::PayloadProxy`] in front of fake-rails).
+    /// [`crate::proxy::Proxy`] in front of fake-rails).
     pub fn start_runner_via(&mut self, url: &str, options: RunnerOptions) -> Result<()> {
         let token = self.rails.register_runner("conformance")?;
         self.runner = Some(Runner::start(

@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 /// Where Debian puts it.
 const CHROMIUM: &str = "/usr/bin/chromium";
 
-/// Makes sure a Chromium is there for `conformance/tests/telemetry_pages.rs`:
+/// Makes sure a Chromium is there for `conformance/tests/it/telemetry_pages.rs`:
 /// `CHROMIUM` if set, else Debian's package, installed when missing.
 pub fn ensure_chromium() -> Result<()> {
     if let Some(path) = std::env::var_os("CHROMIUM") {

@@ -4,175 +4,16 @@
 //! endpoint) and an in-test OTLP/HTTP collector. Every wait polls with a
 //! deadline.
 
-use std::collections::HashMap;
-use std::io::Read;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crate::job_api::{
-    git_repo, job_token, range_not_satisfiable, range_start, runner_command, serve, trace_text,
-    verified, PARENT, TRACE_ID,
-};
-use axum::body::Bytes;
-use axum::extract::{Path as UrlPath, Query, State};
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::routing::{patch, post, put};
-use axum::Json;
+use crate::job_api::{git_repo, runner_command, start_api, PARENT, TRACE_ID};
 use conformance::doubles::otlp::{http_collector, Collector, ReceivedSpan};
 use conformance::log_lines::{field, job_line};
 use serde_json::{json, Value};
 
 const DEADLINE: Duration = Duration::from_secs(60);
-
-/// An uploaded artifact: query parameters, file name, bytes.
-#[derive(Debug, Clone)]
-struct Upload {
-    params: HashMap<String, String>,
-    file_name: String,
-    data: Vec<u8>,
-    token: Option<String>,
-}
-
-#[derive(Default)]
-struct ApiState {
-    jobs: std::collections::VecDeque<Value>,
-    updates: HashMap<i64, Value>,
-    traces: HashMap<i64, Vec<u8>>,
-    uploads: HashMap<i64, Vec<Upload>>,
-}
-
-#[derive(Clone, Default)]
-struct Api(Arc<Mutex<ApiState>>);
-
-impl Api {
-    fn lock(&self) -> std::sync::MutexGuard<'_, ApiState> {
-        self.0.lock().unwrap()
-    }
-
-    fn trace(&self, job: i64) -> String {
-        trace_text(&self.lock().traces, job)
-    }
-
-    fn state(&self, job: i64) -> Option<String> {
-        self.lock()
-            .updates
-            .get(&job)
-            .map(|u| u["state"].as_str().unwrap_or("").to_string())
-    }
-}
-
-async fn verify() -> Response {
-    verified()
-}
-
-async fn request_job(State(api): State<Api>) -> Response {
-    match api.lock().jobs.pop_front() {
-        Some(job) => (StatusCode::CREATED, Json(job)).into_response(),
-        None => StatusCode::NO_CONTENT.into_response(),
-    }
-}
-
-async fn update_job(
-    State(api): State<Api>,
-    UrlPath(id): UrlPath<i64>,
-    Json(body): Json<Value>,
-) -> Response {
-    if body["state"] != "running" {
-        api.lock().updates.insert(id, body);
-    }
-    StatusCode::OK.into_response()
-}
-
-async fn patch_trace(
-    State(api): State<Api>,
-    UrlPath(id): UrlPath<i64>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let start = headers
-        .get("Content-Range")
-        .and_then(|v| v.to_str().ok())
-        .map_or(usize::MAX, range_start);
-    let mut state = api.lock();
-    let trace = state.traces.entry(id).or_default();
-    if start != trace.len() {
-        return range_not_satisfiable(trace.len());
-    }
-    trace.extend_from_slice(&body);
-    let size = trace.len();
-    (StatusCode::ACCEPTED, [("Range", format!("0-{size}"))]).into_response()
-}
-
-/// The `file` part of a multipart body, parsed by hand.
-fn multipart_file(headers: &HeaderMap, body: &[u8]) -> Option<(String, Vec<u8>)> {
-    let content_type = headers.get("content-type")?.to_str().ok()?;
-    let boundary = content_type.split("boundary=").nth(1)?.trim_matches('"');
-    let delimiter = format!("--{boundary}");
-    let text = body;
-    let mut parts = Vec::new();
-    let mut rest = text;
-    while let Some(at) = find_bytes(rest, delimiter.as_bytes()) {
-        rest = &rest[at + delimiter.len()..];
-        parts.push(rest);
-    }
-    for part in parts {
-        let header_end = find_bytes(part, b"\r\n\r\n")?;
-        let head = String::from_utf8_lossy(&part[..header_end]).into_owned();
-        if !head.contains("name=\"file\"") {
-            continue;
-        }
-        let name = head
-            .split("filename=\"")
-            .nth(1)
-            .and_then(|s| s.split('"').next())
-            .unwrap_or_default()
-            .to_string();
-        let content = &part[header_end + 4..];
-        let end = find_bytes(content, format!("\r\n{delimiter}").as_bytes())?;
-        return Some((name, content[..end].to_vec()));
-    }
-    None
-}
-
-fn find_bytes(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
-}
-
-async fn upload_artifacts(
-    State(api): State<Api>,
-    UrlPath(id): UrlPath<i64>,
-    Query(params): Query<HashMap<String, String>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let Some((file_name, data)) = multipart_file(&headers, &body) else {
-        return StatusCode::BAD_REQUEST.into_response();
-    };
-    let token = job_token(&headers);
-    api.lock().uploads.entry(id).or_default().push(Upload {
-        params,
-        file_name,
-        data,
-        token,
-    });
-    (StatusCode::CREATED, Json(json!({"id": id}))).into_response()
-}
-
-async fn start_api(jobs: Vec<Value>) -> (Api, SocketAddr) {
-    let api = Api::default();
-    api.lock().jobs = jobs.into();
-    let app = axum::Router::new()
-        .route("/api/v4/runners/verify", post(verify))
-        .route("/api/v4/jobs/request", post(request_job))
-        .route("/api/v4/jobs/{id}", put(update_job))
-        .route("/api/v4/jobs/{id}/trace", patch(patch_trace))
-        .route("/api/v4/jobs/{id}/artifacts", post(upload_artifacts))
-        .with_state(api.clone());
-    (api, serve(app).await)
-}
 
 /// Runs `ci-runner` for `max_jobs` jobs with one job at a time and waits for
 /// it to exit; returns its stderr.
@@ -194,32 +35,27 @@ async fn run_runner(
             command.env_remove(key);
         }
     }
-    let child = command.spawn().expect("ci-runner starts");
-    let output = tokio::task::spawn_blocking(move || {
-        let until = Instant::now() + DEADLINE;
-        let mut child = child;
-        let mut stderr = child.stderr.take().unwrap();
-        let reader = std::thread::spawn(move || {
-            let mut text = String::new();
-            let _ = stderr.read_to_string(&mut text);
-            text
-        });
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                return (status.code(), reader.join().unwrap());
-            }
-            if Instant::now() > until {
-                let _ = child.kill();
-                let _ = child.wait();
-                return (None, reader.join().unwrap());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    })
-    .await
-    .unwrap();
-    assert_eq!(output.0, Some(0), "ci-runner did not exit 0:\n{}", output.1);
-    output.1
+    // Waits on the process's exit itself (no polling); the deadline only
+    // bounds a runner that hangs, which is killed.
+    let mut child = tokio::process::Command::from(command)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("ci-runner starts");
+    let mut stderr = child.stderr.take().unwrap();
+    let reader = tokio::spawn(async move {
+        use tokio::io::AsyncReadExt;
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text).await;
+        text
+    });
+    let exited = tokio::time::timeout(DEADLINE, child.wait()).await;
+    if exited.is_err() {
+        let _ = child.kill().await;
+    }
+    let log = reader.await.unwrap();
+    let code = exited.ok().and_then(|status| status.unwrap().code());
+    assert_eq!(code, Some(0), "ci-runner did not exit 0:\n{log}");
+    log
 }
 
 /// A traced (contract v1) job payload.
@@ -403,7 +239,7 @@ async fn stages_clone_then_fetch_cache_miss_then_hit_and_artifacts() {
         "fetch",
         false,
     );
-    let (api, addr) = start_api(vec![first, second]).await;
+    let (api, addr) = start_api(vec![first, second], |_| {}).await;
     let collector = http_collector().await;
     let log = run_runner(addr, &collector, 2, work.path(), &[]).await;
     assert_eq!(
@@ -574,7 +410,7 @@ async fn failing_script_runs_after_script_and_the_on_failure_stages() {
         json!([{"key": "k", "paths": ["logs"], "when": "on_success"}, {"key": "f-$CACHE_SALT", "paths": ["logs"], "when": "on_failure"}]),
     );
     let payload = add_variable(payload, "CACHE_SALT", "salt-secret-123", true);
-    let (api, addr) = start_api(vec![payload]).await;
+    let (api, addr) = start_api(vec![payload], |_| {}).await;
     let collector = http_collector().await;
     run_runner(addr, &collector, 1, work.path(), &[]).await;
     assert_eq!(api.state(3).as_deref(), Some("failed"));
@@ -677,7 +513,7 @@ async fn ci_functions_run_in_order_and_a_failure_stops_the_job() {
         "run",
         json!([{"name": "remote", "step": "gitlab.com/org/fn@v1.2", "inputs": {"x": 1}}, {"name": "after", "script": "echo no"}]),
     );
-    let (api, addr) = start_api(vec![passing, failing, remote]).await;
+    let (api, addr) = start_api(vec![passing, failing, remote], |_| {}).await;
     let collector = http_collector().await;
     run_runner(addr, &collector, 3, work.path(), &[]).await;
 
@@ -736,8 +572,11 @@ async fn ci_functions_run_in_order_and_a_failure_stops_the_job() {
     }
 
     assert_eq!(api.state(5).as_deref(), Some("failed"));
-    assert_eq!(api.lock().updates[&5]["failure_reason"], "script_failure");
-    assert_eq!(api.lock().updates[&5]["exit_code"], 6);
+    assert_eq!(
+        api.final_update(5).unwrap()["failure_reason"],
+        "script_failure"
+    );
+    assert_eq!(api.final_update(5).unwrap()["exit_code"], 6);
     let trace = api.trace(5);
     assert!(
         trace.contains("first ran") && !trace.contains("never ran"),
@@ -799,7 +638,7 @@ async fn span_cap_drops_and_counts_and_long_values_are_truncated() {
         .collect();
     run[0]["name"] = json!("n".repeat(5000));
     let payload = set(job(7, &[], &[]), "run", Value::Array(run));
-    let (api, addr) = start_api(vec![payload]).await;
+    let (api, addr) = start_api(vec![payload], |_| {}).await;
     let collector = http_collector().await;
     run_runner(addr, &collector, 1, work.path(), &[]).await;
     assert_eq!(api.state(7).as_deref(), Some("success"));
@@ -837,7 +676,7 @@ async fn old_gitlab_without_trace_context_gets_a_derived_root_trace_when_asked()
         payload
     };
     // Off by default: no telemetry.
-    let (api, addr) = start_api(vec![old(8)]).await;
+    let (api, addr) = start_api(vec![old(8)], |_| {}).await;
     let collector = http_collector().await;
     let log = run_runner(addr, &collector, 1, work.path(), &[]).await;
     assert_eq!(api.state(8).as_deref(), Some("success"));
@@ -846,7 +685,7 @@ async fn old_gitlab_without_trace_context_gets_a_derived_root_trace_when_asked()
         "{log}"
     );
 
-    let (api, addr) = start_api(vec![old(9), old(10)]).await;
+    let (api, addr) = start_api(vec![old(9), old(10)], |_| {}).await;
     let log = run_runner(
         addr,
         &collector,

@@ -1,22 +1,36 @@
-//! In-test OTLP collectors (HTTP and gRPC) that record the decoded requests
-//! they receive, and wait on their arrival without sleeping; a stalled server
-//! and a closed port for the failure cases.
+//! The one in-test OTLP collector: it serves OTLP/HTTP (`/v1/traces`,
+//! `/v1/logs`) and OTLP/gRPC (the trace and logs services) on one port, in
+//! plain text or TLS, records every decoded request with its headers and
+//! arrival time, answers each from a script (200, any HTTP status with
+//! headers and body, partial success, gRPC statuses with google.rpc
+//! `RetryInfo`, stall, reset), and wakes waiters on each arrival (no
+//! sleeping). Plus a server that accepts and never reads, and a closed port.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Notify;
+use tokio::time::Instant;
 
+use opentelemetry_proto::tonic::collector::logs::v1::logs_service_server::{
+    LogsService, LogsServiceServer,
+};
+use opentelemetry_proto::tonic::collector::logs::v1::{
+    ExportLogsPartialSuccess, ExportLogsServiceRequest, ExportLogsServiceResponse,
+};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
 use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTraceServiceRequest, ExportTraceServiceResponse,
+    ExportTracePartialSuccess, ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::common::v1::KeyValue;
+use opentelemetry_proto::tonic::logs::v1::LogRecord;
 use prost::Message;
 
 /// One received span, flattened with its resource and scope.
@@ -107,34 +121,485 @@ fn flatten(request: &ExportTraceServiceRequest) -> Vec<ReceivedSpan> {
     out
 }
 
-/// A recording OTLP collector.
+/// How the collector answers one request. Over the other protocol an answer
+/// is translated: an HTTP status over gRPC becomes the code OTLP pairs with
+/// it (429, 502, 503, 504: `UNAVAILABLE`; 400: `INVALID_ARGUMENT`; other
+/// errors `UNKNOWN`), a gRPC status over HTTP becomes 503 for `UNAVAILABLE`
+/// and `RESOURCE_EXHAUSTED` (with `Retry-After` from its `RetryInfo`) and
+/// 400 otherwise.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Answer {
+    /// 200 (gRPC `OK`) with an empty export response.
+    Ok,
+    /// An HTTP status with headers and a text body (no export response).
+    Http {
+        status: u16,
+        headers: Vec<(String, String)>,
+        body: String,
+    },
+    /// Success with OTLP `partial_success`: `rejected` spans or records.
+    PartialSuccess { rejected: i64, message: String },
+    /// A gRPC status, with a google.rpc `RetryInfo` detail when
+    /// `retry_delay` is set.
+    Grpc {
+        code: tonic::Code,
+        message: String,
+        retry_delay: Option<Duration>,
+    },
+    /// Reads the request and never answers (the client's timeout ends it).
+    Stall,
+    /// Reads the request and closes the connection without an answer.
+    Reset,
+}
+
+impl Answer {
+    /// An HTTP `status` with no body.
+    pub fn status(status: u16) -> Self {
+        Answer::Http {
+            status,
+            headers: Vec::new(),
+            body: String::new(),
+        }
+    }
+
+    /// An HTTP `status` with a text `body`.
+    pub fn with_body(status: u16, body: &str) -> Self {
+        Answer::Http {
+            status,
+            headers: Vec::new(),
+            body: body.to_string(),
+        }
+    }
+
+    /// An HTTP `status` with `Retry-After: retry_after`.
+    pub fn retry_after(status: u16, retry_after: &str) -> Self {
+        Answer::Http {
+            status,
+            headers: vec![("retry-after".into(), retry_after.into())],
+            body: String::new(),
+        }
+    }
+
+    /// Success rejecting `rejected` items.
+    pub fn partial_success(rejected: i64, message: &str) -> Self {
+        Answer::PartialSuccess {
+            rejected,
+            message: message.to_string(),
+        }
+    }
+
+    /// A gRPC status without details.
+    pub fn grpc(code: tonic::Code, message: &str) -> Self {
+        Answer::Grpc {
+            code,
+            message: message.to_string(),
+            retry_delay: None,
+        }
+    }
+
+    /// `RESOURCE_EXHAUSTED` with a google.rpc `RetryInfo` of `delay`.
+    pub fn resource_exhausted_retry_info(message: &str, delay: Duration) -> Self {
+        Answer::Grpc {
+            code: tonic::Code::ResourceExhausted,
+            message: message.to_string(),
+            retry_delay: Some(delay),
+        }
+    }
+
+    /// The HTTP status this answer carries over HTTP (0 for stall and reset).
+    pub fn http_status(&self) -> u16 {
+        match self {
+            Answer::Ok | Answer::PartialSuccess { .. } => 200,
+            Answer::Http { status, .. } => *status,
+            Answer::Grpc { code, .. } => match code {
+                tonic::Code::Ok => 200,
+                tonic::Code::Unavailable | tonic::Code::ResourceExhausted => 503,
+                _ => 400,
+            },
+            Answer::Stall | Answer::Reset => 0,
+        }
+    }
+
+    /// Whether the request was accepted (its items count as delivered,
+    /// except those a partial success rejects).
+    pub fn accepts(&self) -> bool {
+        (200..300).contains(&self.http_status())
+    }
+
+    fn grpc_status(&self) -> Option<tonic::Status> {
+        use tonic_types::{ErrorDetails, StatusExt};
+        match self {
+            Answer::Ok | Answer::PartialSuccess { .. } | Answer::Stall | Answer::Reset => None,
+            Answer::Http { status, body, .. } => {
+                let code = match status {
+                    200..=299 => return None,
+                    429 | 502 | 503 | 504 => tonic::Code::Unavailable,
+                    400 => tonic::Code::InvalidArgument,
+                    _ => tonic::Code::Unknown,
+                };
+                Some(tonic::Status::new(code, body.clone()))
+            }
+            Answer::Grpc {
+                code: tonic::Code::Ok,
+                ..
+            } => None,
+            Answer::Grpc {
+                code,
+                message,
+                retry_delay: Some(delay),
+            } => Some(tonic::Status::with_error_details(
+                *code,
+                message.clone(),
+                ErrorDetails::with_retry_info(Some(*delay)),
+            )),
+            Answer::Grpc { code, message, .. } => Some(tonic::Status::new(*code, message.clone())),
+        }
+    }
+}
+
+/// Which OTLP signal a request carried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    Traces,
+    Logs,
+}
+
+/// One request the collector received, decoded, with how it was answered.
+#[derive(Debug, Clone)]
+pub struct Received {
+    /// When it arrived (tokio's clock, so paused-clock tests can read it).
+    pub at: Instant,
+    pub signal: Signal,
+    /// The HTTP path, or the gRPC method path.
+    pub path: String,
+    pub grpc: bool,
+    /// Header (gRPC: metadata) names in lower case, and values.
+    pub headers: BTreeMap<String, String>,
+    /// The decoded trace request (`None` for logs or an undecodable body).
+    pub traces: Option<ExportTraceServiceRequest>,
+    /// The decoded logs request (`None` for traces or an undecodable body).
+    pub logs: Option<ExportLogsServiceRequest>,
+    pub answer: Answer,
+}
+
+impl Received {
+    /// The request's spans, flattened.
+    pub fn spans(&self) -> Vec<ReceivedSpan> {
+        self.traces.as_ref().map(flatten).unwrap_or_default()
+    }
+
+    /// (span ID in hex, name) of each span in the request.
+    pub fn span_ids(&self) -> Vec<(String, String)> {
+        self.spans()
+            .into_iter()
+            .map(|s| (s.span_id, s.name))
+            .collect()
+    }
+
+    /// The request's log records.
+    pub fn log_records(&self) -> Vec<LogRecord> {
+        self.logs
+            .iter()
+            .flat_map(|r| &r.resource_logs)
+            .flat_map(|rl| &rl.scope_logs)
+            .flat_map(|sl| sl.log_records.iter().cloned())
+            .collect()
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(String::as_str)
+    }
+}
+
+type Responder = Arc<dyn Fn(&Received) -> Answer + Send + Sync>;
+
+#[derive(Default)]
+struct State {
+    received: Vec<Received>,
+    script: VecDeque<Answer>,
+    otherwise: Option<Responder>,
+}
+
+/// The scriptable recording collector. Clones share their state.
 #[derive(Clone, Default)]
 pub struct Collector {
     pub addr: Option<SocketAddr>,
-    spans: Arc<Mutex<Vec<ReceivedSpan>>>,
-    requests: Arc<Mutex<Vec<ExportTraceServiceRequest>>>,
-    /// Header maps of the requests received.
-    headers: Arc<Mutex<Vec<BTreeMap<String, String>>>>,
-    paths: Arc<Mutex<Vec<String>>>,
+    tls: bool,
+    state: Arc<Mutex<State>>,
     arrived: Arc<Notify>,
+    connections: Arc<AtomicUsize>,
 }
 
+/// One connection's handle, in each request's extensions: `Reset` closes it.
+#[derive(Clone)]
+struct Connection(Arc<Notify>);
+
 impl Collector {
+    /// A collector on a free local port, answering `Ok` until scripted.
+    pub async fn start() -> Collector {
+        Self::serve(None).await
+    }
+
+    /// As `start`, over TLS with the PEM certificate chain and key given
+    /// (ALPN `h2` and `http/1.1`). Endpoints use `localhost`.
+    pub async fn start_tls(cert_pem: &str, key_pem: &str) -> Collector {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let certs: Vec<CertificateDer> = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .expect("a PEM certificate chain");
+        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).expect("a PEM key");
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .expect("a certificate and its key");
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Self::serve(Some(tokio_rustls::TlsAcceptor::from(Arc::new(config)))).await
+    }
+
+    async fn serve(tls: Option<tokio_rustls::TlsAcceptor>) -> Collector {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let collector = Collector {
+            addr: Some(listener.local_addr().unwrap()),
+            tls: tls.is_some(),
+            ..Default::default()
+        };
+        let router = collector.router();
+        let connections = collector.connections.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                connections.fetch_add(1, Ordering::SeqCst);
+                let router = router.clone();
+                let tls = tls.clone();
+                tokio::spawn(async move {
+                    match tls {
+                        None => serve_connection(stream, router).await,
+                        Some(acceptor) => {
+                            if let Ok(stream) = acceptor.accept(stream).await {
+                                serve_connection(stream, router).await;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        collector
+    }
+
+    fn router(&self) -> axum::Router {
+        let grpc = tonic::service::Routes::new(TraceServiceServer::new(Grpc(self.clone())))
+            .add_service(LogsServiceServer::new(Grpc(self.clone())))
+            .into_axum_router();
+        let state = self.clone();
+        grpc.fallback(axum::routing::post(
+            move |connection: axum::Extension<Connection>,
+                  uri: axum::http::Uri,
+                  headers: axum::http::HeaderMap,
+                  body: axum::body::Bytes| {
+                let state = state.clone();
+                async move { state.http(connection.0, uri, headers, body).await }
+            },
+        ))
+    }
+
+    async fn http(
+        &self,
+        connection: Connection,
+        uri: axum::http::Uri,
+        headers: axum::http::HeaderMap,
+        body: axum::body::Bytes,
+    ) -> axum::response::Response {
+        use axum::response::IntoResponse;
+        let path = uri.path().to_string();
+        let signal = if path.ends_with("/logs") {
+            Signal::Logs
+        } else {
+            Signal::Traces
+        };
+        let (traces, logs) = match signal {
+            Signal::Traces => (ExportTraceServiceRequest::decode(body).ok(), None),
+            Signal::Logs => (None, ExportLogsServiceRequest::decode(body).ok()),
+        };
+        let decoded = traces.is_some() || logs.is_some();
+        let headers = headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
+            .collect();
+        let answer = self.record(Received {
+            at: Instant::now(),
+            signal,
+            path,
+            grpc: false,
+            headers,
+            traces,
+            logs,
+            answer: Answer::Ok,
+        });
+        if !decoded {
+            return (axum::http::StatusCode::BAD_REQUEST, "not OTLP protobuf").into_response();
+        }
+        let protobuf = |bytes: Vec<u8>| {
+            (
+                [(axum::http::header::CONTENT_TYPE, "application/x-protobuf")],
+                bytes,
+            )
+                .into_response()
+        };
+        match answer {
+            Answer::Stall => std::future::pending().await,
+            Answer::Reset => {
+                connection.0.notify_one();
+                std::future::pending().await
+            }
+            Answer::Ok => protobuf(partial_success(signal, 0, "")),
+            Answer::PartialSuccess { rejected, message } => {
+                protobuf(partial_success(signal, rejected, &message))
+            }
+            Answer::Http {
+                status,
+                headers,
+                body,
+            } => {
+                let mut response = axum::http::Response::builder().status(status);
+                for (name, value) in headers {
+                    response = response.header(name, value);
+                }
+                response.body(axum::body::Body::from(body)).unwrap()
+            }
+            grpc @ Answer::Grpc { .. } => {
+                let status = grpc.http_status();
+                let mut response = axum::http::Response::builder().status(status);
+                if let Answer::Grpc {
+                    retry_delay: Some(delay),
+                    ..
+                } = &grpc
+                {
+                    response = response.header("retry-after", delay.as_secs().max(1).to_string());
+                }
+                response.body(axum::body::Body::empty()).unwrap()
+            }
+        }
+    }
+
+    /// Records `request`, wakes the waiters and returns its answer.
+    fn record(&self, mut request: Received) -> Answer {
+        let answer = {
+            let mut state = self.state.lock().unwrap();
+            let answer = match state.script.pop_front() {
+                Some(answer) => answer,
+                None => match &state.otherwise {
+                    Some(responder) => responder(&request),
+                    None => Answer::Ok,
+                },
+            };
+            request.answer = answer.clone();
+            state.received.push(request);
+            answer
+        };
+        self.arrived.notify_waiters();
+        answer
+    }
+
+    /// Queues answers for the next requests, in order (after any queued).
+    pub fn script(&self, answers: impl IntoIterator<Item = Answer>) -> &Self {
+        self.state.lock().unwrap().script.extend(answers);
+        self
+    }
+
+    /// The answer once the script is used up (`Ok` until set).
+    pub fn otherwise(&self, answer: Answer) -> &Self {
+        self.answer_with(move |_| answer.clone())
+    }
+
+    /// Answers computed from each request once the script is used up.
+    pub fn answer_with(
+        &self,
+        responder: impl Fn(&Received) -> Answer + Send + Sync + 'static,
+    ) -> &Self {
+        self.state.lock().unwrap().otherwise = Some(Arc::new(responder));
+        self
+    }
+
+    /// Every request, in arrival order.
+    pub fn received(&self) -> Vec<Received> {
+        self.state.lock().unwrap().received.clone()
+    }
+
+    /// The spans of every trace request received (answered or not).
     pub fn spans(&self) -> Vec<ReceivedSpan> {
-        self.spans.lock().unwrap().clone()
+        self.received().iter().flat_map(Received::spans).collect()
     }
 
-    /// The decoded requests, in arrival order.
+    /// The spans of the trace requests that were accepted, less none: a
+    /// partial success's rejected spans are not told apart.
+    pub fn accepted_spans(&self) -> Vec<ReceivedSpan> {
+        self.received()
+            .iter()
+            .filter(|r| r.answer.accepts())
+            .flat_map(Received::spans)
+            .collect()
+    }
+
+    /// The decoded trace requests, in arrival order.
     pub fn requests(&self) -> Vec<ExportTraceServiceRequest> {
-        self.requests.lock().unwrap().clone()
+        self.received()
+            .into_iter()
+            .filter_map(|r| r.traces)
+            .collect()
     }
 
+    /// The decoded logs requests, in arrival order.
+    pub fn log_requests(&self) -> Vec<ExportLogsServiceRequest> {
+        self.received().into_iter().filter_map(|r| r.logs).collect()
+    }
+
+    /// The log records of every logs request, in arrival order.
+    pub fn log_records(&self) -> Vec<LogRecord> {
+        self.received()
+            .iter()
+            .flat_map(Received::log_records)
+            .collect()
+    }
+
+    /// The header maps of the requests received.
     pub fn headers(&self) -> Vec<BTreeMap<String, String>> {
-        self.headers.lock().unwrap().clone()
+        self.received().into_iter().map(|r| r.headers).collect()
     }
 
     pub fn paths(&self) -> Vec<String> {
-        self.paths.lock().unwrap().clone()
+        self.received().into_iter().map(|r| r.path).collect()
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+
+    /// Waits until `predicate` holds for the requests received, woken by
+    /// each arrival, at most `deadline`; returns them either way.
+    pub async fn wait_until(
+        &self,
+        deadline: Duration,
+        predicate: impl Fn(&[Received]) -> bool,
+    ) -> Vec<Received> {
+        let until = Instant::now() + deadline;
+        loop {
+            let arrival = self.arrived.notified();
+            let received = self.received();
+            if predicate(&received) || Instant::now() >= until {
+                return received;
+            }
+            let _ = tokio::time::timeout_at(until, arrival).await;
+        }
+    }
+
+    /// Waits until `n` requests arrived, at most `deadline`.
+    pub async fn wait_for_requests(&self, n: usize, deadline: Duration) -> Vec<Received> {
+        self.wait_until(deadline, |r| r.len() >= n).await
     }
 
     /// Waits until `predicate` holds for the received spans, woken by each
@@ -144,83 +609,93 @@ impl Collector {
         deadline: Duration,
         predicate: impl Fn(&[ReceivedSpan]) -> bool,
     ) -> Vec<ReceivedSpan> {
-        let until = tokio::time::Instant::now() + deadline;
-        loop {
-            let arrival = self.arrived.notified();
-            let spans = self.spans();
-            if predicate(&spans) || tokio::time::Instant::now() >= until {
-                return spans;
-            }
-            let _ = tokio::time::timeout_at(until, arrival).await;
+        let received = self
+            .wait_until(deadline, |received| {
+                let spans: Vec<ReceivedSpan> = received.iter().flat_map(Received::spans).collect();
+                predicate(&spans)
+            })
+            .await;
+        received.iter().flat_map(Received::spans).collect()
+    }
+
+    fn base(&self) -> String {
+        let addr = self.addr.unwrap();
+        if self.tls {
+            format!("https://localhost:{}", addr.port())
+        } else {
+            format!("http://{addr}")
         }
     }
 
-    fn record(
-        &self,
-        request: &ExportTraceServiceRequest,
-        headers: BTreeMap<String, String>,
-        path: String,
-    ) {
-        self.spans.lock().unwrap().extend(flatten(request));
-        self.requests.lock().unwrap().push(request.clone());
-        self.headers.lock().unwrap().push(headers);
-        self.paths.lock().unwrap().push(path);
-        self.arrived.notify_waiters();
-    }
-
+    /// The OTLP/HTTP traces URL.
     pub fn http_endpoint(&self) -> String {
-        format!("http://{}/v1/traces", self.addr.unwrap())
+        format!("{}/v1/traces", self.base())
     }
 
+    /// The OTLP/HTTP logs URL.
+    pub fn logs_endpoint(&self) -> String {
+        format!("{}/v1/logs", self.base())
+    }
+
+    /// The OTLP/gRPC URL (`http://` or `https://`).
     pub fn grpc_endpoint(&self) -> String {
-        format!("http://{}", self.addr.unwrap())
+        self.base()
     }
 }
 
-/// An OTLP/HTTP collector accepting protobuf on any path.
-pub async fn http_collector() -> Collector {
-    use axum::body::Bytes;
-    use axum::http::{HeaderMap, StatusCode, Uri};
-
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let collector = Collector {
-        addr: Some(listener.local_addr().unwrap()),
-        ..Default::default()
-    };
-    let state = collector.clone();
-    let handler = move |uri: Uri, headers: HeaderMap, body: Bytes| {
-        let state = state.clone();
-        async move {
-            let Ok(request) = ExportTraceServiceRequest::decode(body) else {
-                return (StatusCode::BAD_REQUEST, Vec::new());
-            };
-            let headers = headers
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
-                .collect();
-            state.record(&request, headers, uri.path().to_string());
-            (
-                StatusCode::OK,
-                ExportTraceServiceResponse::default().encode_to_vec(),
-            )
+fn partial_success(signal: Signal, rejected: i64, message: &str) -> Vec<u8> {
+    let message = message.to_string();
+    match signal {
+        Signal::Traces => ExportTraceServiceResponse {
+            partial_success: (rejected > 0).then_some(ExportTracePartialSuccess {
+                rejected_spans: rejected,
+                error_message: message,
+            }),
         }
-    };
-    let app = axum::Router::new().fallback(axum::routing::post(handler));
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
+        .encode_to_vec(),
+        Signal::Logs => ExportLogsServiceResponse {
+            partial_success: (rejected > 0).then_some(ExportLogsPartialSuccess {
+                rejected_log_records: rejected,
+                error_message: message,
+            }),
+        }
+        .encode_to_vec(),
+    }
+}
+
+/// Serves one connection (HTTP/1.1 or HTTP/2) until it ends or a `Reset`
+/// answer closes it.
+async fn serve_connection<S>(stream: S, router: axum::Router)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    use hyper::service::Service;
+    let reset = Arc::new(Notify::new());
+    let connection = Connection(reset.clone());
+    let service = hyper_util::service::TowerToHyperService::new(router);
+    let service = hyper::service::service_fn(move |mut request: hyper::Request<_>| {
+        request.extensions_mut().insert(connection.clone());
+        service.call(request)
     });
-    collector
+    let builder =
+        hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    let serving = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+    tokio::select! {
+        _ = serving => {}
+        _ = reset.notified() => {}
+    }
 }
 
 #[derive(Clone)]
-struct GrpcService(Collector);
+struct Grpc(Collector);
 
-#[tonic::async_trait]
-impl TraceService for GrpcService {
-    async fn export(
+impl Grpc {
+    fn receive<T>(
         &self,
-        request: tonic::Request<ExportTraceServiceRequest>,
-    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        request: &tonic::Request<T>,
+        signal: Signal,
+        path: &str,
+    ) -> (Received, Option<Connection>) {
         let headers = request
             .metadata()
             .clone()
@@ -228,41 +703,123 @@ impl TraceService for GrpcService {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
             .collect();
-        self.0.record(request.get_ref(), headers, "grpc".into());
-        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+        let received = Received {
+            at: Instant::now(),
+            signal,
+            path: path.to_string(),
+            grpc: true,
+            headers,
+            traces: None,
+            logs: None,
+            answer: Answer::Ok,
+        };
+        (received, request.extensions().get::<Connection>().cloned())
+    }
+
+    /// Waits out `Stall` and `Reset`; the gRPC error of the others.
+    async fn settle(answer: &Answer, connection: Option<Connection>) -> Result<(), tonic::Status> {
+        match answer {
+            Answer::Stall => std::future::pending().await,
+            Answer::Reset => {
+                if let Some(connection) = connection {
+                    connection.0.notify_one();
+                }
+                std::future::pending().await
+            }
+            other => match other.grpc_status() {
+                Some(status) => Err(status),
+                None => Ok(()),
+            },
+        }
+    }
+
+    fn rejected(answer: &Answer) -> (i64, String) {
+        match answer {
+            Answer::PartialSuccess { rejected, message } => (*rejected, message.clone()),
+            _ => (0, String::new()),
+        }
     }
 }
 
-/// An OTLP/gRPC collector.
-pub async fn grpc_collector() -> Collector {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let collector = Collector {
-        addr: Some(listener.local_addr().unwrap()),
-        ..Default::default()
-    };
-    let service = TraceServiceServer::new(GrpcService(collector.clone()));
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    tokio::spawn(async move {
-        let _ = tonic::transport::Server::builder()
-            .add_service(service)
-            .serve_with_incoming(incoming)
-            .await;
-    });
-    collector
+#[tonic::async_trait]
+impl TraceService for Grpc {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let (mut received, connection) = self.receive(
+            &request,
+            Signal::Traces,
+            "/opentelemetry.proto.collector.trace.v1.TraceService/Export",
+        );
+        received.traces = Some(request.into_inner());
+        let answer = self.0.record(received);
+        Self::settle(&answer, connection).await?;
+        let (rejected, message) = Self::rejected(&answer);
+        Ok(tonic::Response::new(ExportTraceServiceResponse {
+            partial_success: (rejected > 0).then_some(ExportTracePartialSuccess {
+                rejected_spans: rejected,
+                error_message: message,
+            }),
+        }))
+    }
 }
 
-/// A TCP server that accepts connections and never answers (a stalled
-/// collector). Returns its address.
-pub async fn stalled_server() -> SocketAddr {
+#[tonic::async_trait]
+impl LogsService for Grpc {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportLogsServiceRequest>,
+    ) -> Result<tonic::Response<ExportLogsServiceResponse>, tonic::Status> {
+        let (mut received, connection) = self.receive(
+            &request,
+            Signal::Logs,
+            "/opentelemetry.proto.collector.logs.v1.LogsService/Export",
+        );
+        received.logs = Some(request.into_inner());
+        let answer = self.0.record(received);
+        Self::settle(&answer, connection).await?;
+        let (rejected, message) = Self::rejected(&answer);
+        Ok(tonic::Response::new(ExportLogsServiceResponse {
+            partial_success: (rejected > 0).then_some(ExportLogsPartialSuccess {
+                rejected_log_records: rejected,
+                error_message: message,
+            }),
+        }))
+    }
+}
+
+/// A collector serving OTLP/HTTP (and gRPC: it is the same collector).
+pub async fn http_collector() -> Collector {
+    Collector::start().await
+}
+
+/// A collector serving OTLP/gRPC (and HTTP: it is the same collector).
+pub async fn grpc_collector() -> Collector {
+    Collector::start().await
+}
+
+/// A TCP server that accepts connections and never reads or answers (a
+/// collector stalled below HTTP). Returns its address and the count of
+/// connections accepted.
+pub async fn stalled_server_counting() -> (SocketAddr, Arc<AtomicUsize>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
     tokio::spawn(async move {
         let mut held = Vec::new();
         while let Ok((stream, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
             held.push(stream);
         }
     });
-    addr
+    (addr, accepted)
+}
+
+/// `stalled_server_counting` without the count.
+pub async fn stalled_server() -> SocketAddr {
+    stalled_server_counting().await.0
 }
 
 /// An address where nothing listens.

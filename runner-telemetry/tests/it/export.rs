@@ -81,15 +81,11 @@ fn find<'a>(spans: &'a [ReceivedSpan], name: &str) -> &'a ReceivedSpan {
         .unwrap_or_else(|| panic!("no span `{name}` in {spans:#?}"))
 }
 
-/// Runs a v1 job that ends one `step_script` child and finishes; checks
-/// that this took less than `limit` (it must not wait for the network).
-fn finish_step_script_job(telemetry: &RunnerTelemetry, limit: Duration) -> PendingFlush {
-    let started = Instant::now();
+/// Runs a v1 job that ends one `step_script` child and finishes.
+fn finish_step_script_job(telemetry: &RunnerTelemetry) -> PendingFlush {
     let mut job = telemetry.start_job(&v1_payload(), &job_info(), SystemTime::now());
     job.child("step_script", vec![]).end(SpanOutcome::Ok);
-    let pending = job.finish(&JobOutcome::Success, SystemTime::now()).unwrap();
-    assert!(started.elapsed() < limit, "{:?}", started.elapsed());
-    pending
+    job.finish(&JobOutcome::Success, SystemTime::now()).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -308,8 +304,7 @@ async fn unreachable_collector_costs_the_job_nothing_and_is_accounted() {
     settings.flush_timeout = Duration::from_millis(500);
     settings.shutdown_timeout = Duration::from_millis(300);
     let telemetry = RunnerTelemetry::new(settings, runner());
-    // Starting and finishing never wait for the network.
-    let pending = finish_step_script_job(&telemetry, Duration::from_millis(500));
+    let pending = finish_step_script_job(&telemetry);
 
     // Connection refused is retried: the spans stay buffered past the
     // flush deadline, and the error is on record.
@@ -347,15 +342,20 @@ async fn unreachable_collector_costs_the_job_nothing_and_is_accounted() {
 async fn stalled_collector_is_cut_off_at_the_flush_deadline() {
     let url = format!("http://{}/v1/traces", stalled_server().await);
     let mut settings = settings(Transport::HttpProtobuf, &url);
-    settings.export_timeout = Duration::from_secs(30);
+    // An export timeout no test would wait for: whatever returns did not
+    // wait for an attempt to end.
+    settings.export_timeout = Duration::from_secs(3600);
     settings.flush_timeout = Duration::from_millis(600);
     settings.shutdown_timeout = Duration::from_millis(300);
     let telemetry = RunnerTelemetry::new(settings, runner());
     // Starting, ending spans and finishing never wait for the network, even
-    // with a collector that takes connections and never answers.
-    let pending = finish_step_script_job(&telemetry, Duration::from_secs(2));
+    // with a collector that takes connections and never answers: they
+    // return while the first attempt hangs.
+    let pending = finish_step_script_job(&telemetry);
     let started = Instant::now();
-    let report = telemetry.flush_job(pending).await;
+    let report = tokio::time::timeout(DEADLINE, telemetry.flush_job(pending))
+        .await
+        .expect("the flush ends at its deadline, not the export timeout's");
     let elapsed = started.elapsed();
     assert!(report.timed_out, "{report}");
     assert_eq!(
@@ -368,20 +368,17 @@ async fn stalled_collector_is_cut_off_at_the_flush_deadline() {
         (2, 0, 0, 2),
         "{report}"
     );
-    assert!(
-        elapsed >= Duration::from_millis(550) && elapsed < Duration::from_secs(3),
-        "{elapsed:?}"
-    );
-    // The attempt in flight is cut at the shutdown deadline, not the 30 s
-    // export timeout.
-    let started = Instant::now();
-    let stopped = telemetry.shutdown().await;
+    // It waited for its deadline (a lower bound: no wall-clock ceiling a
+    // busy machine could miss) and the attempt is still in flight: no error
+    // on record yet.
+    assert!(elapsed >= Duration::from_millis(550), "{elapsed:?}");
+    assert_eq!(report.endpoints[0].error, None, "{report}");
+    // The attempt in flight is cut at the shutdown deadline, not the hour
+    // of the export timeout.
+    let stopped = tokio::time::timeout(DEADLINE, telemetry.shutdown())
+        .await
+        .expect("shutdown ends at its deadline, not the export timeout's");
     assert_eq!(stopped.dropped, 2);
-    assert!(
-        started.elapsed() < Duration::from_secs(2),
-        "{:?}",
-        started.elapsed()
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -430,4 +427,47 @@ fn no_runtime_means_disabled_not_a_panic() {
     let telemetry = RunnerTelemetry::new(ExportSettings::default(), runner());
     let job = telemetry.start_job(&v1_payload(), &job_info(), SystemTime::now());
     assert!(!job.is_enabled());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_records_over_grpc_reach_the_logs_service() {
+    use runner_telemetry::logs::Stream;
+    let collector = grpc_collector().await;
+    let mut settings = settings(Transport::Grpc, &collector.grpc_endpoint());
+    settings.logs = Some(StaticEndpoint {
+        transport: Transport::Grpc,
+        url: collector.grpc_endpoint(),
+        headers: Vec::new(),
+    });
+    let telemetry = RunnerTelemetry::new(settings, runner());
+    let job = telemetry.start_job(&v1_payload(), &job_info(), SystemTime::now());
+    let logs = job.logs().expect("log export is on");
+    logs.emit_raw_line(b"hello over gRPC", Stream::Stdout, SystemTime::now());
+    let pending = job.finish(&JobOutcome::Success, SystemTime::now()).unwrap();
+    let report = pending.flush(DEADLINE).await;
+    let records = report.log_records.expect("a log account");
+    assert!(
+        records.spans >= 1 && records.exported() == records.spans,
+        "{records:?}"
+    );
+
+    let received = collector.received();
+    let logs_requests: Vec<_> = received.iter().filter(|r| r.logs.is_some()).collect();
+    assert!(!logs_requests.is_empty(), "{received:#?}");
+    assert!(logs_requests
+        .iter()
+        .all(|r| r.grpc && r.path == "/opentelemetry.proto.collector.logs.v1.LogsService/Export"));
+    let bodies: Vec<String> = collector
+        .log_records()
+        .iter()
+        .filter_map(|r| match r.body.as_ref()?.value.as_ref()? {
+            opentelemetry_proto::tonic::common::v1::any_value::Value::StringValue(s) => {
+                Some(s.clone())
+            }
+            _ => None,
+        })
+        .collect();
+    assert!(bodies.iter().any(|b| b == "hello over gRPC"), "{bodies:?}");
+    assert!(received.iter().any(|r| r.traces.is_some() && r.grpc));
+    telemetry.shutdown().await;
 }

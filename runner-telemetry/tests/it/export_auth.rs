@@ -3,15 +3,18 @@
 //! expire, tokens kept out of logs and errors, and `https`/`grpcs`
 //! collectors behind a private CA.
 
+use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::export_support::*;
+use axum::extract::Query;
+use axum::http::{HeaderMap, StatusCode};
 use base64::Engine;
+use conformance::doubles::eventually;
 use runner_telemetry::negotiate::Transport;
 use runner_telemetry::{DropReason, RunnerTelemetry};
-use wiremock::matchers::{header, method, path, query_param};
-use wiremock::{Mock, MockServer, ResponseTemplate};
 
 fn authorization(received: &Received) -> String {
     received
@@ -26,8 +29,8 @@ async fn bearer_token_file_is_reread_when_it_changes() {
     let dir = tempfile::tempdir().unwrap();
     let token_file = dir.path().join("token");
     std::fs::write(&token_file, "first-token-AAAA\n").unwrap();
-    let (server, collector) = scripted_collector(vec![answer(200)]).await;
-    let mut settings = http_settings(&server);
+    let collector = Collector::start().await;
+    let mut settings = http_settings(&collector);
     settings.bearer_token_file = Some(token_file.clone());
     let telemetry = RunnerTelemetry::new(settings, runner());
 
@@ -46,7 +49,7 @@ async fn bearer_token_file_is_reread_when_it_changes() {
 
     // A missing file is an export error that names the file, and is retried.
     std::fs::remove_file(&token_file).unwrap();
-    let mut settings = http_settings(&server);
+    let mut settings = http_settings(&collector);
     settings.bearer_token_file = Some(token_file.clone());
     settings.flush_timeout = Duration::from_millis(300);
     let missing = RunnerTelemetry::new(settings, runner());
@@ -61,7 +64,7 @@ async fn bearer_token_file_is_reread_when_it_changes() {
     );
     // It appears: the next attempt sends it.
     std::fs::write(&token_file, "third-token-C").unwrap();
-    let received = collector.wait_for(3, Duration::from_secs(5)).await;
+    let received = collector.wait_for_requests(3, Duration::from_secs(5)).await;
     assert_eq!(authorization(&received[2]), "Bearer third-token-C");
     for t in [&telemetry, &missing] {
         assert_invariant(t);
@@ -75,7 +78,7 @@ async fn bearer_token_file_is_reread_when_it_changes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_echoed_by_the_collector_is_redacted() {
     // The collector refuses the token and quotes it back.
-    let (server, _collector) = scripted_collector(vec![answer_with_body(
+    let collector = scripted_collector(vec![Answer::with_body(
         401,
         "invalid token echoed-SECRET-42",
     )])
@@ -83,7 +86,7 @@ async fn a_token_echoed_by_the_collector_is_redacted() {
     let dir = tempfile::tempdir().unwrap();
     let token_file = dir.path().join("token");
     std::fs::write(&token_file, "echoed-SECRET-42").unwrap();
-    let mut settings = http_settings(&server);
+    let mut settings = http_settings(&collector);
     settings.bearer_token_file = Some(token_file);
     let telemetry = RunnerTelemetry::new(settings, runner());
     let report = flush_v1_job(&telemetry, 4).await;
@@ -100,22 +103,35 @@ async fn a_token_echoed_by_the_collector_is_redacted() {
     assert_invariant(&telemetry);
 }
 
+/// Serves `router` on a free local port; its base URL.
+async fn serve(router: axum::Router) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr: SocketAddr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, router).await;
+    });
+    format!("http://{addr}")
+}
+
 /// A GCP-metadata-compatible server minting unsigned JWTs that expire
-/// `ttl` after they are made; counts what it minted.
+/// `ttl` after they are made, for `audience` and requests with
+/// `Metadata-Flavor: Google` only (others get 404); its URL and the tokens
+/// it minted.
 async fn metadata_server(
     audience: &'static str,
     ttl: Duration,
-) -> (MockServer, Arc<Mutex<Vec<String>>>) {
-    let server = MockServer::start().await;
+) -> (String, Arc<Mutex<Vec<String>>>) {
     let minted = Arc::new(Mutex::new(Vec::new()));
     let record = minted.clone();
-    Mock::given(method("GET"))
-        .and(path(
-            "/computeMetadata/v1/instance/service-accounts/default/identity",
-        ))
-        .and(header("Metadata-Flavor", "Google"))
-        .and(query_param("audience", audience))
-        .respond_with(move |_: &wiremock::Request| {
+    let identity = move |headers: HeaderMap, query: Query<HashMap<String, String>>| {
+        let record = record.clone();
+        async move {
+            let flavor = headers.get("metadata-flavor").and_then(|v| v.to_str().ok());
+            if flavor != Some("Google")
+                || query.get("audience").map(String::as_str) != Some(audience)
+            {
+                return (StatusCode::NOT_FOUND, String::new());
+            }
             let mut minted = record.lock().unwrap();
             let b64 = |s: String| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
             let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
@@ -132,25 +148,25 @@ async fn metadata_server(
                 minted.len()
             );
             minted.push(token.clone());
-            ResponseTemplate::new(200).set_body_string(token)
-        })
-        .mount(&server)
-        .await;
-    (server, minted)
+            (StatusCode::OK, token)
+        }
+    };
+    let router = axum::Router::new().route(
+        "/computeMetadata/v1/instance/service-accounts/default/identity",
+        axum::routing::get(identity),
+    );
+    (serve(router).await, minted)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gcp_id_tokens_are_cached_per_audience_and_refreshed_when_expired() {
     const AUDIENCE: &str = "https://collector.example.com";
     let (metadata, minted) = metadata_server(AUDIENCE, Duration::from_secs(2)).await;
-    let (collector_server, collector) = scripted_collector(vec![answer(200)]).await;
+    let collector = Collector::start().await;
     let mut settings = settings(Transport::HttpProtobuf, "http://static.invalid/v1/traces");
-    settings.gcp_metadata_url = metadata.uri();
+    settings.gcp_metadata_url = metadata;
     let telemetry = RunnerTelemetry::new(settings, runner());
-    let payload = v2_payload(
-        &format!("{}/v1/traces", collector_server.uri()),
-        Some(AUDIENCE),
-    );
+    let payload = v2_payload(&collector.http_endpoint(), Some(AUDIENCE));
 
     // Two jobs in a row: one token, fetched once.
     for job in [1, 2] {
@@ -165,10 +181,12 @@ async fn gcp_id_tokens_are_cached_per_audience_and_refreshed_when_expired() {
     assert_eq!(seen, [format!("Bearer {first}"), format!("Bearer {first}")]);
 
     // Past its expiry (2 s; refreshed from 1.5 s), a new one is fetched.
-    let expiry = Instant::now() + Duration::from_secs(2);
-    while Instant::now() < expiry {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // (Its `exp` is on the wall clock: the test waits for that to pass.)
+    let expiry = SystemTime::now() + Duration::from_secs(2);
+    eventually("the first token to expire", Duration::from_secs(10), || {
+        std::future::ready((SystemTime::now() >= expiry).then_some(()))
+    })
+    .await;
     let report = telemetry
         .flush_job(run_job(&telemetry, 3, &payload, &[]))
         .await;
@@ -190,20 +208,16 @@ async fn gcp_id_tokens_are_cached_per_audience_and_refreshed_when_expired() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_metadata_server_that_refuses_is_an_error_without_a_token() {
-    let metadata = MockServer::start().await;
-    Mock::given(method("GET"))
-        .respond_with(ResponseTemplate::new(403).set_body_string("no Metadata-Flavor"))
-        .mount(&metadata)
-        .await;
-    let (collector_server, collector) = scripted_collector(vec![answer(200)]).await;
+    let metadata = serve(
+        axum::Router::new().fallback(|| async { (StatusCode::FORBIDDEN, "no Metadata-Flavor") }),
+    )
+    .await;
+    let collector = Collector::start().await;
     let mut settings = settings(Transport::HttpProtobuf, "http://static.invalid/v1/traces");
-    settings.gcp_metadata_url = metadata.uri();
+    settings.gcp_metadata_url = metadata;
     settings.flush_timeout = Duration::from_millis(300);
     let telemetry = RunnerTelemetry::new(settings, runner());
-    let payload = v2_payload(
-        &format!("{}/v1/traces", collector_server.uri()),
-        Some("aud-x"),
-    );
+    let payload = v2_payload(&collector.http_endpoint(), Some("aud-x"));
     let report = telemetry
         .flush_job(run_job(&telemetry, 5, &payload, &[]))
         .await;
@@ -244,64 +258,6 @@ fn pki() -> Pki {
     }
 }
 
-/// An OTLP/HTTP collector over TLS; records the span names.
-async fn https_collector(pki: &Pki) -> (String, Arc<Mutex<Vec<String>>>) {
-    use hyper_util::rt::TokioIo;
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let certs: Vec<CertificateDer> = CertificateDer::pem_slice_iter(pki.cert_pem.as_bytes())
-        .collect::<Result<_, _>>()
-        .unwrap();
-    let key = PrivateKeyDer::from_pem_slice(pki.key_pem.as_bytes()).unwrap();
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(certs, key)
-    .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let names = Arc::new(Mutex::new(Vec::new()));
-    let record = names.clone();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let acceptor = acceptor.clone();
-            let record = record.clone();
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(stream).await else {
-                    return;
-                };
-                let service = hyper::service::service_fn(
-                    move |request: hyper::Request<hyper::body::Incoming>| {
-                        let record = record.clone();
-                        async move {
-                            use http_body_util::BodyExt;
-                            let body = request.into_body().collect().await?.to_bytes();
-                            record
-                                .lock()
-                                .unwrap()
-                                .extend(decode_spans(&body).into_iter().map(|(_, n)| n));
-                            Ok::<_, hyper::Error>(hyper::Response::new(http_body_util::Full::new(
-                                bytes::Bytes::new(),
-                            )))
-                        }
-                    },
-                );
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(tls), service)
-                    .await;
-            });
-        }
-    });
-    (
-        format!("https://localhost:{}/v1/traces", addr.port()),
-        names,
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_and_grpcs_collectors_behind_a_private_ca() {
     let pki = pki();
@@ -310,13 +266,15 @@ async fn https_and_grpcs_collectors_behind_a_private_ca() {
     std::fs::write(&ca_file, &pki.ca_pem).unwrap();
 
     // HTTPS with the CA file: delivered.
-    let (url, names) = https_collector(&pki).await;
+    let collector = Collector::start_tls(&pki.cert_pem, &pki.key_pem).await;
+    let url = collector.http_endpoint();
     let mut trusted = settings(Transport::HttpProtobuf, &url);
     trusted.ca_file = Some(ca_file.clone());
     let telemetry = RunnerTelemetry::new(trusted, runner());
     let report = flush_v1_job(&telemetry, 1).await;
     assert_eq!(report.exported(), 1, "{report}");
-    assert_eq!(names.lock().unwrap().clone(), ["job_execution"]);
+    let names: Vec<String> = collector.spans().into_iter().map(|s| s.name).collect();
+    assert_eq!(names, ["job_execution"]);
     assert_invariant(&telemetry);
 
     // Without it the certificate is not trusted: retried, never sent.
@@ -331,18 +289,8 @@ async fn https_and_grpcs_collectors_behind_a_private_ca() {
     assert_invariant(&telemetry);
 
     // gRPC over TLS (`grpcs` in a v2 payload).
-    let identity = tonic::transport::Identity::from_pem(&pki.cert_pem, &pki.key_pem);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let (grpc_received, service) = grpc_recording_service();
-    tokio::spawn(async move {
-        let _ = tonic::transport::Server::builder()
-            .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
-            .unwrap()
-            .add_service(service)
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
-            .await;
-    });
+    let grpcs = Collector::start_tls(&pki.cert_pem, &pki.key_pem).await;
+    let port = grpcs.addr.unwrap().port();
     let mut trusted = settings(Transport::HttpProtobuf, "http://static.invalid/v1/traces");
     trusted.ca_file = Some(ca_file);
     let telemetry = RunnerTelemetry::new(trusted, runner());
@@ -351,50 +299,9 @@ async fn https_and_grpcs_collectors_behind_a_private_ca() {
         .flush_job(run_job(&telemetry, 3, &payload, &[]))
         .await;
     assert_eq!(report.exported(), 1, "{report}");
-    assert_eq!(*grpc_received.lock().unwrap(), 1);
+    let received = grpcs.received();
+    assert_eq!(received.len(), 1);
+    assert!(received[0].grpc);
+    assert_eq!(received[0].spans().len(), 1);
     assert_invariant(&telemetry);
-}
-
-fn grpc_recording_service() -> (
-    Arc<Mutex<usize>>,
-    opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer<
-        GrpcCount,
-    >,
-) {
-    let count = Arc::new(Mutex::new(0));
-    (
-        count.clone(),
-        opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer::new(
-            GrpcCount(count),
-        ),
-    )
-}
-
-struct GrpcCount(Arc<Mutex<usize>>);
-
-#[tonic::async_trait]
-impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService
-    for GrpcCount
-{
-    async fn export(
-        &self,
-        request: tonic::Request<
-            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest,
-        >,
-    ) -> Result<
-        tonic::Response<
-            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse,
-        >,
-        tonic::Status,
-    > {
-        let spans: usize = request
-            .get_ref()
-            .resource_spans
-            .iter()
-            .flat_map(|rs| &rs.scope_spans)
-            .map(|ss| ss.spans.len())
-            .sum();
-        *self.0.lock().unwrap() += spans;
-        Ok(tonic::Response::new(Default::default()))
-    }
 }

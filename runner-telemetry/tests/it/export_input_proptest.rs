@@ -3,104 +3,40 @@
 //! client's parsers. Whatever comes in, the answer is a value or an error,
 //! never a panic.
 
-use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
+use conformance::doubles::inputs::{environment, interesting_text, telemetry_table};
 use proptest::prelude::*;
 use runner_telemetry::config::{self, TelemetryOverrides, TelemetrySettings};
 use runner_telemetry::export::{auth, retry};
 use runner_telemetry::negotiate::negotiate;
 use serde_json::{json, Value};
 
-const ENV_NAMES: &[&str] = &[
-    config::OTEL_EXPORTER_OTLP_ENDPOINT,
-    config::OTEL_EXPORTER_OTLP_TRACES_ENDPOINT,
-    config::OTEL_EXPORTER_OTLP_PROTOCOL,
-    config::OTEL_EXPORTER_OTLP_TRACES_PROTOCOL,
-    config::OTEL_EXPORTER_OTLP_HEADERS,
-    config::OTEL_EXPORTER_OTLP_TRACES_HEADERS,
-    config::OTEL_EXPORTER_OTLP_TIMEOUT,
-    config::OTEL_EXPORTER_OTLP_TRACES_TIMEOUT,
-    config::OTEL_EXPORTER_OTLP_CERTIFICATE,
-    config::GITLAB_TRACING,
-    config::CI_TELEMETRY_FLUSH_TIMEOUT,
-    config::CI_TELEMETRY_BUFFER_MAX_SPANS,
-    config::CI_TELEMETRY_BUFFER_MAX_BYTES,
-    config::CI_TELEMETRY_MAX_AGE,
-    config::CI_TELEMETRY_RETRY_INITIAL_BACKOFF,
-    config::CI_TELEMETRY_RETRY_MAX_BACKOFF,
-    config::CI_TELEMETRY_SHUTDOWN_TIMEOUT,
-    config::CI_TELEMETRY_BEARER_TOKEN_FILE,
-    config::GCE_METADATA_HOST,
-];
-
-const TELEMETRY_KEYS: &[&str] = &[
-    "disabled",
-    "endpoint",
-    "protocol",
-    "headers",
-    "timeout",
-    "flush_timeout",
-    "service_name",
-    "connection_string",
-    "buffer_max_spans",
-    "buffer_max_bytes",
-    "max_age",
-    "retry_initial_backoff",
-    "retry_max_backoff",
-    "shutdown_timeout",
-    "ca_file",
-    "bearer_token_file",
-    "gcp_metadata_url",
-];
-
-/// Strings that look like what the parsers expect, and some that do not.
-fn interesting_text() -> impl Strategy<Value = String> {
-    prop_oneof![
-        "\\PC{0,40}",
-        "[0-9]{0,25}(ms|s|m|h|KiB|MiB|GiB|kB|MB|B)?",
-        "-?[0-9]{1,5}\\.[0-9]{0,5}(e[0-9]{1,3})?",
-        "(otlp|otlps|http|https|grpc|grpcs|ftp)://[a-z0-9.:\\[\\]@%-]{0,20}(/[a-z0-9/]{0,10})?(\\?[a-z_=&%/0-9]{0,30})?",
-        "[a-z-]{1,8}=[^,]{0,10}(,[a-z-]{0,8}=?[^,]{0,10}){0,3}",
-        Just("http/json".to_string()),
-        Just("grpc".to_string()),
-        Just("".to_string()),
-        Just(":".to_string()),
-        Just("::1]".to_string()),
-    ]
-}
-
-fn toml_value() -> impl Strategy<Value = toml::Value> {
-    let leaf = prop_oneof![
-        interesting_text().prop_map(toml::Value::String),
-        any::<i64>().prop_map(toml::Value::Integer),
-        any::<f64>().prop_map(toml::Value::Float),
-        any::<bool>().prop_map(toml::Value::Boolean),
+/// The shared generator's environment names are the ones the library reads.
+#[test]
+fn the_generated_environment_is_the_librarys() {
+    let names = [
+        config::OTEL_EXPORTER_OTLP_ENDPOINT,
+        config::OTEL_EXPORTER_OTLP_TRACES_ENDPOINT,
+        config::OTEL_EXPORTER_OTLP_PROTOCOL,
+        config::OTEL_EXPORTER_OTLP_TRACES_PROTOCOL,
+        config::OTEL_EXPORTER_OTLP_HEADERS,
+        config::OTEL_EXPORTER_OTLP_TRACES_HEADERS,
+        config::OTEL_EXPORTER_OTLP_TIMEOUT,
+        config::OTEL_EXPORTER_OTLP_TRACES_TIMEOUT,
+        config::OTEL_EXPORTER_OTLP_CERTIFICATE,
+        config::GITLAB_TRACING,
+        config::CI_TELEMETRY_FLUSH_TIMEOUT,
+        config::CI_TELEMETRY_BUFFER_MAX_SPANS,
+        config::CI_TELEMETRY_BUFFER_MAX_BYTES,
+        config::CI_TELEMETRY_MAX_AGE,
+        config::CI_TELEMETRY_RETRY_INITIAL_BACKOFF,
+        config::CI_TELEMETRY_RETRY_MAX_BACKOFF,
+        config::CI_TELEMETRY_SHUTDOWN_TIMEOUT,
+        config::CI_TELEMETRY_BEARER_TOKEN_FILE,
+        config::GCE_METADATA_HOST,
     ];
-    leaf.prop_recursive(2, 8, 4, |inner| {
-        prop_oneof![
-            proptest::collection::vec(inner.clone(), 0..3).prop_map(toml::Value::Array),
-            proptest::collection::btree_map("[a-z_-]{1,10}", inner, 0..3)
-                .prop_map(|m| toml::Value::Table(m.into_iter().collect())),
-        ]
-    })
-}
-
-fn telemetry_table() -> impl Strategy<Value = toml::Table> {
-    proptest::collection::btree_map(
-        proptest::sample::select(TELEMETRY_KEYS.to_vec()).prop_map(str::to_string),
-        toml_value(),
-        0..8,
-    )
-    .prop_map(|m| m.into_iter().collect())
-}
-
-fn environment() -> impl Strategy<Value = BTreeMap<String, String>> {
-    proptest::collection::btree_map(
-        proptest::sample::select(ENV_NAMES.to_vec()).prop_map(str::to_string),
-        interesting_text(),
-        0..6,
-    )
+    assert_eq!(conformance::doubles::inputs::TELEMETRY_ENV, names);
 }
 
 fn json_value() -> impl Strategy<Value = Value> {

@@ -4,34 +4,20 @@
 //! accounting invariant.
 
 use std::collections::HashSet;
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::export_support::*;
+use conformance::doubles::eventually;
+use conformance::doubles::otlp::closed_port;
 use conformance::log_lines::job_line;
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
-    TraceService, TraceServiceServer,
-};
-use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTracePartialSuccess, ExportTraceServiceRequest, ExportTraceServiceResponse,
-};
-use prost::Message;
 use runner_telemetry::negotiate::Transport;
 use runner_telemetry::{DropReason, RunnerTelemetry};
-use wiremock::ResponseTemplate;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retry_after_is_honoured_and_the_span_delivered_once() {
-    let throttled = ResponseTemplate::new(503).insert_header("Retry-After", "1");
-    let (server, collector) = scripted_collector(vec![
-        (503, throttled.clone()),
-        (503, throttled),
-        answer(200),
-    ])
-    .await;
-    let telemetry = http_telemetry(&server);
+    let throttled = Answer::retry_after(503, "1");
+    let collector = scripted_collector(vec![throttled.clone(), throttled, Answer::Ok]).await;
+    let telemetry = http_telemetry(&collector);
 
     let report = flush_v1_job(&telemetry, 1).await;
     assert_eq!(
@@ -42,7 +28,7 @@ async fn retry_after_is_honoured_and_the_span_delivered_once() {
     assert_report(&report);
 
     let received = collector.received();
-    let statuses: Vec<u16> = received.iter().map(|r| r.status).collect();
+    let statuses: Vec<u16> = received.iter().map(|r| r.answer.http_status()).collect();
     assert_eq!(statuses, [503, 503, 200]);
     // Each retry waited the server's second, not the 50 ms backoff.
     for gap in gaps(&received) {
@@ -51,11 +37,11 @@ async fn retry_after_is_honoured_and_the_span_delivered_once() {
     // The same span each time, accepted exactly once.
     let delivered: Vec<_> = received
         .iter()
-        .filter(|r| r.status == 200)
-        .flat_map(|r| r.spans.clone())
+        .filter(|r| r.answer.accepts())
+        .flat_map(|r| r.span_ids())
         .collect();
     assert_eq!(delivered.len(), 1);
-    assert!(received.iter().all(|r| r.spans == delivered));
+    assert!(received.iter().all(|r| r.span_ids() == delivered));
     assert_eq!(delivered[0].1, "job_execution");
     assert_invariant(&telemetry);
     let m = telemetry.metrics().snapshot();
@@ -64,10 +50,8 @@ async fn retry_after_is_honoured_and_the_span_delivered_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn throttling_without_retry_after_backs_off_exponentially() {
-    let mut script = vec![answer(429); 5];
-    script.push(answer(200));
-    let (server, collector) = scripted_collector(script).await;
-    let mut settings = http_settings(&server);
+    let collector = scripted_collector(vec![Answer::status(429); 5]).await;
+    let mut settings = http_settings(&collector);
     settings.buffer.initial_backoff = Duration::from_millis(100);
     settings.buffer.max_backoff = Duration::from_secs(5);
     let telemetry = RunnerTelemetry::new(settings, runner());
@@ -94,8 +78,8 @@ async fn throttling_without_retry_after_backs_off_exponentially() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_request_is_permanent_and_not_retried() {
-    let (server, collector) = scripted_collector(vec![answer_with_body(400, "bad span")]).await;
-    let telemetry = http_telemetry(&server);
+    let collector = scripted_collector(vec![Answer::with_body(400, "bad span")]).await;
+    let telemetry = http_telemetry(&collector);
     let report = flush_v1_job(&telemetry, 3).await;
     assert_eq!(
         (
@@ -131,31 +115,17 @@ async fn bad_request_is_permanent_and_not_retried() {
     assert_invariant(&telemetry);
 }
 
-/// A TCP server that accepts connections and never answers; counts them.
-async fn stalled_server() -> (SocketAddr, Arc<AtomicUsize>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let count = accepted.clone();
-    tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((stream, _)) = listener.accept().await {
-            count.fetch_add(1, Ordering::SeqCst);
-            held.push(stream);
-        }
-    });
-    (addr, accepted)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_collector_costs_one_timeout_per_attempt() {
-    let (addr, accepted) = stalled_server().await;
-    let mut settings = settings(Transport::HttpProtobuf, &format!("http://{addr}/v1/traces"));
+    // Every request is read and never answered.
+    let collector = Collector::start().await;
+    collector.otherwise(Answer::Stall);
+    let mut settings = http_settings(&collector);
     settings.export_timeout = Duration::from_millis(300);
     settings.flush_timeout = Duration::from_millis(1500);
     let telemetry = RunnerTelemetry::new(settings, runner());
 
-    let started = Instant::now();
+    let started = tokio::time::Instant::now();
     let report = telemetry
         .flush_job(run_job(&telemetry, 4, &v1_payload(), &["step_script"]))
         .await;
@@ -166,9 +136,9 @@ async fn a_stalled_collector_costs_one_timeout_per_attempt() {
     // ceiling a busy machine could miss).
     assert!(elapsed >= Duration::from_millis(1400), "{elapsed:?}");
     assert_report(&report);
-    // Each attempt gave up after 300 ms and a new one opened a connection:
-    // several attempts fit in the 1.5 s, not one hung request.
-    let attempts = accepted.load(Ordering::SeqCst);
+    // Each attempt gave up after 300 ms and a new one was sent: several
+    // attempts fit in the 1.5 s, not one hung request.
+    let attempts = collector.received().len();
     assert!(attempts >= 3, "{attempts} attempts");
     let error = report.endpoints[0].error.clone().unwrap();
     assert_eq!(error, "no answer within 300ms");
@@ -182,30 +152,19 @@ async fn a_stalled_collector_costs_one_timeout_per_attempt() {
 async fn partial_success_counts_the_rejected_spans() {
     // The collector rejects the spans named `oversized`, however they are
     // batched.
-    let server = wiremock::MockServer::start().await;
-    let recorder = Recorder::default();
-    let seen = recorder.received.clone();
-    wiremock::Mock::given(wiremock::matchers::method("POST"))
-        .respond_with(move |request: &wiremock::Request| {
-            let spans = decode_spans(&request.body);
-            let rejected = spans.iter().filter(|(_, n)| n == "oversized").count();
-            seen.lock().unwrap().push(Received {
-                at: Instant::now(),
-                headers: Default::default(),
-                spans,
-                status: 200,
-            });
-            let response = ExportTraceServiceResponse {
-                partial_success: (rejected > 0).then(|| ExportTracePartialSuccess {
-                    rejected_spans: rejected as i64,
-                    error_message: "span too large".into(),
-                }),
-            };
-            ResponseTemplate::new(200).set_body_bytes(response.encode_to_vec())
-        })
-        .mount(&server)
-        .await;
-    let telemetry = http_telemetry(&server);
+    let collector = Collector::start().await;
+    collector.answer_with(|request| {
+        let rejected = request
+            .span_ids()
+            .iter()
+            .filter(|(_, name)| name == "oversized")
+            .count();
+        match rejected {
+            0 => Answer::Ok,
+            n => Answer::partial_success(n as i64, "span too large"),
+        }
+    });
+    let telemetry = http_telemetry(&collector);
     let report = telemetry
         .flush_job(run_job(
             &telemetry,
@@ -241,9 +200,7 @@ async fn partial_success_counts_the_rejected_spans() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_buffer_drops_new_spans_without_blocking() {
     // Nothing listens: every span stays buffered.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}/v1/traces", closed.local_addr().unwrap());
-    drop(closed);
+    let url = format!("http://{}/v1/traces", closed_port());
     let mut settings = settings(Transport::HttpProtobuf, &url);
     settings.buffer.max_spans = 3;
     settings.flush_timeout = Duration::from_millis(200);
@@ -267,9 +224,7 @@ async fn a_full_buffer_drops_new_spans_without_blocking() {
     assert_eq!(telemetry.hub().buffered().0, 3);
 
     // A byte bound: a span bigger than the room left is refused too.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}/v1/traces", closed.local_addr().unwrap());
-    drop(closed);
+    let url = format!("http://{}/v1/traces", closed_port());
     let mut settings = crate::export_support::settings(Transport::HttpProtobuf, &url);
     settings.buffer.max_bytes = 600;
     settings.flush_timeout = Duration::from_millis(200);
@@ -292,8 +247,9 @@ async fn a_full_buffer_drops_new_spans_without_blocking() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spans_older_than_max_age_are_dropped_and_counted() {
-    let (server, collector) = scripted_collector(vec![answer(503)]).await;
-    let mut settings = http_settings(&server);
+    let collector = Collector::start().await;
+    collector.otherwise(Answer::status(503));
+    let mut settings = http_settings(&collector);
     settings.buffer.max_age = Duration::from_millis(600);
     settings.flush_timeout = Duration::from_secs(5);
     let telemetry = RunnerTelemetry::new(settings, runner());
@@ -316,25 +272,10 @@ async fn spans_older_than_max_age_are_dropped_and_counted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spans_of_many_jobs_survive_an_outage_and_arrive_once() {
-    // The collector answers 503 until `up` is set.
-    let server = wiremock::MockServer::start().await;
-    let up = Arc::new(Mutex::new(false));
-    let recorder = Recorder::default();
-    let (seen, is_up) = (recorder.received.clone(), up.clone());
-    wiremock::Mock::given(wiremock::matchers::method("POST"))
-        .respond_with(move |request: &wiremock::Request| {
-            let status = if *is_up.lock().unwrap() { 200 } else { 503 };
-            seen.lock().unwrap().push(Received {
-                at: Instant::now(),
-                headers: Default::default(),
-                spans: decode_spans(&request.body),
-                status,
-            });
-            ResponseTemplate::new(status)
-        })
-        .mount(&server)
-        .await;
-    let mut settings = http_settings(&server);
+    // The collector answers 503 until it is told to accept.
+    let collector = Collector::start().await;
+    collector.otherwise(Answer::status(503));
+    let mut settings = http_settings(&collector);
     settings.flush_timeout = Duration::from_millis(100);
     let telemetry = RunnerTelemetry::new(settings, runner());
 
@@ -348,20 +289,20 @@ async fn spans_of_many_jobs_survive_an_outage_and_arrive_once() {
         reports.push(report);
     }
     assert_eq!(telemetry.hub().buffered().0, 10);
-    *up.lock().unwrap() = true;
+    collector.otherwise(Answer::Ok);
 
     // The backoff is at most a second: everything arrives soon after.
-    let until = Instant::now() + Duration::from_secs(10);
-    while telemetry.metrics().snapshot().exported < 10 && Instant::now() < until {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let m = telemetry.metrics().snapshot();
+    let m = eventually("the 10 spans exported", Duration::from_secs(10), || {
+        let m = telemetry.metrics().snapshot();
+        std::future::ready((m.exported >= 10).then_some(m))
+    })
+    .await;
     assert_eq!((m.exported, m.dropped_total(), m.buffer_spans), (10, 0, 0));
-    let delivered: Vec<String> = recorder
+    let delivered: Vec<String> = collector
         .received()
         .iter()
-        .filter(|r| r.status == 200)
-        .flat_map(|r| r.spans.iter().map(|(id, _)| id.clone()))
+        .filter(|r| r.answer.accepts())
+        .flat_map(|r| r.span_ids().into_iter().map(|(id, _)| id))
         .collect();
     let unique: HashSet<&String> = delivered.iter().collect();
     assert_eq!((delivered.len(), unique.len()), (10, 10), "none twice");
@@ -380,90 +321,38 @@ async fn spans_of_many_jobs_survive_an_outage_and_arrive_once() {
     assert_invariant(&telemetry);
 }
 
-/// A gRPC collector answering from a script of statuses (`None` = OK).
-#[derive(Clone)]
-struct ScriptedGrpc {
-    script: Arc<Vec<Option<tonic::Status>>>,
-    calls: Arc<Mutex<Vec<(Instant, usize)>>>,
-}
-
-#[tonic::async_trait]
-impl TraceService for ScriptedGrpc {
-    async fn export(
-        &self,
-        request: tonic::Request<ExportTraceServiceRequest>,
-    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        let spans: usize = request
-            .get_ref()
-            .resource_spans
-            .iter()
-            .flat_map(|rs| &rs.scope_spans)
-            .map(|ss| ss.spans.len())
-            .sum();
-        let n = {
-            let mut calls = self.calls.lock().unwrap();
-            calls.push((Instant::now(), spans));
-            calls.len() - 1
-        };
-        match &self.script[n.min(self.script.len() - 1)] {
-            None => Ok(tonic::Response::new(ExportTraceServiceResponse::default())),
-            Some(status) => Err(status.clone()),
-        }
-    }
-}
-
-async fn grpc_collector(script: Vec<Option<tonic::Status>>) -> (String, ScriptedGrpc) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let service = ScriptedGrpc {
-        script: Arc::new(script),
-        calls: Arc::default(),
-    };
-    let server = TraceServiceServer::new(service.clone());
-    tokio::spawn(async move {
-        let _ = tonic::transport::Server::builder()
-            .add_service(server)
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
-            .await;
-    });
-    (format!("http://{addr}"), service)
-}
-
-fn resource_exhausted_with_retry_info(delay: Duration) -> tonic::Status {
-    use tonic_types::{ErrorDetails, StatusExt};
-    tonic::Status::with_error_details(
-        tonic::Code::ResourceExhausted,
-        "collector memory limit",
-        ErrorDetails::with_retry_info(Some(delay)),
-    )
+/// A collector answering `script` over gRPC, then `OK`; its endpoint.
+async fn grpc_collector(script: Vec<Answer>) -> (String, Collector) {
+    let collector = scripted_collector(script).await;
+    (collector.grpc_endpoint(), collector)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_unavailable_is_retried_and_resource_exhausted_only_with_retry_info() {
     let (url, collector) = grpc_collector(vec![
-        Some(tonic::Status::unavailable("restarting")),
-        Some(resource_exhausted_with_retry_info(Duration::from_millis(
-            700,
-        ))),
-        None,
+        Answer::grpc(tonic::Code::Unavailable, "restarting"),
+        Answer::resource_exhausted_retry_info("collector memory limit", Duration::from_millis(700)),
     ])
     .await;
     let telemetry = RunnerTelemetry::new(settings(Transport::Grpc, &url), runner());
     let report = flush_v1_job(&telemetry, 20).await;
     assert_eq!((report.exported(), report.dropped()), (1, 0), "{report}");
     assert_report(&report);
-    let calls = collector.calls.lock().unwrap().clone();
+    let calls = collector.received();
     assert_eq!(calls.len(), 3, "{calls:?}");
     // UNAVAILABLE: the 50 ms backoff; RESOURCE_EXHAUSTED: the server's 700 ms
     // (a lower bound, and the order of the two waits, not a ceiling).
-    let (backoff, told) = (calls[1].0 - calls[0].0, calls[2].0 - calls[1].0);
+    let (backoff, told) = (calls[1].at - calls[0].at, calls[2].at - calls[1].at);
     assert!(told >= Duration::from_millis(700), "{calls:?}");
     assert!(backoff < told, "{calls:?}");
     assert_invariant(&telemetry);
 
     // Without RetryInfo, RESOURCE_EXHAUSTED is permanent.
-    let (url, collector) =
-        grpc_collector(vec![Some(tonic::Status::resource_exhausted("too big"))]).await;
+    let (url, collector) = grpc_collector(vec![Answer::grpc(
+        tonic::Code::ResourceExhausted,
+        "too big",
+    )])
+    .await;
     let telemetry = RunnerTelemetry::new(settings(Transport::Grpc, &url), runner());
     let report = flush_v1_job(&telemetry, 21).await;
     assert_eq!(
@@ -471,7 +360,7 @@ async fn grpc_unavailable_is_retried_and_resource_exhausted_only_with_retry_info
         1,
         "{report}"
     );
-    assert_eq!(collector.calls.lock().unwrap().len(), 1);
+    assert_eq!(collector.received().len(), 1);
     assert_eq!(
         report.endpoints[0].error.as_deref(),
         Some("gRPC ResourceExhausted: too big")
@@ -480,10 +369,27 @@ async fn grpc_unavailable_is_retried_and_resource_exhausted_only_with_retry_info
     assert_invariant(&telemetry);
 
     // Other codes are permanent too.
-    let (url, collector) = grpc_collector(vec![Some(tonic::Status::invalid_argument("bad"))]).await;
+    let (url, collector) =
+        grpc_collector(vec![Answer::grpc(tonic::Code::InvalidArgument, "bad")]).await;
     let telemetry = RunnerTelemetry::new(settings(Transport::Grpc, &url), runner());
     let report = flush_v1_job(&telemetry, 22).await;
     assert_eq!(report.dropped_for(DropReason::PermanentError), 1);
-    assert_eq!(collector.calls.lock().unwrap().len(), 1);
+    assert_eq!(collector.received().len(), 1);
+    assert_invariant(&telemetry);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_connection_is_retried_and_the_span_delivered_once() {
+    // The first request is read and its connection closed without an answer.
+    let collector = scripted_collector(vec![Answer::Reset]).await;
+    let telemetry = http_telemetry(&collector);
+    let report = flush_v1_job(&telemetry, 30).await;
+    assert_eq!((report.exported(), report.dropped()), (1, 0), "{report}");
+    assert_report(&report);
+    let received = collector.received();
+    let answers: Vec<&Answer> = received.iter().map(|r| &r.answer).collect();
+    assert_eq!(answers, [&Answer::Reset, &Answer::Ok]);
+    assert_eq!(received[0].span_ids(), received[1].span_ids());
+    assert_eq!(telemetry.metrics().snapshot().export_errors, 1);
     assert_invariant(&telemetry);
 }

@@ -10,17 +10,11 @@ use runner_telemetry::config::{BufferSettings, StaticEndpoint};
 use runner_telemetry::logs::Stream;
 use runner_telemetry::negotiate::Transport;
 use runner_telemetry::{DropReason, JobOutcome, RunnerTelemetry, SpanOutcome};
-use wiremock::matchers::method;
-use wiremock::{Mock, MockServer, ResponseTemplate};
 
 /// An endpoint nobody listens on: everything stays buffered, retried.
 fn closed_port() -> String {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    format!("http://127.0.0.1:{port}/v1/traces")
+    let addr = conformance::doubles::otlp::closed_port();
+    format!("http://{addr}/v1/traces")
 }
 
 fn small_buffer_telemetry(url: &str, max_items: usize, logs: bool) -> RunnerTelemetry {
@@ -131,12 +125,8 @@ async fn dropped_log_records_are_counted_and_the_final_warning_is_kept() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_reach_v1_logs_with_the_stage_span_and_job_ids() {
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(200))
-        .mount(&server)
-        .await;
-    let telemetry = small_buffer_telemetry(&format!("{}/v1/traces", server.uri()), 1000, true);
+    let collector = Collector::start().await;
+    let telemetry = small_buffer_telemetry(&collector.http_endpoint(), 1000, true);
     let mut job = telemetry.start_job(&v1_payload(), &job_info(9), SystemTime::now());
     let logs = job.logs().unwrap();
     logs.emit_raw_line(b"\x1b[0KRunning with", Stream::Runner, SystemTime::now());
@@ -154,13 +144,11 @@ async fn records_reach_v1_logs_with_the_stage_span_and_job_ids() {
     let report = pending.flush(Duration::from_secs(10)).await;
     let records = report.log_records.unwrap();
     assert_eq!((records.spans, records.exported()), (3, 3));
-    let requests = server.received_requests().await.unwrap();
-    let bodies: Vec<&[u8]> = requests
+    let all: Vec<u8> = collector
+        .log_requests()
         .iter()
-        .filter(|r| r.url.path() == "/v1/logs")
-        .map(|r| r.body.as_slice())
+        .flat_map(prost::Message::encode_to_vec)
         .collect();
-    let all: Vec<u8> = bodies.concat();
     // The protobuf carries the bodies as plain strings and the span IDs as
     // raw bytes.
     let has = |needle: &[u8]| all.windows(needle.len()).any(|w| w == needle);
@@ -173,41 +161,14 @@ async fn records_reach_v1_logs_with_the_stage_span_and_job_ids() {
     telemetry.shutdown().await;
 }
 
-/// `LogRecord`'s fields the tests read, decoded from a `/v1/logs` body
-/// (`ExportLogsServiceRequest` -> `ResourceLogs` -> `ScopeLogs`).
-mod wire {
-    use prost::Message;
-
-    #[derive(Clone, PartialEq, Message)]
-    pub struct Request {
-        #[prost(message, repeated, tag = "1")]
-        pub resource_logs: Vec<ResourceLogs>,
-    }
-    #[derive(Clone, PartialEq, Message)]
-    pub struct ResourceLogs {
-        #[prost(message, repeated, tag = "2")]
-        pub scope_logs: Vec<ScopeLogs>,
-    }
-    #[derive(Clone, PartialEq, Message)]
-    pub struct ScopeLogs {
-        #[prost(message, repeated, tag = "2")]
-        pub log_records: Vec<runner_telemetry::export::logs_encode::RawLogRecord>,
-    }
-}
-
 /// Output handed over in chunks that cut lines anywhere: the job's log task
 /// makes one record per line, in order, numbered, each with the span open
 /// when its line was completed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn output_chunks_become_ordered_records_on_the_jobs_task() {
     use opentelemetry_proto::tonic::common::v1::any_value::Value;
-    use prost::Message;
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(200))
-        .mount(&server)
-        .await;
-    let telemetry = small_buffer_telemetry(&format!("{}/v1/traces", server.uri()), 1000, true);
+    let collector = Collector::start().await;
+    let telemetry = small_buffer_telemetry(&collector.http_endpoint(), 1000, true);
     let mut job = telemetry.start_job(&v1_payload(), &job_info(11), SystemTime::now());
     let logs = job.logs().unwrap();
     let root_id = job.span_context().unwrap().span_id();
@@ -227,31 +188,22 @@ async fn output_chunks_become_ordered_records_on_the_jobs_task() {
     let records = report.log_records.unwrap();
     assert!(records.is_consistent(), "{records:?}");
     assert_eq!((records.spans, records.exported()), (4, 4));
-    let requests = server.received_requests().await.unwrap();
     let mut seen = Vec::new();
-    for request in requests.iter().filter(|r| r.url.path() == "/v1/logs") {
-        let decoded = wire::Request::decode(request.body.as_slice()).unwrap();
-        for record in decoded
-            .resource_logs
+    for record in &collector.log_records() {
+        let body = match record.body.as_ref().and_then(|b| b.value.as_ref()) {
+            Some(Value::StringValue(s)) => s.clone(),
+            other => panic!("body {other:?}"),
+        };
+        let number = record
+            .attributes
             .iter()
-            .flat_map(|r| &r.scope_logs)
-            .flat_map(|s| &s.log_records)
-        {
-            let body = match record.body.as_ref().and_then(|b| b.value.as_ref()) {
-                Some(Value::StringValue(s)) => s.clone(),
-                other => panic!("body {other:?}"),
-            };
-            let number = record
-                .attributes
-                .iter()
-                .find(|a| a.key == "ci.log.line_number")
-                .and_then(|a| match a.value.as_ref()?.value.as_ref()? {
-                    Value::IntValue(n) => Some(*n),
-                    _ => None,
-                })
-                .unwrap();
-            seen.push((number, body, record.span_id.clone()));
-        }
+            .find(|a| a.key == "ci.log.line_number")
+            .and_then(|a| match a.value.as_ref()?.value.as_ref()? {
+                Value::IntValue(n) => Some(*n),
+                _ => None,
+            })
+            .unwrap();
+        seen.push((number, body, record.span_id.clone()));
     }
     seen.sort();
     let root = root_id.to_bytes().to_vec();
@@ -272,12 +224,8 @@ async fn output_chunks_become_ordered_records_on_the_jobs_task() {
 /// room in a small buffer: every line is exported, none dropped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn output_waits_for_room_in_the_buffer_instead_of_being_dropped() {
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(200))
-        .mount(&server)
-        .await;
-    let telemetry = small_buffer_telemetry(&format!("{}/v1/traces", server.uri()), 2000, true);
+    let collector = Collector::start().await;
+    let telemetry = small_buffer_telemetry(&collector.http_endpoint(), 2000, true);
     let job = telemetry.start_job(&v1_payload(), &job_info(12), SystemTime::now());
     let logs = job.logs().expect("log export is on");
     let text: String = (0..20_000).map(|i| format!("{i}\n")).collect();

@@ -142,12 +142,13 @@ fn runner_rows(world: &World, jobs: &[u64]) -> anyhow::Result<(u64, u64)> {
     Ok(counts.first().map_or((0, 0), |c| (c.rows, c.ids)))
 }
 
+/// Added to a wait's expected length for its deadline.
+const DEADLINE_SLACK: Duration = Duration::from_secs(30);
+
 /// Waits until `at` by the clock (the outage is the scenario, not a
 /// synchronisation).
 fn until(at: Instant) {
-    while Instant::now() < at {
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    std::thread::sleep(at.saturating_duration_since(Instant::now()));
 }
 
 #[test]
@@ -164,13 +165,9 @@ fn spans_made_during_a_30s_outage_reach_clickhouse_once() {
         .rails
         .wait_for_pipeline(project, pipeline, PIPELINE_DEADLINE)
         .unwrap();
-    // The jobs did not wait for the collector.
+    // The jobs did not wait for the collector: they all ended while it was
+    // still down (it comes back only below). How fast is the bench's claim.
     assert!(jobs.iter().all(|j| j["status"] == "success"), "{jobs:#?}");
-    assert!(
-        down_at.elapsed() < Duration::from_secs(20),
-        "{:?}",
-        down_at.elapsed()
-    );
     let ids = job_ids(&jobs);
     let during = wait_for("the runner to retry", Duration::from_secs(20), || {
         let a = account(port)?;
@@ -545,9 +542,13 @@ fn gcp_oidc_tokens_verify_against_fake_rails_and_are_refreshed() {
     let exp_a = claims_a["exp"].as_u64().unwrap();
 
     // Past the first token's expiry, the runner fetches a new one.
-    while unix_now() <= exp_a {
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let ttl_left = Duration::from_secs(exp_a.saturating_sub(unix_now()));
+    wait_for(
+        "the first token to expire",
+        ttl_left + DEADLINE_SLACK,
+        || Ok((unix_now() > exp_a).then_some(())),
+    )
+    .unwrap();
     let second = run_one("second");
     let token_b = second
         .strip_prefix("Bearer ")

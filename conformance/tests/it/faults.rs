@@ -20,17 +20,12 @@
 //! * A pipeline of 100,000 stages: accepted, while `/-/health` keeps
 //!   answering; configs over GitLab's limits refused with 400.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use conformance::fault_proxy::{FaultProxy, Mode};
 use conformance::gitlab::{job_id, job_named, FakeRailsOptions};
 use conformance::process::wait_for;
-use conformance::proxy::PayloadProxy;
+use conformance::proxy::{Mode, Proxy};
 use conformance::runner::RunnerOptions;
 use conformance::world::{World, PIPELINE_DEADLINE, SPAN_DEADLINE};
 use serde_json::{json, Value};
@@ -48,17 +43,10 @@ fn outage_length() -> Duration {
     Duration::from_secs(secs)
 }
 
-/// CRC-32 (IEEE), as `output.checksum` carries it.
+/// CRC-32 (IEEE), as `output.checksum` carries it (crc32fast: not the
+/// runner's own code, so a bug there cannot hide).
 fn crc32(data: &[u8]) -> u32 {
-    let mut crc = 0xffff_ffffu32;
-    for &byte in data {
-        crc ^= u32::from(byte);
-        for _ in 0..8 {
-            let mask = (crc & 1).wrapping_neg();
-            crc = (crc >> 1) ^ (0xedb8_8320 & mask);
-        }
-    }
-    !crc
+    crc32fast::hash(data)
 }
 
 /// Jobs that wait for `go`, then print [`LINES`] lines and mark themselves
@@ -83,7 +71,7 @@ fn check_outage(mode: Mode) {
     let marks = world.stack.dir().join("marks");
     std::fs::create_dir_all(&marks).unwrap();
     let project = world.create_project_with_flag("outage", false).unwrap();
-    let proxy = FaultProxy::start(&world.rails.url).unwrap();
+    let proxy = Proxy::start(&world.rails.url).unwrap();
     world
         .start_runner_via(&proxy.url, RunnerOptions::default())
         .unwrap();
@@ -111,9 +99,7 @@ fn check_outage(mode: Mode) {
     })
     .unwrap();
     // The outage is the scenario: it lasts its full length.
-    while outage_started.elapsed() < outage {
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    std::thread::sleep(outage.saturating_sub(outage_started.elapsed()));
     // Nothing reached GitLab meanwhile.
     let jobs = world.rails.pipeline_jobs(project, pipeline).unwrap();
     assert!(
@@ -215,7 +201,7 @@ fn retry_after_on_jobs_request_is_honoured() {
     const RETRY_AFTER: u64 = 2;
     let mut world = World::new(FakeRailsOptions::default()).unwrap();
     let project = world.create_project_with_flag("throttled", false).unwrap();
-    let proxy = FaultProxy::start(&world.rails.url).unwrap();
+    let proxy = Proxy::start(&world.rails.url).unwrap();
     proxy.set_mode(Mode::Answer {
         status: 429,
         retry_after: Some(RETRY_AFTER),
@@ -270,7 +256,7 @@ fn an_overflowing_timeout_is_refused_by_gitlab_and_clamped_by_the_runner() {
         "{body}"
     );
 
-    let proxy = PayloadProxy::start(&world.rails.url, |job: &mut Value| {
+    let proxy = Proxy::rewriting(&world.rails.url, |job: &mut Value| {
         job["runner_info"]["timeout"] = json!(u64::MAX);
     })
     .unwrap();
@@ -288,85 +274,6 @@ const COLLECTOR_PASSWORD: &str = "collector-pw-5e1f0a";
 const HEADER_TOKEN: &str = "header-token-8c2d77";
 const GITLAB_PASSWORD: &str = "gitlab-pw-3b9a41";
 
-/// A collector in front of the real one that answers the first export
-/// `503` with every header it was sent in the body (servers do echo), then
-/// forwards. Returns its base URL and the count of echoed requests.
-fn echoing_collector(upstream: String) -> (String, Arc<AtomicUsize>) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let echoed = Arc::new(AtomicUsize::new(0));
-    let count = echoed.clone();
-    std::thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            let upstream = upstream.clone();
-            let count = count.clone();
-            std::thread::spawn(move || {
-                let _ = echo_or_forward(stream, &upstream, &count);
-            });
-        }
-    });
-    (format!("http://{addr}"), echoed)
-}
-
-fn echo_or_forward(stream: TcpStream, upstream: &str, echoed: &AtomicUsize) -> anyhow::Result<()> {
-    let mut reader = BufReader::new(stream.try_clone()?);
-    let mut request_line = String::new();
-    reader.read_line(&mut request_line)?;
-    let target = request_line
-        .split_whitespace()
-        .nth(1)
-        .unwrap_or("/")
-        .to_string();
-    let mut headers = Vec::new();
-    let mut length = 0usize;
-    loop {
-        let mut line = String::new();
-        reader.read_line(&mut line)?;
-        let line = line.trim_end().to_string();
-        if line.is_empty() {
-            break;
-        }
-        if let Some((name, value)) = line.split_once(':') {
-            if name.eq_ignore_ascii_case("content-length") {
-                length = value.trim().parse().unwrap_or(0);
-            }
-        }
-        headers.push(line);
-    }
-    let mut body = vec![0u8; length];
-    reader.read_exact(&mut body)?;
-    let mut out = stream;
-    if echoed.fetch_add(1, Ordering::SeqCst) == 0 {
-        let text = format!(
-            "overloaded; you sent {request_line:?} with {}",
-            headers.join("; ")
-        );
-        write!(
-            out,
-            "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
-            text.len()
-        )?;
-        return Ok(());
-    }
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .build()
-        .into();
-    let request = http::Request::post(format!("{upstream}{target}"))
-        .header("Content-Type", "application/x-protobuf")
-        .body(body)?;
-    let mut response = agent.run(request)?;
-    let status = response.status().as_u16();
-    let answer = response.body_mut().read_to_vec()?;
-    write!(
-        out,
-        "HTTP/1.1 {status} X\r\nContent-Type: application/x-protobuf\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        answer.len()
-    )?;
-    out.write_all(&answer)?;
-    Ok(())
-}
-
 /// Every row of `otel.<table>`, every column, as text.
 fn table_text(world: &World, table: &str) -> String {
     world
@@ -380,7 +287,12 @@ fn table_text(world: &World, table: &str) -> String {
 fn no_credential_leaves_the_runner_and_jobs_join_the_trace_through_traceparent() {
     let mut world = World::new(FakeRailsOptions::default()).unwrap();
     let otlp = world.stack.endpoints().otlp_http.clone();
-    let (collector, echoed) = echoing_collector(otlp.clone());
+    // A collector in front of the real one that answers the first export
+    // `503` with every header it was sent in the body (servers do echo),
+    // then forwards.
+    let echoing = Proxy::start(&otlp).unwrap();
+    echoing.set_mode(Mode::EchoOnce { status: 503 });
+    let collector = echoing.url.clone();
     let collector_with_credentials =
         collector.replacen("http://", &format!("http://otel:{COLLECTOR_PASSWORD}@"), 1);
     let gitlab_with_credentials =
@@ -462,7 +374,7 @@ fn no_credential_leaves_the_runner_and_jobs_join_the_trace_through_traceparent()
 
     // Everything is in: the echoing collector answered at least once.
     world.job_execution(id).unwrap();
-    assert!(echoed.load(Ordering::SeqCst) >= 1);
+    assert!(echoing.seen().iter().any(|seen| seen.status == 503));
     let places = [
         ("otel_traces", table_text(&world, "otel_traces")),
         (

@@ -13,7 +13,7 @@ use std::time::Duration;
 use conformance::gitlab::{job_id as id, job_named};
 use conformance::gitlab::{Contract, FakeRailsOptions};
 use conformance::process::wait_for;
-use conformance::proxy::PayloadProxy;
+use conformance::proxy::Proxy;
 use conformance::runner::RunnerOptions;
 use conformance::trace::{self, Tree};
 use conformance::world::{World, PIPELINE_DEADLINE};
@@ -312,7 +312,7 @@ fn jobs_with_a_missing_or_malformed_trace_context_run_normally_without_telemetry
     let project = world
         .create_project_with_flag("broken-payloads", true)
         .unwrap();
-    let proxy = PayloadProxy::start(&world.rails.url, break_payload).unwrap();
+    let proxy = Proxy::rewriting(&world.rails.url, break_payload).unwrap();
     world
         .start_runner_via(&proxy.url, world.to_collector())
         .unwrap();

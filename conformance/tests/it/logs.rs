@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use conformance::gitlab::{job_id, job_named, FakeRailsOptions};
 use conformance::process::wait_for;
-use conformance::proxy::PayloadProxy;
+use conformance::proxy::Proxy;
 use conformance::runner::RunnerOptions;
 use conformance::world::{World, SPAN_DEADLINE};
 use serde_json::{json, Value};
@@ -169,7 +169,7 @@ fn a_jobs_lines_land_in_otel_logs_in_order_with_their_stage_span_and_no_secret()
     let project = world.create_project_with_flag("logs", true).unwrap();
     let tokens = Arc::new(Mutex::new(Vec::<String>::new()));
     let seen = tokens.clone();
-    let proxy = PayloadProxy::start(&world.rails.url, move |job: &mut Value| {
+    let proxy = Proxy::rewriting(&world.rails.url, move |job: &mut Value| {
         if let Some(token) = job["token"].as_str() {
             seen.lock().unwrap().push(token.to_string());
         }
