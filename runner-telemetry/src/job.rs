@@ -885,6 +885,8 @@ struct ChildInner {
 /// A child span, held as itself until it gets a child of its own: only then
 /// is it put in a [`Context`] (an allocation and a lock per call that most
 /// spans, which have no children, do without).
+// The span inline on purpose: boxing it would cost the allocation saved.
+#[allow(clippy::large_enum_variant)]
 enum Held {
     Span(opentelemetry_sdk::trace::Span),
     Context(Context),
