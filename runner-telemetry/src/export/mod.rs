@@ -45,6 +45,7 @@ pub mod hub;
 pub mod logs_encode;
 pub mod retry;
 pub mod sink;
+pub mod span_wire;
 pub mod transport;
 
 use std::collections::HashMap;
