@@ -323,6 +323,37 @@ impl AttributeBudget {
         }
     }
 
+    /// [`AttributeBudget::admit_all`] for a list the caller owns: the list
+    /// itself is returned when everything fits (the common case: no copy,
+    /// no allocation beyond the sizes kept).
+    pub fn admit_vec(&mut self, mut attributes: Vec<KeyValue>) -> Vec<KeyValue> {
+        self.sizes.reserve(attributes.len());
+        let capacity = self.limit.saturating_sub(MARKER_SIZE);
+        for index in 0..attributes.len() {
+            let attribute = &attributes[index];
+            let earlier = self
+                .sizes
+                .iter()
+                .position(|(key, _)| key.as_str() == attribute.key.as_str());
+            let size = attribute_size(attribute);
+            let used = self.used - earlier.map_or(0, |i| self.sizes[i].1);
+            if used + size > capacity {
+                // From here on, one by one (cut, dropped, marker).
+                let rest = attributes.split_off(index);
+                for attribute in rest {
+                    self.admit_into(attribute, &mut attributes);
+                }
+                return attributes;
+            }
+            self.used = used + size;
+            match earlier {
+                Some(i) => self.sizes[i].1 = size,
+                None => self.sizes.push((attribute.key.clone(), size)),
+            }
+        }
+        attributes
+    }
+
     /// [`AttributeBudget::admit`] for several attributes, in order.
     pub fn admit_all(&mut self, attributes: impl IntoIterator<Item = KeyValue>) -> Vec<KeyValue> {
         let attributes = attributes.into_iter();
@@ -377,6 +408,15 @@ impl IdGenerator for FixedTraceId {
     }
 }
 
+/// What a job's spans share: one reference per child instead of one per
+/// part (each costs the job's thread an atomic increment and decrement).
+struct JobShared {
+    tracer: SdkTracer,
+    spans: SpanCounter,
+    /// The open spans, for the log records' `SpanId`.
+    stack: Arc<SpanStack>,
+}
+
 /// The telemetry of one job.
 pub struct JobTelemetry {
     job_id: i64,
@@ -385,15 +425,13 @@ pub struct JobTelemetry {
 
 struct ActiveJob {
     provider: SdkTracerProvider,
-    tracer: SdkTracer,
+    /// The tracer, span cap and open spans, shared with the children.
+    shared: Arc<JobShared>,
     /// Holds the `job_execution` span.
     context: Context,
     pipeline: ExportPipeline,
     budget: AttributeBudget,
-    spans: Arc<SpanCounter>,
     secrets: Secrets,
-    /// The open spans, for the log records' `SpanId`.
-    stack: Arc<SpanStack>,
     /// Log records, when the runner exports the job log.
     logs: Option<JobLogs>,
 }
@@ -487,7 +525,7 @@ impl JobTelemetry {
     pub fn dropped_spans(&self) -> usize {
         self.active
             .as_ref()
-            .map(|a| a.spans.dropped.load(Ordering::SeqCst))
+            .map(|a| a.shared.spans.dropped.load(Ordering::SeqCst))
             .unwrap_or(0)
     }
 
@@ -512,8 +550,7 @@ impl JobTelemetry {
         let child = self
             .with_active("child", |a| {
                 start_child(
-                    &a.tracer, &a.spans, &a.secrets, &a.stack, &a.context, name, attributes,
-                    start_time,
+                    &a.shared, &a.secrets, &a.context, name, attributes, start_time,
                 )
             })
             .flatten();
@@ -534,15 +571,14 @@ impl JobTelemetry {
             context,
             pipeline,
             mut budget,
-            spans,
+            shared,
             secrets,
             logs,
-            ..
         } = active;
         let ended = guarded(job_id, "finish", || {
             let span = context.span();
             let dropped_log_records = logs.as_ref().map(|l| l.finish(end_time));
-            let dropped = spans.dropped.load(Ordering::SeqCst);
+            let dropped = shared.spans.dropped.load(Ordering::SeqCst);
             if dropped > 0 {
                 tracing::warn!(
                     job_id,
@@ -649,13 +685,17 @@ fn start_active(start: JobTelemetryStart<'_>, runtime: &tokio::runtime::Handle) 
         .span_builder(JOB_SPAN_NAME)
         .with_kind(SpanKind::Internal)
         .with_start_time(start_time)
-        .with_attributes(budget.admit_all(job_attributes(job, runner)))
+        .with_attributes(budget.admit_vec(job_attributes(job, runner)))
         .start_with_context(&tracer, &parent);
     let root = opentelemetry::trace::Span::span_context(&span).clone();
     let context = Context::new().with_span(span);
-    let spans = Arc::new(SpanCounter::default());
-    spans.acquire();
-    let stack = Arc::new(SpanStack::new(root.trace_id(), root.span_id()));
+    let shared = Arc::new(JobShared {
+        tracer,
+        spans: SpanCounter::default(),
+        stack: Arc::new(SpanStack::new(root.trace_id(), root.span_id())),
+    });
+    shared.spans.acquire();
+    let stack = shared.stack.clone();
     let logs = resource_block.map(|resource| {
         JobLogs::start(
             JobLogsStart {
@@ -676,51 +716,48 @@ fn start_active(start: JobTelemetryStart<'_>, runtime: &tokio::runtime::Handle) 
     });
     ActiveJob {
         provider,
-        tracer,
+        shared,
         context,
         pipeline,
         budget,
-        spans,
         secrets: Arc::new(Vec::new()),
-        stack,
         logs,
     }
 }
 
 /// Starts a child of `parent` if the job's span cap allows it.
-// The job's shared state (cap, secrets, open spans) as three arguments: a
-// struct for them would touch every caller for no clarity gained.
-#[allow(clippy::too_many_arguments)]
 fn start_child(
-    tracer: &SdkTracer,
-    spans: &Arc<SpanCounter>,
+    shared: &Arc<JobShared>,
     secrets: &Secrets,
-    stack: &Arc<SpanStack>,
     parent: &Context,
     name: Cow<'static, str>,
-    attributes: Vec<KeyValue>,
+    mut attributes: Vec<KeyValue>,
     start_time: SystemTime,
 ) -> Option<ChildInner> {
-    if !spans.acquire() {
+    if !shared.spans.acquire() {
         return None;
     }
     let mut budget = AttributeBudget::default();
-    let attributes = attributes.into_iter().map(|a| mask_attribute(a, secrets));
-    let span = tracer
+    if !secrets.is_empty() {
+        attributes = attributes
+            .into_iter()
+            .map(|a| mask_attribute(a, secrets))
+            .collect();
+    }
+    let span = shared
+        .tracer
         .span_builder(name)
         .with_kind(SpanKind::Internal)
         .with_start_time(start_time)
-        .with_attributes(budget.admit_all(attributes))
-        .start_with_context(tracer, parent);
+        .with_attributes(budget.admit_vec(attributes))
+        .start_with_context(&shared.tracer, parent);
     let span_id = opentelemetry::trace::Span::span_context(&span).span_id();
-    stack.push(span_id);
+    shared.stack.push(span_id);
     Some(ChildInner {
-        tracer: tracer.clone(),
-        context: Context::new().with_span(span),
+        span: Held::Span(span),
         budget,
-        spans: spans.clone(),
+        shared: shared.clone(),
         secrets: secrets.clone(),
-        stack: stack.clone(),
         span_id,
     })
 }
@@ -841,20 +878,74 @@ pub struct ChildSpan {
 }
 
 struct ChildInner {
-    tracer: SdkTracer,
-    /// Holds this span.
-    context: Context,
+    /// This span.
+    span: Held,
     budget: AttributeBudget,
-    spans: Arc<SpanCounter>,
+    shared: Arc<JobShared>,
     secrets: Secrets,
-    stack: Arc<SpanStack>,
     span_id: SpanId,
+}
+
+/// A child span, held as itself until it gets a child of its own: only then
+/// is it put in a [`Context`] (an allocation and a lock per call that most
+/// spans, which have no children, do without).
+// The span inline on purpose: boxing it would cost the allocation saved.
+#[allow(clippy::large_enum_variant)]
+enum Held {
+    Span(opentelemetry_sdk::trace::Span),
+    Context(Context),
+}
+
+impl Held {
+    fn set_attributes(&mut self, attributes: Vec<KeyValue>) {
+        use opentelemetry::trace::Span as _;
+        match self {
+            Held::Span(span) => span.set_attributes(attributes),
+            Held::Context(cx) => cx.span().set_attributes(attributes),
+        }
+    }
+
+    fn end(&mut self, status: Status, end_time: SystemTime) {
+        use opentelemetry::trace::Span as _;
+        match self {
+            Held::Span(span) => {
+                span.set_status(status);
+                span.end_with_timestamp(end_time);
+            }
+            Held::Context(cx) => {
+                let span = cx.span();
+                span.set_status(status);
+                span.end_with_timestamp(end_time);
+            }
+        }
+    }
+
+    fn span_context(&self) -> opentelemetry::trace::SpanContext {
+        match self {
+            Held::Span(span) => opentelemetry::trace::Span::span_context(span).clone(),
+            Held::Context(cx) => cx.span().span_context().clone(),
+        }
+    }
+
+    /// The span as a parent context.
+    fn context(&mut self) -> &Context {
+        if let Held::Span(_) = self {
+            let Held::Span(span) = std::mem::replace(self, Held::Context(Context::new())) else {
+                unreachable!("matched above");
+            };
+            *self = Held::Context(Context::new().with_span(span));
+        }
+        match self {
+            Held::Context(cx) => cx,
+            Held::Span(_) => unreachable!("replaced above"),
+        }
+    }
 }
 
 impl Drop for ChildInner {
     fn drop(&mut self) {
         // Lines printed from now on belong to the parent again.
-        self.stack.remove(self.span_id);
+        self.shared.stack.remove(self.span_id);
     }
 }
 
@@ -883,7 +974,7 @@ impl ChildSpan {
     pub fn set_attribute(&mut self, attribute: KeyValue) {
         self.with_inner("set_attribute", |c| {
             let admitted = c.budget.admit(mask_attribute(attribute, &c.secrets));
-            c.context.span().set_attributes(admitted)
+            c.span.set_attributes(admitted)
         });
     }
 
@@ -894,7 +985,7 @@ impl ChildSpan {
                 .into_iter()
                 .map(|a| mask_attribute(a, &c.secrets));
             let admitted = c.budget.admit_all(attributes);
-            c.context.span().set_attributes(admitted)
+            c.span.set_attributes(admitted)
         });
     }
 
@@ -908,12 +999,11 @@ impl ChildSpan {
         let name = name.into();
         let inner = self
             .with_inner("child", |c| {
+                let parent = c.span.context();
                 start_child(
-                    &c.tracer,
-                    &c.spans,
+                    &c.shared,
                     &c.secrets,
-                    &c.stack,
-                    &c.context,
+                    parent,
                     name,
                     attributes,
                     SystemTime::now(),
@@ -926,7 +1016,7 @@ impl ChildSpan {
     /// The span's IDs, for logs and tests.
     pub fn span_context(&self) -> Option<opentelemetry::trace::SpanContext> {
         let inner = self.inner.as_ref()?;
-        Some(inner.context.span().span_context().clone())
+        Some(inner.span.span_context())
     }
 
     /// Ends the span now.
@@ -937,13 +1027,11 @@ impl ChildSpan {
     /// Ends the span at `end_time`.
     pub fn end_at(mut self, outcome: SpanOutcome, end_time: SystemTime) {
         self.with_inner("end", |c| {
-            let span = c.context.span();
             let outcome = match outcome {
                 SpanOutcome::Error(message) => SpanOutcome::Error(mask_text(&message, &c.secrets)),
                 other => other,
             };
-            span.set_status(outcome.status());
-            span.end_with_timestamp(end_time);
+            c.span.end(outcome.status(), end_time);
         });
     }
 
@@ -1054,8 +1142,14 @@ mod tests {
     /// would carry: `key=value` (strings as their length when long), then
     /// the bytes used.
     fn check_budget(limit: usize, attributes: Vec<KeyValue>, expected: &str) {
+        // The owned-list path admits exactly what the one-by-one path does.
+        let mut by_vec = AttributeBudget::new(limit);
+        let admitted_vec = by_vec.admit_vec(attributes.clone());
         let mut budget = AttributeBudget::new(limit);
         let admitted = budget.admit_all(attributes);
+        assert_eq!(admitted_vec, admitted);
+        assert_eq!(by_vec.used(), budget.used());
+        assert_eq!(by_vec.is_truncated(), budget.is_truncated());
         let total: usize = admitted.iter().map(attribute_size).sum();
         assert!(total <= limit, "{total} > {limit}");
         assert_eq!(total, budget.used());
@@ -1134,6 +1228,18 @@ mod tests {
         budget.admit(KeyValue::new("k", "first"));
         budget.admit(KeyValue::new("k", "second"));
         assert_eq!(budget.used(), 7);
+        // Also within one list, and a replaced key leaves room for others.
+        let list = vec![
+            KeyValue::new("k", "0123456789"),
+            KeyValue::new("k", "x"),
+            KeyValue::new("abc", "0123456"),
+        ];
+        let mut by_vec = AttributeBudget::new(40);
+        let mut one_by_one = AttributeBudget::new(40);
+        assert_eq!(by_vec.admit_vec(list.clone()), list);
+        assert_eq!(one_by_one.admit_all(list.clone()), list);
+        assert_eq!((by_vec.used(), by_vec.is_truncated()), (12, false));
+        assert_eq!((one_by_one.used(), one_by_one.is_truncated()), (12, false));
     }
 
     #[test]

@@ -17,7 +17,6 @@ use bytes::Bytes;
 use opentelemetry::InstrumentationScope;
 use opentelemetry_proto::tonic::common::v1::InstrumentationScope as ProtoScope;
 use opentelemetry_proto::tonic::resource::v1::Resource as ProtoResource;
-use opentelemetry_proto::tonic::trace::v1::Span as ProtoSpan;
 use opentelemetry_proto::transform::common::tonic::ResourceAttributesWithSchema;
 use opentelemetry_sdk::trace::SpanData;
 use opentelemetry_sdk::Resource;
@@ -70,9 +69,11 @@ impl ScopeBlock {
     }
 }
 
-/// Encodes one span (without its resource and scope).
+/// Encodes one span (without its resource and scope), straight from the
+/// `SpanData` ([`super::span_wire`]: the same bytes as opentelemetry-proto's
+/// conversion, without building its message first).
 pub fn encode_span(span: SpanData) -> Bytes {
-    ProtoSpan::from(span).encode_to_vec().into()
+    super::span_wire::encode(&span).into()
 }
 
 /// `ExportTraceServiceRequest` with pre-encoded parts.

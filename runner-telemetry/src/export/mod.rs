@@ -45,6 +45,7 @@ pub mod hub;
 pub mod logs_encode;
 pub mod retry;
 pub mod sink;
+pub mod span_wire;
 pub mod transport;
 
 use std::collections::HashMap;
@@ -92,30 +93,98 @@ struct JobSpans {
 }
 
 impl JobSpans {
-    /// Encodes `span` once and hands it to every sink; the job's root span
-    /// may use the room each sink holds for it.
-    fn deliver(&self, span: SpanData) {
-        let root = span.name == crate::keys::JOB_SPAN_NAME
+    /// Whether `span` is the job's root (`job_execution`, child of the
+    /// payload's remote span or a root itself).
+    fn is_root(span: &SpanData) -> bool {
+        span.name == crate::keys::JOB_SPAN_NAME
             && (span.parent_span_is_remote
-                || span.parent_span_id == opentelemetry::trace::SpanId::INVALID);
-        let scope = {
+                || span.parent_span_id == opentelemetry::trace::SpanId::INVALID)
+    }
+
+    /// The encoded scope of `span`, from the job's cache (the last one
+    /// used is tried first: a job's spans share one scope).
+    fn scope(
+        &self,
+        scope: &InstrumentationScope,
+        last: &mut Option<(InstrumentationScope, Arc<ScopeBlock>)>,
+    ) -> Arc<ScopeBlock> {
+        if let Some((known, block)) = last {
+            if known == scope {
+                return block.clone();
+            }
+        }
+        let block = {
             let mut scopes = self.scopes.lock().unwrap_or_else(|e| e.into_inner());
             scopes
-                .entry(span.instrumentation_scope.clone())
-                .or_insert_with(|| Arc::new(ScopeBlock::new(&span.instrumentation_scope)))
+                .entry(scope.clone())
+                .or_insert_with(|| Arc::new(ScopeBlock::new(scope)))
                 .clone()
         };
-        let encoded = EncodedSpan {
+        *last = Some((scope.clone(), block.clone()));
+        block
+    }
+
+    fn encode(
+        &self,
+        span: SpanData,
+        last: &mut Option<(InstrumentationScope, Arc<ScopeBlock>)>,
+    ) -> EncodedSpan {
+        let scope = self.scope(&span.instrumentation_scope, last);
+        EncodedSpan {
             span: encode::encode_span(span),
             resource: self.resource.clone(),
             scope,
-        };
+        }
+    }
+
+    /// Encodes `span` once and hands it to every sink; the job's root span
+    /// may use the room each sink holds for it.
+    fn deliver(&self, span: SpanData) {
+        let root = Self::is_root(&span);
+        let encoded = self.encode(span, &mut None);
+        self.hand_over(encoded, root);
+    }
+
+    fn hand_over(&self, encoded: EncodedSpan, root: bool) {
         for (index, sink) in self.sinks.iter().enumerate() {
             match root {
                 true => sink.accept_root(encoded.clone(), &self.account, index),
                 false => sink.accept(encoded.clone(), &self.account, index),
             }
         }
+    }
+
+    /// [`Self::deliver`] for a burst of spans, in order: the sinks take the
+    /// children as one batch each (one lock and one wake-up of the export
+    /// worker per burst, not per span) and the root on its own.
+    fn deliver_all(&self, spans: impl Iterator<Item = SpanData>) {
+        let mut last = None;
+        let mut batch: Vec<EncodedSpan> = Vec::new();
+        for span in spans {
+            let root = Self::is_root(&span);
+            let encoded = self.encode(span, &mut last);
+            if root {
+                self.hand_over_batch(&mut batch);
+                self.hand_over(encoded, true);
+            } else {
+                batch.push(encoded);
+            }
+        }
+        self.hand_over_batch(&mut batch);
+    }
+
+    fn hand_over_batch(&self, batch: &mut Vec<EncodedSpan>) {
+        if batch.is_empty() {
+            return;
+        }
+        let spans = std::mem::take(batch);
+        let Some((last, others)) = self.sinks.split_last() else {
+            return;
+        };
+        for (index, sink) in others.iter().enumerate() {
+            sink.accept_batch(spans.clone(), &self.account, index);
+        }
+        last.accept_batch(spans, &self.account, others.len());
     }
 }
 
@@ -127,6 +196,13 @@ struct Handoff {
     to: Arc<JobSpans>,
 }
 
+impl Handoff {
+    /// The span, for the encoder to deliver (it no longer is on drop).
+    fn take(mut self) -> Option<SpanData> {
+        self.span.take()
+    }
+}
+
 impl Drop for Handoff {
     fn drop(&mut self) {
         if let Some(span) = self.span.take() {
@@ -136,12 +212,17 @@ impl Drop for Handoff {
 }
 
 async fn encode_spans(mut handoffs: tokio::sync::mpsc::Receiver<Handoff>) {
+    let mut burst = Vec::new();
     while let Some(first) = handoffs.recv().await {
+        // Until the spans are taken out below, a cancelled task (runtime
+        // gone) still delivers them: dropping a hand-off delivers it.
         tokio::time::sleep(ENCODER_GATHER).await;
-        drop(first);
+        let to = first.to.clone();
+        burst.push(first);
         while let Ok(handoff) = handoffs.try_recv() {
-            drop(handoff);
+            burst.push(handoff);
         }
+        to.deliver_all(burst.drain(..).filter_map(Handoff::take));
     }
 }
 

@@ -96,6 +96,11 @@ impl Collector {
         self.state.spans.load(Ordering::SeqCst)
     }
 
+    /// Export requests accepted since the last reset.
+    pub fn requests(&self) -> u64 {
+        self.state.requests.load(Ordering::SeqCst)
+    }
+
     /// Forgets what was counted and answers normally again.
     pub fn reset(&self) {
         self.state.spans.store(0, Ordering::SeqCst);

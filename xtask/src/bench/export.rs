@@ -51,6 +51,8 @@ pub enum Sink<'a> {
 pub struct Run {
     pub peer: PeerResult,
     pub delivered: u64,
+    /// Export requests the bench's collector accepted (0 for the stack).
+    pub requests: u64,
 }
 
 impl Run {
@@ -148,11 +150,18 @@ fn run_side(
         settle_secs: outage.as_secs_f64() + 20.0,
     };
     let peer = spawn_peer(&config)?;
-    let delivered = match sink {
-        Sink::Collector(c) => c.wait_for_spans(peer.spans, Duration::from_secs(2)),
-        Sink::Stack(s) => landed(s, &service_name, peer.spans)?,
+    let (delivered, requests) = match sink {
+        Sink::Collector(c) => (
+            c.wait_for_spans(peer.spans, Duration::from_secs(2)),
+            c.requests(),
+        ),
+        Sink::Stack(s) => (landed(s, &service_name, peer.spans)?, 0),
     };
-    Ok(Run { peer, delivered })
+    Ok(Run {
+        peer,
+        delivered,
+        requests,
+    })
 }
 
 /// Rows of `service` in ClickHouse once their count reached `expected` or
@@ -216,8 +225,17 @@ pub fn scenario(
             }
         }
         println!(
-            "  round {round}: ours {} delivered of {}, {:.2} µs/span p50; stock {} of {}, {:.2} µs/span p50",
-            ours.delivered, ours.peer.spans, ours.peer.span_p50_us, stock.delivered, stock.peer.spans, stock.peer.span_p50_us
+            "  round {round}: ours {} delivered of {} in {} requests, {:.2} µs/span p50, {:.2} µs CPU/span; stock {} of {} in {} requests, {:.2} µs/span p50, {:.2} µs CPU/span",
+            ours.delivered,
+            ours.peer.spans,
+            ours.requests,
+            ours.peer.span_p50_us,
+            ours.cpu_per_span_us(),
+            stock.delivered,
+            stock.peer.spans,
+            stock.requests,
+            stock.peer.span_p50_us,
+            stock.cpu_per_span_us()
         );
         runs.push((ours, stock));
     }

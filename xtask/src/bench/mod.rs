@@ -12,8 +12,8 @@
 //! - job wall time with telemetry on vs off, and job end to final status
 //!   with the collector up, stalled, or telemetry off ([`jobs`]);
 //! - `POST /api/v4/jobs/request` with the flag on vs off ([`rails`]);
-//! - job end to span queryable, stack ingest, trace lookup at 10 million
-//!   spans ([`stack`]).
+//! - job end to span queryable, stack ingest (spans/s and job log lines/s),
+//!   trace lookup at 10 million spans ([`stack`]).
 //!
 //! Sides always run interleaved in the same run (alternating which goes
 //! first), so a ratio compares like with like even on a busy machine;
@@ -60,6 +60,10 @@ pub struct Profile {
     pub stack: bool,
     pub query_samples: usize,
     pub ingest_jobs: usize,
+    /// Jobs printing log lines (log export on) into the stack, and lines
+    /// each.
+    pub log_jobs: usize,
+    pub log_lines_per_job: usize,
     pub lookup_spans: u64,
     pub lookup_samples: usize,
 }
@@ -80,6 +84,8 @@ impl Profile {
             stack: true,
             query_samples: 20,
             ingest_jobs: 100,
+            log_jobs: 20,
+            log_lines_per_job: 10_000,
             lookup_spans: 10_000_000,
             lookup_samples: 100,
         }
@@ -101,6 +107,8 @@ impl Profile {
             stack: false,
             query_samples: 0,
             ingest_jobs: 0,
+            log_jobs: 0,
+            log_lines_per_job: 0,
             lookup_spans: 0,
             lookup_samples: 0,
         }
@@ -275,6 +283,8 @@ fn measure(profile: &Profile, dir: &std::path::Path) -> Result<Report> {
         stack::queryable(&mut report, profile, &stack)?;
         report.write(dir)?;
         stack::ingest(&mut report, profile, &stack)?;
+        report.write(dir)?;
+        stack::log_ingest(&mut report, profile, &stack)?;
         report.write(dir)?;
         stack::lookup(&mut report, profile, &stack)?;
     }

@@ -3,14 +3,18 @@
 //! with nothing lost, and how fast a trace and a job's spans are looked up
 //! among 10 million spans.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context, Result};
 use conformance::stack::{Endpoints, Stack};
+use runner_telemetry::config::StaticEndpoint;
+use runner_telemetry::logs::Stream;
+use runner_telemetry::negotiate::Transport;
 use runner_telemetry::{JobOutcome, RunnerIdentity, RunnerTelemetry, SpanOutcome};
 
 use super::export::spawn_peer;
-use super::peer::{job_info, our_settings, PeerConfig, Protocol, Side};
+use super::peer::{job_info, job_payload, our_settings, PeerConfig, Protocol, Side};
 use super::report::{Goal, Kind, Metric, Report};
 use super::stats::{micros, summarize};
 use super::Profile;
@@ -167,7 +171,146 @@ pub fn ingest(report: &mut Report, profile: &Profile, stack: &Stack) -> Result<(
         )
         .goal(Goal::AtMost(0.0)),
     );
-    report.note("Stack ingest: from starting the peer to the last row counted in `otel.otel_traces`; job logs (log lines/s) are not measured yet: the runner does not export them.");
+    report.note(
+        "Stack ingest: from starting the peer to the last row counted in `otel.otel_traces`.",
+    );
+    Ok(())
+}
+
+/// Rows of `sql`'s count once it reached `expected` or stopped growing for
+/// `quiet`, at most `limit` from now.
+fn count_until(
+    clickhouse: &conformance::clickhouse::ClickHouse,
+    sql: &str,
+    expected: u64,
+    quiet: Duration,
+    limit: Duration,
+) -> Result<u64> {
+    let deadline = Instant::now() + limit;
+    let (mut last, mut since) = (0, Instant::now());
+    loop {
+        let count = clickhouse.count(sql)?;
+        if count >= expected || Instant::now() > deadline {
+            return Ok(count);
+        }
+        if count != last {
+            (last, since) = (count, Instant::now());
+        } else if since.elapsed() > quiet {
+            return Ok(count);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Job log lines landed per second through the whole stack, and how many
+/// were lost: concurrent jobs print lines (in chunks, as a job's output
+/// arrives) with log export on, in-process on the runner's API.
+pub fn log_ingest(report: &mut Report, profile: &Profile, stack: &Stack) -> Result<()> {
+    let scenario = "Stack ingest of job logs (our client -> rotel -> chDB), OTLP/HTTP";
+    let (jobs, lines) = (profile.log_jobs, profile.log_lines_per_job);
+    println!("==> {scenario} ({jobs} jobs x {lines} lines)");
+    let endpoint = stack.endpoints().otlp_http.clone();
+    let service = format!("bench-log-ingest-{}", std::process::id());
+    let mut settings = our_settings(Protocol::Http, &endpoint, &service);
+    settings.logs = Some(StaticEndpoint {
+        transport: Transport::HttpProtobuf,
+        url: format!("{endpoint}/v1/logs"),
+        headers: Vec::new(),
+    });
+    let runtime = tokio::runtime::Runtime::new()?;
+    let telemetry = {
+        let _guard = runtime.enter();
+        Arc::new(RunnerTelemetry::new(settings, RunnerIdentity::default()))
+    };
+    let started = Instant::now();
+    let (records, counted_drops) = runtime.block_on(async {
+        let tasks: Vec<_> = (0..jobs)
+            .map(|job| {
+                let telemetry = telemetry.clone();
+                tokio::spawn(async move {
+                    let mut t = telemetry.start_job(
+                        &job_payload(800_000 + job),
+                        &job_info(800_000 + job),
+                        SystemTime::now(),
+                    );
+                    let child = t.child("step_script", vec![]);
+                    if let Some(logs) = t.logs() {
+                        let mut chunk = String::new();
+                        for line in 0..lines {
+                            chunk.push_str(&format!(
+                                "job {job} line {line}: compiling bench-crate v0.1.0 (/builds/bench)\n"
+                            ));
+                            if line % 100 == 99 || line + 1 == lines {
+                                logs.push_output(chunk.as_bytes(), Stream::Stdout, SystemTime::now());
+                                chunk.clear();
+                                tokio::task::yield_now().await;
+                            }
+                        }
+                        logs.end_output();
+                    }
+                    child.end(SpanOutcome::Ok);
+                    let flush = t.finish(&JobOutcome::Success, SystemTime::now());
+                    match flush {
+                        Some(flush) => flush.flush(Duration::from_secs(120)).await.log_records,
+                        None => None,
+                    }
+                })
+            })
+            .collect();
+        let (mut records, mut dropped) = (0, 0);
+        for task in tasks {
+            if let Some(logs) = task.await? {
+                records += logs.spans;
+                dropped += logs.dropped();
+            }
+        }
+        anyhow::Ok((records, dropped))
+    })?;
+    let sql = format!("SELECT count() FROM otel.otel_logs WHERE ServiceName = '{service}'");
+    let landed = count_until(
+        &stack.clickhouse(),
+        &sql,
+        records,
+        Duration::from_secs(10),
+        Duration::from_secs(120),
+    )?;
+    let elapsed = started.elapsed().as_secs_f64();
+    runtime.block_on(telemetry.shutdown());
+    anyhow::ensure!(
+        records >= (jobs * lines) as u64,
+        "{} lines printed, only {records} log records made",
+        jobs * lines
+    );
+    report.push(Metric::new(
+        "ingest.log_lines_per_s",
+        scenario,
+        &format!("log lines/s landed ({records} records)"),
+        Kind::Absolute,
+        "lines/s",
+        landed as f64 / elapsed,
+    ));
+    report.push(
+        Metric::new(
+            "ingest.log_lines_lost",
+            scenario,
+            "log lines lost",
+            Kind::Count,
+            "lines",
+            records.saturating_sub(landed) as f64,
+        )
+        .goal(Goal::AtMost(0.0)),
+    );
+    report.push(Metric::new(
+        "ingest.log_lines_dropped_counted",
+        scenario,
+        "  of which dropped and counted by the client",
+        Kind::Count,
+        "lines",
+        counted_drops as f64,
+    ));
+    report.note(format!(
+        "Log ingest: {jobs} concurrent jobs printing {lines} lines each (about 60 bytes, in chunks of 100 lines), log export on, in-process on the runner's API; from the first job's start to the last record counted in `otel.otel_logs`."
+    ));
     Ok(())
 }
 
