@@ -259,6 +259,9 @@ impl Worker {
 
 pub(crate) struct HubInner {
     limits: BufferSettings,
+    /// One export attempt's bound, by signal (the transports' own bound is
+    /// the larger of the two).
+    timeouts: [Duration; 2],
     shutdown_timeout: Duration,
     transports: Result<Transports, SetupError>,
     auth: Authenticator,
@@ -294,11 +297,16 @@ pub struct ShutdownReport {
 
 impl ExportHub {
     pub fn new(settings: &ExportSettings, metrics: Arc<Metrics>) -> ExportHub {
-        let transports = Transports::new(settings.ca_file.as_deref(), settings.export_timeout);
+        let timeouts = [settings.export_timeout, settings.logs_export_timeout];
+        let transports = Transports::new(
+            settings.ca_file.as_deref(),
+            settings.export_timeout.max(settings.logs_export_timeout),
+        );
         let (shutdown, _) = watch::channel(None);
         ExportHub {
             inner: Arc::new(HubInner {
                 limits: settings.buffer,
+                timeouts,
                 shutdown_timeout: settings.shutdown_timeout,
                 transports,
                 auth: Authenticator::new(&settings.gcp_metadata_url, settings.export_timeout),
@@ -802,6 +810,7 @@ async fn export_batch(
             return;
         };
         let http = transports.http();
+        let timeout = hub.timeouts[usize::from(worker.signal == Signal::Logs)];
         let attempt = async {
             let bearer = match hub.auth.bearer(&worker.target.auth, http).await {
                 Ok(b) => b,
@@ -818,16 +827,22 @@ async fn export_batch(
                 resource: &i.span.resource,
                 scope: &i.span.scope,
             }));
-            transports
-                .send_signal(
-                    worker.signal,
-                    worker.target.transport,
-                    &worker.target.url,
-                    &worker.headers,
-                    bearer.as_ref(),
-                    request,
-                )
-                .await
+            let send = transports.send_signal(
+                worker.signal,
+                worker.target.transport,
+                &worker.target.url,
+                &worker.headers,
+                bearer.as_ref(),
+                request,
+            );
+            match tokio::time::timeout(timeout, send).await {
+                Ok(attempt) => attempt,
+                Err(_) => Attempt::Failed {
+                    verdict: Verdict::Retry { after: None },
+                    error: format!("no answer within {}ms", timeout.as_millis()),
+                    unauthenticated: false,
+                },
+            }
         };
         let deadline_passed = async {
             loop {
