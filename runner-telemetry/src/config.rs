@@ -861,9 +861,10 @@ pub fn resolve(
                 OTEL_EXPORTER_OTLP_LOGS_TIMEOUT,
                 &mut warnings,
             );
-            let compression = env_compression(env, OTEL_EXPORTER_OTLP_LOGS_COMPRESSION, &mut warnings)
-                .or_else(|| env_compression(env, OTEL_EXPORTER_OTLP_COMPRESSION, &mut warnings))
-                .unwrap_or_default();
+            let compression =
+                env_compression(env, OTEL_EXPORTER_OTLP_LOGS_COMPRESSION, &mut warnings)
+                    .or_else(|| env_compression(env, OTEL_EXPORTER_OTLP_COMPRESSION, &mut warnings))
+                    .unwrap_or_default();
             if compression == Compression::Gzip {
                 warnings.push(
                     "gzip compression of log records is not implemented: they are sent uncompressed"
