@@ -1357,7 +1357,8 @@ mod tests {
     fn logs_settings_precedence() {
         let http = "http/protobuf+http://localhost:4318/v1/logs";
         let defaults = "headers=[] timeout=10s compression=None";
-        let table: &[(&str, &[(&str, &str)], String)] = &[
+        type Row<'a> = (&'a str, &'a [(&'a str, &'a str)], String);
+        let table: &[Row] = &[
             ("", &[], format!("{http} {defaults}")),
             // Endpoint: LOGS, then generic (+ /v1/logs), then the traces
             // endpoint's collector.
