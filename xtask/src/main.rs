@@ -34,7 +34,7 @@ Commands:
                                 (release build); --gate: short profile, fail
                                 on a ratio or loss over xtask/bench-thresholds.toml
   bench ingest [--no-ceiling]   landed spans/s vs the engine's ceiling, and a 5x overload
-  bench logs                    only the job log export scenario (1M lines)
+  bench logs [--dev-build]      only the job log export scenario (1M lines, release build)
   bench-scaling                 measure the inputs of docs/scaling.md on this machine
   stack up|down|status [--dir DIR]
                                 control the embedded stack (default target/stack)
