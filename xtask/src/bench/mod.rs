@@ -155,6 +155,10 @@ pub fn run(args: &[String]) -> Result<()> {
     if logs {
         if dev_build {
             crate::test::build_binaries()?;
+        } else if std::env::var_os("CONFORMANCE_CI_RUNNER_BIN").is_none() {
+            // `workspace_binary` looks beside a test binary (target/<profile>/deps),
+            // not beside xtask: name the release runner.
+            std::env::set_var("CONFORMANCE_CI_RUNNER_BIN", release_dir().join("ci-runner"));
         }
         return logs::run();
     }
