@@ -53,9 +53,22 @@
 //!    path), for gRPC the same URL.
 //!
 //! The protocol is [`OTEL_EXPORTER_OTLP_LOGS_PROTOCOL`], then
-//! [`OTEL_EXPORTER_OTLP_PROTOCOL`], then the traces endpoint's; the headers
-//! are the traces endpoint's. A contract v2 payload's endpoints get the
-//! job's records too, at [`logs_url`] of each.
+//! [`OTEL_EXPORTER_OTLP_PROTOCOL`], then the traces endpoint's. The other
+//! settings follow the OTLP specification's rule (the signal-specific
+//! variable, then the generic one, then the default), below the explicit
+//! configuration as for traces:
+//!
+//! | setting     | explicit (file, connection string) | signal-specific                          | generic                            | default |
+//! |-------------|------------------------------------|------------------------------------------|------------------------------------|---------|
+//! | headers     | `[headers]`, `header_NAME=`        | [`OTEL_EXPORTER_OTLP_LOGS_HEADERS`]      | [`OTEL_EXPORTER_OTLP_HEADERS`]     | none    |
+//! | timeout     | `timeout`, `timeout=`              | [`OTEL_EXPORTER_OTLP_LOGS_TIMEOUT`] (ms) | [`OTEL_EXPORTER_OTLP_TIMEOUT`]     | 10 s    |
+//! | compression |                                    | [`OTEL_EXPORTER_OTLP_LOGS_COMPRESSION`]  | [`OTEL_EXPORTER_OTLP_COMPRESSION`] | `none`  |
+//!
+//! The `_TRACES_` variables never apply to log records. Compression is
+//! `none` or `gzip`; `gzip` is not implemented yet: it is ignored with a
+//! warning and records are sent uncompressed. A contract v2 payload's
+//! endpoints get the job's records too, at [`logs_url`] of each (with the
+//! logs timeout; the static headers are not sent to them).
 //!
 //! # Connection string grammar
 //!
@@ -86,6 +99,14 @@ use crate::negotiate::{NegotiationOptions, Transport};
 pub const OTEL_EXPORTER_OTLP_LOGS_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT";
 /// Logs protocol, `http/protobuf` or `grpc`.
 pub const OTEL_EXPORTER_OTLP_LOGS_PROTOCOL: &str = "OTEL_EXPORTER_OTLP_LOGS_PROTOCOL";
+/// Logs headers, `k1=v1,k2=v2`; replaces the generic ones when set.
+pub const OTEL_EXPORTER_OTLP_LOGS_HEADERS: &str = "OTEL_EXPORTER_OTLP_LOGS_HEADERS";
+/// Logs export timeout in milliseconds.
+pub const OTEL_EXPORTER_OTLP_LOGS_TIMEOUT: &str = "OTEL_EXPORTER_OTLP_LOGS_TIMEOUT";
+/// Logs compression: `none` or `gzip`.
+pub const OTEL_EXPORTER_OTLP_LOGS_COMPRESSION: &str = "OTEL_EXPORTER_OTLP_LOGS_COMPRESSION";
+/// Generic compression: `none` or `gzip` (read for log records only).
+pub const OTEL_EXPORTER_OTLP_COMPRESSION: &str = "OTEL_EXPORTER_OTLP_COMPRESSION";
 /// `true` exports job logs as OTLP log records (opt-in).
 pub const CI_TELEMETRY_LOGS: &str = "CI_TELEMETRY_LOGS";
 /// Generic OTLP endpoint (all signals); `/v1/traces` is appended for HTTP.
@@ -400,6 +421,18 @@ pub struct ExportSettings {
     /// Where the job logs' records go (contract v1), `None` when log export
     /// is off.
     pub logs: Option<StaticEndpoint>,
+    /// Timeout of one export request of log records (every logs endpoint).
+    pub logs_export_timeout: Duration,
+    /// Compression of log record requests.
+    pub logs_compression: Compression,
+}
+
+/// Compression of export requests (`OTEL_EXPORTER_OTLP_*_COMPRESSION`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Compression {
+    #[default]
+    None,
+    Gzip,
 }
 
 /// Limits of the runner-wide export buffer and the retry schedule.
@@ -482,6 +515,8 @@ impl Default for ExportSettings {
             warnings: Vec::new(),
             negotiation: NegotiationOptions::default(),
             logs: None,
+            logs_export_timeout: DEFAULT_EXPORT_TIMEOUT,
+            logs_compression: Compression::None,
         }
     }
 }
@@ -687,41 +722,38 @@ pub fn resolve(
     let url = validate_endpoint(transport, url.trim())?;
 
     // Headers: the first source that has any.
-    let headers = if !file.headers.is_empty() {
-        file.headers
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect()
-    } else if let Some(c) = connection.as_ref().filter(|c| !c.headers.is_empty()) {
-        c.headers.clone()
+    let explicit_headers: Option<Vec<(String, String)>> = if !file.headers.is_empty() {
+        Some(
+            file.headers
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        )
     } else {
-        let mut from_env = Vec::new();
-        for name in [
-            OTEL_EXPORTER_OTLP_TRACES_HEADERS,
-            OTEL_EXPORTER_OTLP_HEADERS,
-        ] {
-            if let Some(text) = env_var(env, name) {
-                let (headers, bad) = parse_headers(&text);
-                warnings.extend(bad.into_iter().map(|b| format!("ignored in {name}: {b}")));
-                from_env = headers;
-                break;
-            }
-        }
-        from_env
+        connection
+            .as_ref()
+            .filter(|c| !c.headers.is_empty())
+            .map(|c| c.headers.clone())
+    };
+    let headers = match &explicit_headers {
+        Some(headers) => headers.clone(),
+        None => env_headers(env, OTEL_EXPORTER_OTLP_TRACES_HEADERS, &mut warnings),
     };
 
     // Timeouts.
-    let export_timeout = match &file.timeout {
-        Some(t) => t
-            .to_duration()
-            .map_err(|e| ConfigError::Invalid(format!("timeout: {e}")))?,
-        None => connection
-            .as_ref()
-            .and_then(|c| c.timeout)
-            .or_else(|| env_duration_ms(env, OTEL_EXPORTER_OTLP_TRACES_TIMEOUT, &mut warnings))
-            .or_else(|| env_duration_ms(env, OTEL_EXPORTER_OTLP_TIMEOUT, &mut warnings))
-            .unwrap_or(DEFAULT_EXPORT_TIMEOUT),
+    let explicit_timeout = match &file.timeout {
+        Some(t) => Some(
+            t.to_duration()
+                .map_err(|e| ConfigError::Invalid(format!("timeout: {e}")))?,
+        ),
+        None => connection.as_ref().and_then(|c| c.timeout),
     };
+    let export_timeout = signal_timeout(
+        explicit_timeout,
+        env,
+        OTEL_EXPORTER_OTLP_TRACES_TIMEOUT,
+        &mut warnings,
+    );
     let flush_timeout = match (overrides.flush_timeout, &file.flush_timeout) {
         (Some(t), _) => t,
         (None, Some(t)) => t
@@ -818,9 +850,32 @@ pub fn resolve(
         || env_var(env, CI_TELEMETRY_LOGS).is_some_and(|v| {
             matches!(v.trim().to_ascii_lowercase().as_str(), "true" | "1" | "yes")
         });
-    let logs = match logs_on {
-        true => Some(resolve_logs_endpoint(&endpoint, env, &mut warnings)?),
-        false => None,
+    let (logs, logs_export_timeout, logs_compression) = match logs_on {
+        true => {
+            let mut logs = resolve_logs_endpoint(&endpoint, env, &mut warnings)?;
+            logs.headers = match explicit_headers {
+                Some(headers) => headers,
+                None => env_headers(env, OTEL_EXPORTER_OTLP_LOGS_HEADERS, &mut warnings),
+            };
+            let timeout = signal_timeout(
+                explicit_timeout,
+                env,
+                OTEL_EXPORTER_OTLP_LOGS_TIMEOUT,
+                &mut warnings,
+            );
+            let compression =
+                env_compression(env, OTEL_EXPORTER_OTLP_LOGS_COMPRESSION, &mut warnings)
+                    .or_else(|| env_compression(env, OTEL_EXPORTER_OTLP_COMPRESSION, &mut warnings))
+                    .unwrap_or_default();
+            if compression == Compression::Gzip {
+                warnings.push(
+                    "gzip compression of log records is not implemented: they are sent uncompressed"
+                        .into(),
+                );
+            }
+            (Some(logs), timeout, compression)
+        }
+        false => (None, export_timeout, Compression::None),
     };
     Ok(ExportSettings {
         enabled: !(overrides.disabled || file.disabled),
@@ -829,6 +884,8 @@ pub fn resolve(
         export_timeout,
         endpoint,
         logs,
+        logs_export_timeout,
+        logs_compression,
         buffer,
         shutdown_timeout,
         ca_file,
@@ -839,7 +896,50 @@ pub fn resolve(
     })
 }
 
-/// The logs endpoint (see the module docs), given the traces endpoint.
+/// Headers from the signal's variable, else from the generic one.
+fn env_headers(env: &dyn Env, signal: &str, warnings: &mut Vec<String>) -> Vec<(String, String)> {
+    for name in [signal, OTEL_EXPORTER_OTLP_HEADERS] {
+        if let Some(text) = env_var(env, name) {
+            let (headers, bad) = parse_headers(&text);
+            warnings.extend(bad.into_iter().map(|b| format!("ignored in {name}: {b}")));
+            return headers;
+        }
+    }
+    Vec::new()
+}
+
+/// The explicit timeout, else the signal's variable, else the generic one,
+/// else the default.
+fn signal_timeout(
+    explicit: Option<Duration>,
+    env: &dyn Env,
+    signal: &str,
+    warnings: &mut Vec<String>,
+) -> Duration {
+    explicit
+        .or_else(|| env_duration_ms(env, signal, warnings))
+        .or_else(|| env_duration_ms(env, OTEL_EXPORTER_OTLP_TIMEOUT, warnings))
+        .unwrap_or(DEFAULT_EXPORT_TIMEOUT)
+}
+
+/// A compression variable: `none` or `gzip`; anything else is ignored with
+/// a warning.
+fn env_compression(env: &dyn Env, name: &str, warnings: &mut Vec<String>) -> Option<Compression> {
+    let value = env_var(env, name)?;
+    match value.trim().to_ascii_lowercase().as_str() {
+        "none" => Some(Compression::None),
+        "gzip" => Some(Compression::Gzip),
+        _ => {
+            warnings.push(format!(
+                "ignored {name}: `{value}` is not a compression (`none` or `gzip`)"
+            ));
+            None
+        }
+    }
+}
+
+/// The logs endpoint (see the module docs), given the traces endpoint; its
+/// headers are the traces endpoint's until the caller sets the logs' own.
 fn resolve_logs_endpoint(
     traces: &StaticEndpoint,
     env: &dyn Env,
@@ -1219,6 +1319,188 @@ mod tests {
             &[],
             "error: protocol: `thrift` is not a protocol (`grpc` or `http/protobuf`)",
         );
+    }
+
+    /// Resolves with log export on and renders the logs side:
+    /// `transport+url headers=[..] timeout=.. compression=..` and warnings.
+    fn check_logs(file: &str, vars: &[(&str, &str)], expected: &str) {
+        let file: TelemetrySettings = toml::from_str(file).expect("test config parses");
+        let overrides = TelemetryOverrides {
+            logs: true,
+            ..none()
+        };
+        let actual = match resolve(&file, &overrides, &env(vars)) {
+            Ok(s) => {
+                let logs = s.logs.expect("log export is on");
+                let headers: Vec<String> = logs
+                    .headers
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect();
+                let mut line = format!(
+                    "{logs} headers=[{}] timeout={:?} compression={:?}",
+                    headers.join(","),
+                    s.logs_export_timeout,
+                    s.logs_compression
+                );
+                for w in s.warnings {
+                    line.push_str(&format!(" warning=({w})"));
+                }
+                line
+            }
+            Err(e) => format!("error: {e}"),
+        };
+        assert_eq!(actual, expected);
+    }
+
+    /// The logs' own settings: signal-specific variable, then generic, then
+    /// default, below the explicit configuration; `_TRACES_` never applies.
+    #[test]
+    fn logs_settings_precedence() {
+        let http = "http/protobuf+http://localhost:4318/v1/logs";
+        let defaults = "headers=[] timeout=10s compression=None";
+        type Row<'a> = (&'a str, &'a [(&'a str, &'a str)], String);
+        let table: &[Row] = &[
+            ("", &[], format!("{http} {defaults}")),
+            // Endpoint: LOGS, then generic (+ /v1/logs), then the traces
+            // endpoint's collector.
+            (
+                "",
+                &[
+                    (OTEL_EXPORTER_OTLP_ENDPOINT, "http://c:4318"),
+                    (OTEL_EXPORTER_OTLP_LOGS_ENDPOINT, "http://l:9/custom"),
+                ],
+                format!("http/protobuf+http://l:9/custom {defaults}"),
+            ),
+            (
+                "",
+                &[(OTEL_EXPORTER_OTLP_ENDPOINT, "http://c:4318/")],
+                format!("http/protobuf+http://c:4318/v1/logs {defaults}"),
+            ),
+            (
+                "endpoint = 'http://t:4318/v1/traces'",
+                &[],
+                format!("http/protobuf+http://t:4318/v1/logs {defaults}"),
+            ),
+            // Protocol: LOGS, then generic, then the traces endpoint's.
+            (
+                "",
+                &[
+                    (OTEL_EXPORTER_OTLP_PROTOCOL, "grpc"),
+                    (OTEL_EXPORTER_OTLP_LOGS_PROTOCOL, "http/protobuf"),
+                ],
+                format!("http/protobuf+http://localhost:4317/v1/logs {defaults}"),
+            ),
+            (
+                "",
+                &[(OTEL_EXPORTER_OTLP_LOGS_PROTOCOL, "grpc")],
+                format!("grpc+http://localhost:4318/v1/traces {defaults}"),
+            ),
+            // Headers: LOGS replaces generic; TRACES does not apply.
+            (
+                "",
+                &[
+                    (OTEL_EXPORTER_OTLP_HEADERS, "a=1"),
+                    (OTEL_EXPORTER_OTLP_LOGS_HEADERS, "l=2, m=x%20y"),
+                    (OTEL_EXPORTER_OTLP_TRACES_HEADERS, "t=3"),
+                ],
+                format!("{http} headers=[l=2,m=x y] timeout=10s compression=None"),
+            ),
+            (
+                "",
+                &[
+                    (OTEL_EXPORTER_OTLP_HEADERS, "a=1"),
+                    (OTEL_EXPORTER_OTLP_TRACES_HEADERS, "t=3"),
+                ],
+                format!("{http} headers=[a=1] timeout=10s compression=None"),
+            ),
+            (
+                "",
+                &[(OTEL_EXPORTER_OTLP_TRACES_HEADERS, "t=3")],
+                format!("{http} {defaults}"),
+            ),
+            // The file's headers are explicit: above every variable.
+            (
+                "[headers]\nx-file = 'f'",
+                &[(OTEL_EXPORTER_OTLP_LOGS_HEADERS, "l=2")],
+                format!("{http} headers=[x-file=f] timeout=10s compression=None"),
+            ),
+            (
+                "",
+                &[(OTEL_EXPORTER_OTLP_LOGS_HEADERS, "l=2,broken")],
+                format!("{http} headers=[l=2] timeout=10s compression=None warning=(ignored in OTEL_EXPORTER_OTLP_LOGS_HEADERS: malformed header entry #2)"),
+            ),
+            // Timeout: LOGS, then generic, then 10 s; TRACES does not apply;
+            // the file's is explicit.
+            (
+                "",
+                &[
+                    (OTEL_EXPORTER_OTLP_TIMEOUT, "2500"),
+                    (OTEL_EXPORTER_OTLP_LOGS_TIMEOUT, "700"),
+                    (OTEL_EXPORTER_OTLP_TRACES_TIMEOUT, "300"),
+                ],
+                format!("{http} headers=[] timeout=700ms compression=None"),
+            ),
+            (
+                "",
+                &[
+                    (OTEL_EXPORTER_OTLP_TIMEOUT, "2500"),
+                    (OTEL_EXPORTER_OTLP_TRACES_TIMEOUT, "300"),
+                ],
+                format!("{http} headers=[] timeout=2.5s compression=None"),
+            ),
+            (
+                "timeout = 3",
+                &[(OTEL_EXPORTER_OTLP_LOGS_TIMEOUT, "700")],
+                format!("{http} headers=[] timeout=3s compression=None"),
+            ),
+            (
+                "",
+                &[
+                    (OTEL_EXPORTER_OTLP_LOGS_TIMEOUT, "soon"),
+                    (OTEL_EXPORTER_OTLP_TIMEOUT, "2500"),
+                ],
+                format!("{http} headers=[] timeout=2.5s compression=None warning=(ignored OTEL_EXPORTER_OTLP_LOGS_TIMEOUT: `soon` is not milliseconds)"),
+            ),
+            // Compression: LOGS, then generic, then none.
+            (
+                "",
+                &[
+                    (OTEL_EXPORTER_OTLP_COMPRESSION, "gzip"),
+                    (OTEL_EXPORTER_OTLP_LOGS_COMPRESSION, "none"),
+                ],
+                format!("{http} {defaults}"),
+            ),
+            (
+                "",
+                &[(OTEL_EXPORTER_OTLP_COMPRESSION, "gzip")],
+                format!("{http} headers=[] timeout=10s compression=Gzip warning=(gzip compression of log records is not implemented: they are sent uncompressed)"),
+            ),
+            (
+                "",
+                &[
+                    (OTEL_EXPORTER_OTLP_LOGS_COMPRESSION, "zstd"),
+                    (OTEL_EXPORTER_OTLP_COMPRESSION, "none"),
+                ],
+                format!("{http} {defaults} warning=(ignored OTEL_EXPORTER_OTLP_LOGS_COMPRESSION: `zstd` is not a compression (`none` or `gzip`))"),
+            ),
+        ];
+        for (file, vars, expected) in table {
+            check_logs(file, vars, expected);
+        }
+        // The traces side keeps its own values.
+        let file: TelemetrySettings = toml::from_str("").unwrap();
+        let overrides = TelemetryOverrides {
+            logs: true,
+            ..none()
+        };
+        let vars = env(&[
+            (OTEL_EXPORTER_OTLP_LOGS_HEADERS, "l=2"),
+            (OTEL_EXPORTER_OTLP_LOGS_TIMEOUT, "700"),
+        ]);
+        let s = resolve(&file, &overrides, &vars).unwrap();
+        assert!(s.endpoint.headers.is_empty());
+        assert_eq!(s.export_timeout, DEFAULT_EXPORT_TIMEOUT);
     }
 
     #[test]

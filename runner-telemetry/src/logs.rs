@@ -497,7 +497,7 @@ impl JobLogs {
     }
 
     /// One turn of the job's task. While the runner's buffer is half full,
-    /// output waits (unless a quarter of [`LOG_QUEUE_BYTES`] waits, or the
+    /// output waits (unless three quarters of [`LOG_QUEUE_BYTES`] wait, or the
     /// job finished [`LOG_DRAIN_PATIENCE`] ago), so that a job's lines are
     /// not dropped only because they came faster than the export.
     fn turn(&self) -> Turn {
@@ -515,7 +515,7 @@ impl JobLogs {
         let patient = work
             .finishing
             .is_none_or(|at| at.elapsed() < LOG_DRAIN_PATIENCE);
-        if patient && queued < LOG_QUEUE_BYTES / 4 && sinks.iter().any(|s| s.half_full()) {
+        if patient && queued < LOG_QUEUE_BYTES / 4 * 3 && sinks.iter().any(|s| s.half_full()) {
             return Turn::Wait;
         }
         let pieces = self.take_pending(LOG_TASK_ROUND);

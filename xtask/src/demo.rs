@@ -78,7 +78,7 @@ pub fn run(args: &[String]) -> Result<()> {
         },
         None => Contract::V1,
     };
-    crate::test::build_binaries()?;
+    crate::build::build_binaries()?;
 
     let stack_dir = paths::target_dir().join("stack");
     println!("==> Embedded stack ({})", stack_dir.display());

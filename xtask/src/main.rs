@@ -14,6 +14,7 @@
 mod bench;
 mod bench_ingest;
 mod browser;
+mod build;
 mod cluster;
 mod cpu_split;
 mod demo;
@@ -38,7 +39,7 @@ Commands:
                                 on a ratio or loss over xtask/bench-thresholds.toml
   bench ingest [--no-ceiling] [--no-overload]
                                 landed spans/s vs the engine's ceiling, and a 5x overload
-  bench logs                    only the job log export scenario (1M lines)
+  bench logs [--dev-build]      only the job log export scenario (1M lines, release build)
   bench-scaling                 measure the inputs of docs/scaling.md on this machine
   stack up|down|status [--dir DIR]
                                 control the embedded stack (default target/stack)

@@ -2,48 +2,72 @@
 
 use std::process::Command;
 
+use crate::build::{build_binaries, cargo, step};
+
 use anyhow::{bail, Context, Result};
 use conformance::docker::Backend;
 use conformance::paths;
 
 /// Formatting, the chDB server's own tests, every Rust test (unit,
-/// integration and conformance) in a build linted by clippy, then the bench gate (`cargo xtask bench
-/// --gate --dev-build`: ratios and losses against `xtask/bench-thresholds.toml`). Stops
-/// at the first failure.
+/// integration and conformance) in a build linted by clippy, then the bench
+/// gate (`cargo xtask bench --gate --dev-build`: ratios and losses against
+/// `xtask/bench-thresholds.toml`). Stops at the first failure.
+///
+/// The test build runs in the background while the Python environment and
+/// the browser are installed and the chDB server's tests run: those mostly
+/// wait on the network and the disk, the build on the CPU.
 pub fn run_all(args: &[String]) -> Result<()> {
     let root = paths::repo_root();
     step(
         "cargo fmt --check",
         cargo().args(["fmt", "--all", "--", "--check"]),
     )?;
-    let venv = conformance::venv::ensure(&mut |line| println!("  {line}"))?;
-    crate::browser::ensure_chromium()?;
+    let (mut build, mut tests) = (test_build(), rust_tests(&["--workspace"], args));
+    let linted = lint_while_building(&mut build) && lint_while_building(&mut tests);
+    if !linted {
+        step("cargo clippy", &mut clippy())?;
+    }
+    println!("==> Rust test build, in the background (clippy's lints, -D warnings: {linted})");
+    let mut building = build.spawn().context("starting the Rust test build")?;
+    let prepared = (|| -> Result<()> {
+        let venv = conformance::venv::ensure(&mut |line| println!("  {line}"))?;
+        crate::browser::ensure_chromium()?;
+        step(
+            "chDB HTTP server tests",
+            Command::new(venv.python())
+                .args(["-m", "unittest", "discover", "-s"])
+                .arg(root.join("compose").join("chdb-server"))
+                .arg("-v"),
+        )
+    })();
+    let built = building.wait().context("waiting for the Rust test build")?;
+    prepared?;
+    if !built.success() {
+        bail!("the Rust test build failed ({built}); its errors are above");
+    }
     // No separate `cargo build --bins`: the test build makes every binary
     // the suite starts (each package with integration tests gets its
     // binaries built, `otel-child` included), with the features of the test
     // build; a plain build first would compile much of the workspace twice.
-    step(
-        "chDB HTTP server tests",
-        Command::new(venv.python())
-            .args(["-m", "unittest", "discover", "-s"])
-            .arg(root.join("compose").join("chdb-server"))
-            .arg("-v"),
-    )?;
-    let mut tests = rust_tests(&["--workspace"], args);
-    if lint_while_building(&mut tests) {
-        step(
-            "Rust tests (built with clippy's lints, -D warnings)",
-            &mut tests,
-        )?;
-    } else {
-        step("cargo clippy", &mut clippy())?;
-        step("Rust tests", &mut tests)?;
-    }
+    step("Rust tests", &mut tests)?;
     // The gate on the debug build the tests already have: a release build of
     // the workspace would more than double CI's time. Ratios and losses are
     // what it gates, and the thresholds hold for both builds.
     println!("==> cargo xtask bench --gate --dev-build");
     crate::bench::run(&["--gate".to_string(), "--dev-build".to_string()])
+}
+
+/// What `rust_tests(&["--workspace"], ..)` builds, built only, quietly
+/// (the compiler's diagnostics still show).
+fn test_build() -> Command {
+    let mut cmd = cargo();
+    if nextest_installed() {
+        cmd.args(["nextest", "run", "--no-run", "--cargo-quiet"]);
+    } else {
+        cmd.args(["test", "--no-run", "--quiet"]);
+    }
+    cmd.arg("--workspace");
+    cmd
 }
 
 /// The conformance suite alone: `--stack embedded` (default) or `--stack
@@ -105,18 +129,21 @@ fn one_line(error: &anyhow::Error) -> String {
 /// `cargo nextest run` when nextest is installed (each test in its own
 /// process, so each has its own stack), `cargo test` otherwise.
 fn rust_tests(selection: &[&str], extra: &[String]) -> Command {
-    let nextest = Command::new("cargo")
-        .args(["nextest", "--version"])
-        .output()
-        .is_ok_and(|o| o.status.success());
     let mut cmd = cargo();
-    if nextest {
+    if nextest_installed() {
         cmd.args(["nextest", "run", "--no-fail-fast"]);
     } else {
         cmd.args(["test", "--no-fail-fast"]);
     }
     cmd.args(selection).args(extra);
     cmd
+}
+
+fn nextest_installed() -> bool {
+    Command::new("cargo")
+        .args(["nextest", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success())
 }
 
 /// `cargo clippy --workspace --all-targets -- -D warnings`.
@@ -154,27 +181,4 @@ fn lint_while_building(tests: &mut Command) -> bool {
         );
     }
     driver
-}
-
-/// The suite starts fake-rails and the runner as processes: build them first.
-pub fn build_binaries() -> Result<()> {
-    step(
-        "cargo build --workspace --bins",
-        cargo().args(["build", "--workspace", "--bins"]),
-    )
-}
-
-fn cargo() -> Command {
-    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cmd.current_dir(paths::repo_root());
-    cmd
-}
-
-fn step(name: &str, cmd: &mut Command) -> Result<()> {
-    println!("==> {name}");
-    let status = cmd.status().with_context(|| format!("starting {name}"))?;
-    if !status.success() {
-        bail!("{name} failed ({status})");
-    }
-    Ok(())
 }

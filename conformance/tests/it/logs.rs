@@ -7,8 +7,13 @@
 //!    carriage returns applied, section markers hidden), each with the job's
 //!    `TraceId` and the `SpanId` of the stage it was printed in, and the
 //!    stream; a masked variable and the job token appear nowhere;
-//! 2. with the collector down, the job's result and log are unchanged and
-//!    every record is counted as dropped;
+//! 2. with the logs collector down, or stalled (accepting connections and
+//!    never answering), the job's result and log are unchanged, its status
+//!    is sent while an export attempt is still unanswered (stalled), and
+//!    the dropped count is exact: exported + dropped = records = the job's
+//!    visible lines + the final WARN record, and `job_execution`'s
+//!    `ci.telemetry.dropped_log_records` is the count the runner knew at
+//!    the job's end (the job waits for the first drops, so there are some);
 //! 3. a job printing many lines: exported + dropped = records emitted =
 //!    the lines of its log, and `otel_logs` holds exactly the exported ones.
 //!    100,000 lines here (`CONFORMANCE_LOG_LINES` to change it); the
@@ -273,45 +278,166 @@ logs:
     }
 }
 
+/// What a job whose log records cannot be exported left behind.
+struct Unexported {
+    world: World,
+    project: u64,
+    job: u64,
+    /// Log records counted by the runner's metrics when fake-rails had the
+    /// job's final status: `(handed over, decided)`.
+    at_status: (u64, u64),
+}
+
+/// Log records of the runner's metrics (`GET /metrics`): `(handed over,
+/// exported + dropped)`.
+fn log_record_metrics(metrics_url: &str) -> (u64, u64) {
+    let text = ureq::get(metrics_url)
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    let sum = |name: &str| -> u64 {
+        text.lines()
+            .filter(|l| l.starts_with(name) && !l[name.len()..].starts_with('_'))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    let total = sum("ci_telemetry_log_records_total");
+    let decided = sum("ci_telemetry_log_records_exported_total")
+        + sum("ci_telemetry_log_records_dropped_total");
+    (total, decided)
+}
+
+/// Runs a job printing 50 lines with its log records sent to `logs_url`
+/// (a collector that is down or stalled; spans go to the real one, so the
+/// job's span can be read). The job's last command waits (polling the
+/// runner's metrics, with a deadline) until the runner has dropped 50
+/// records, so that drops are known when the job ends and the final WARN
+/// record is emitted.
+fn run_with_unexportable_logs(name: &str, logs_url: &str) -> Unexported {
+    let mut world = World::new(FakeRailsOptions::default()).unwrap();
+    let project = world.create_project_with_flag(name, true).unwrap();
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let metrics_url = format!("http://127.0.0.1:{metrics_port}/metrics");
+    let mut options = logs_on(RunnerOptions {
+        flush_timeout_secs: Some(60),
+        ..world.to_collector()
+    });
+    options.extra_env.extend(
+        [
+            ("OTEL_EXPORTER_OTLP_LOGS_ENDPOINT", logs_url),
+            // Each attempt at the stalled collector ends after 5 s: long
+            // enough for the job's status to be sent while one is pending.
+            ("OTEL_EXPORTER_OTLP_LOGS_TIMEOUT", "5000"),
+            ("CI_TELEMETRY_MAX_AGE", "1s"),
+            ("CI_TELEMETRY_RETRY_INITIAL_BACKOFF", "100ms"),
+            (
+                "CI_RUNNER_METRICS_LISTEN",
+                &format!("127.0.0.1:{metrics_port}"),
+            ),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string())),
+    );
+    world.start_runner(options).unwrap();
+
+    let wait = format!(
+        "for t in $(seq 1 1200); do \
+         n=$(curl -s {metrics_url} | awk '/^ci_telemetry_log_records_dropped_total/ {{s+=$2}} END {{print s+0}}'); \
+         [ \"$n\" -ge 50 ] && break; sleep 0.1; done; echo \"dropped so far: $n\""
+    );
+    let yaml = format!(
+        "{name}:\n  script:\n    - |\n      for i in $(seq 1 50); do echo line $i; done\n    - |\n      {wait}\n"
+    );
+    let pipeline = world.rails.create_pipeline(project, &yaml).unwrap();
+    let jobs = world
+        .rails
+        .wait_for_pipeline(project, pipeline, Duration::from_secs(180))
+        .unwrap();
+    let at_status = log_record_metrics(&metrics_url);
+    let job = job_named(&jobs, name);
+    assert_eq!(job["status"], "success", "{job}");
+    let job = job_id(job);
+    let trace = world.rails.job_trace(project, job).unwrap();
+    assert!(trace.contains("line 50\n"), "{trace}");
+    assert!(trace.contains("dropped so far: "), "{trace}");
+    Unexported {
+        world,
+        project,
+        job,
+        at_status,
+    }
+}
+
+impl Unexported {
+    /// Every record is dropped and counted: exported + dropped = records =
+    /// the job's visible lines + the final WARN record; the job's span says
+    /// how many were known dropped when it ended, as the runner's line does.
+    fn check_every_record_dropped(&self) {
+        let Unexported {
+            world,
+            project,
+            job,
+            ..
+        } = self;
+        let (records, exported, dropped) = flushed_account(world, *job);
+        assert_eq!(exported, 0);
+        assert_eq!(dropped, records);
+        let lines = visible_lines(&world.rails.job_trace(*project, *job).unwrap()).len() as u64;
+        // Drops were known at the job's end: one WARN record more.
+        assert_eq!(records, lines + 1, "records={records} lines={lines}");
+
+        let span = world.job_execution(*job).unwrap();
+        let known: u64 = span.attributes["ci.telemetry.dropped_log_records"]
+            .parse()
+            .unwrap();
+        assert!(
+            known >= 50 && known <= dropped,
+            "known={known} dropped={dropped}"
+        );
+        let log = world.runner_log();
+        let line = format!("job={job} {known} log records of the job were not exported");
+        assert!(log.contains(&line), "no `{line}` in\n{log}");
+    }
+}
+
 #[test]
 fn with_the_collector_down_the_job_is_unchanged_and_every_record_is_counted_as_dropped() {
-    let mut world = World::new(FakeRailsOptions::default()).unwrap();
-    let project = world.create_project_with_flag("logs-down", true).unwrap();
     // A port nobody listens on.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
-    let mut options = logs_on(RunnerOptions {
-        otlp_endpoint: Some(format!("http://127.0.0.1:{port}")),
-        otlp_protocol: Some("http/protobuf".into()),
-        flush_timeout_secs: Some(60),
-        ..RunnerOptions::default()
+    let run = run_with_unexportable_logs("logs-down", &format!("http://127.0.0.1:{port}/v1/logs"));
+    run.check_every_record_dropped();
+}
+
+#[test]
+fn with_the_collector_stalled_the_job_is_unchanged_and_every_record_is_counted_as_dropped() {
+    // Accepts connections and never answers.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in listener.incoming().flatten() {
+            held.push(stream);
+        }
     });
-    options
-        .extra_env
-        .push(("CI_TELEMETRY_MAX_AGE".into(), "1s".into()));
-    world.start_runner(options).unwrap();
-
-    let yaml = "down:\n  script:\n    - for i in $(seq 1 50); do echo line $i; done\n";
-    let (_, jobs) = world.run_pipeline(project, yaml).unwrap();
-    let job = job_named(&jobs, "down");
-    assert_eq!(job["status"], "success", "{job}");
-    let job = job_id(job);
-    let trace = world.rails.job_trace(project, job).unwrap();
-    assert!(trace.contains("line 50\n"), "{trace}");
-    let lines = visible_lines(&trace).len() as u64;
-
-    let (records, exported, dropped) = flushed_account(&world, job);
-    assert_eq!(exported, 0);
-    assert_eq!(dropped, records);
-    // Every line, plus the final WARN record when drops were known at the
-    // job's end (max_age may not have passed yet then).
+    let run = run_with_unexportable_logs("logs-stalled", &format!("http://{addr}/v1/logs"));
+    // The status was sent while the records printed after the wait were
+    // still in an unanswered request: telemetry did not hold the job back.
+    let (handed_over, decided) = run.at_status;
     assert!(
-        records == lines || records == lines + 1,
-        "records={records} lines={lines}"
+        decided < handed_over,
+        "every record was decided before the status arrived: {:?}",
+        run.at_status
     );
+    run.check_every_record_dropped();
 }
 
 #[test]

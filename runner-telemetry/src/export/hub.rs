@@ -17,7 +17,10 @@
 //!   closest to delivery (or in flight), and would blame an older job for a
 //!   newer one's overflow; the oldest leave by themselves at `max_age` anyway.
 //! * **Per endpoint, one request at a time**: a worker takes up to
-//!   [`MAX_BATCH`] spans (at most [`MAX_REQUEST_BYTES`]), sends them, and
+//!   [`MAX_BATCH`] spans (at most [`MAX_REQUEST_BYTES`]; log records:
+//!   [`MAX_LOG_BATCH`], [`MAX_LOG_BATCH_BYTES`], gathered for at most
+//!   [`LOG_LINGER`] unless a full batch waits or the buffer is half full),
+//!   sends them, and
 //!   retries the same batch per [`super::retry`] until it is delivered,
 //!   refused for good, or every span in it is older than `max_age`. A
 //!   stalled collector costs one export timeout per attempt.
@@ -61,9 +64,12 @@ pub const MAX_BATCH: usize = 512;
 /// Most log records in one export request (a record is a line, about
 /// 150 bytes: 4096 of them stay far below [`MAX_REQUEST_BYTES`]).
 pub const MAX_LOG_BATCH: usize = 4096;
-/// A logs worker woken with fewer than [`MAX_LOG_BATCH`] records waits this
-/// long for more before sending (a job prints lines one by one: without it,
-/// each line would cost a request and a wake-up).
+/// Most bytes of log records in one export request.
+pub const MAX_LOG_BATCH_BYTES: usize = 2 * 1024 * 1024;
+/// A logs worker finding fewer than a full batch of records ([`MAX_LOG_BATCH`]
+/// or [`MAX_LOG_BATCH_BYTES`]) waits at most this long for more before
+/// sending (a job prints lines one by one: without it, each line would cost
+/// a request and a wake-up); a full batch goes at once.
 pub const LOG_LINGER: Duration = Duration::from_millis(100);
 /// Most bytes of spans in one export request (OTLP collectors commonly
 /// accept 4 MiB messages).
@@ -131,6 +137,15 @@ impl Budget {
         held.1 = held.1.saturating_sub(bytes);
     }
 
+    /// Half the room is taken (or held): jobs' log output then waits
+    /// instead of being rendered (see [`crate::logs`]).
+    fn half_full(&self) -> bool {
+        let used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        let held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        (used.0 + held.0) * 2 >= self.limits.max_spans
+            || (used.1 + held.1) * 2 >= self.limits.max_bytes
+    }
+
     fn release(&self, bytes: usize) {
         let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
         used.0 = used.0.saturating_sub(1);
@@ -192,8 +207,37 @@ impl Drop for Item {
 #[derive(Debug, Default)]
 struct Queue {
     items: VecDeque<Item>,
+    /// Encoded bytes of `items`.
+    bytes: usize,
     /// The worker ended; a new one takes over.
     closed: bool,
+}
+
+impl Queue {
+    fn push(&mut self, item: Item) {
+        self.bytes += item.span.span.len();
+        self.items.push_back(item);
+    }
+
+    fn pop(&mut self) -> Option<Item> {
+        let item = self.items.pop_front()?;
+        self.bytes -= item.span.span.len();
+        Some(item)
+    }
+
+    /// Whether a full batch of `signal` waits.
+    fn full(&self, signal: Signal) -> bool {
+        let (items, bytes) = batch_limits(signal);
+        self.items.len() >= items || self.bytes >= bytes
+    }
+}
+
+/// Most items and bytes in one request of `signal`.
+fn batch_limits(signal: Signal) -> (usize, usize) {
+    match signal {
+        Signal::Traces => (MAX_BATCH, MAX_REQUEST_BYTES),
+        Signal::Logs => (MAX_LOG_BATCH, MAX_LOG_BATCH_BYTES),
+    }
 }
 
 /// One endpoint's queue and export task.
@@ -223,7 +267,7 @@ impl Worker {
                 .front()
                 .is_some_and(|item| item.expired(max_age, now))
             {
-                expired.extend(queue.items.pop_front());
+                expired.extend(queue.pop());
             }
         }
         for item in expired {
@@ -232,26 +276,27 @@ impl Worker {
     }
 
     fn drain_queue(&self, reason: DropReason) {
-        let items: Vec<Item> = self.lock().items.drain(..).collect();
+        let items: Vec<Item> = {
+            let mut queue = self.lock();
+            queue.bytes = 0;
+            queue.items.drain(..).collect()
+        };
         for item in items {
             item.resolve(Outcome::Dropped(reason));
         }
     }
 
     fn take_batch(queue: &mut Queue, signal: Signal) -> Vec<Item> {
-        let max_batch = match signal {
-            Signal::Traces => MAX_BATCH,
-            Signal::Logs => MAX_LOG_BATCH,
-        };
+        let (max_batch, max_bytes) = batch_limits(signal);
         let mut batch = Vec::new();
         let mut bytes = 0;
         while let Some(item) = queue.items.front() {
             let size = item.span.span.len();
-            if !batch.is_empty() && (batch.len() >= max_batch || bytes + size > MAX_REQUEST_BYTES) {
+            if !batch.is_empty() && (batch.len() >= max_batch || bytes + size > max_bytes) {
                 break;
             }
             bytes += size;
-            batch.extend(queue.items.pop_front());
+            batch.extend(queue.pop());
         }
         batch
     }
@@ -259,6 +304,9 @@ impl Worker {
 
 pub(crate) struct HubInner {
     limits: BufferSettings,
+    /// One export attempt's bound, by signal (the transports' own bound is
+    /// the larger of the two).
+    timeouts: [Duration; 2],
     shutdown_timeout: Duration,
     transports: Result<Transports, SetupError>,
     auth: Authenticator,
@@ -294,11 +342,16 @@ pub struct ShutdownReport {
 
 impl ExportHub {
     pub fn new(settings: &ExportSettings, metrics: Arc<Metrics>) -> ExportHub {
-        let transports = Transports::new(settings.ca_file.as_deref(), settings.export_timeout);
+        let timeouts = [settings.export_timeout, settings.logs_export_timeout];
+        let transports = Transports::new(
+            settings.ca_file.as_deref(),
+            settings.export_timeout.max(settings.logs_export_timeout),
+        );
         let (shutdown, _) = watch::channel(None);
         ExportHub {
             inner: Arc::new(HubInner {
                 limits: settings.buffer,
+                timeouts,
                 shutdown_timeout: settings.shutdown_timeout,
                 transports,
                 auth: Authenticator::new(&settings.gcp_metadata_url, settings.export_timeout),
@@ -524,11 +577,7 @@ impl SpanSink for EndpointSink {
     }
 
     fn half_full(&self) -> bool {
-        let budget = &self.hub.budget;
-        let used = budget.used.lock().unwrap_or_else(|e| e.into_inner());
-        let held = budget.held.lock().unwrap_or_else(|e| e.into_inner());
-        (used.0 + held.0) * 2 >= budget.limits.max_spans
-            || (used.1 + held.1) * 2 >= budget.limits.max_bytes
+        self.hub.budget.half_full()
     }
 }
 
@@ -603,7 +652,9 @@ impl EndpointSink {
             {
                 let mut queue = worker.lock();
                 if !queue.closed {
-                    queue.items.extend(items);
+                    for item in items {
+                        queue.push(item);
+                    }
                     drop(queue);
                     worker.wake.notify_one();
                     return;
@@ -663,7 +714,7 @@ impl EndpointSink {
             {
                 let mut queue = worker.lock();
                 if !queue.closed {
-                    queue.items.push_back(item);
+                    queue.push(item);
                     drop(queue);
                     worker.wake.notify_one();
                     return;
@@ -704,46 +755,54 @@ async fn next_batch(
     worker: &Arc<Worker>,
     shutdown: &mut watch::Receiver<Option<Instant>>,
 ) -> Option<Vec<Item>> {
-    let mut lingered = false;
+    // Logs: when fewer than a full batch wait, more are gathered until the
+    // batch is full or LOG_LINGER after they were first seen; not while the
+    // buffer is half full (jobs' output waits for room then: no more come).
+    let mut linger_until: Option<tokio::time::Instant> = None;
     loop {
         let woken = worker.wake.notified();
         tokio::pin!(woken);
         woken.as_mut().enable();
         worker.expire_queue(hub.limits.max_age);
-        let linger = {
-            let mut queue = worker.lock();
-            let short = queue.items.len() < MAX_LOG_BATCH;
-            if !queue.items.is_empty() && (lingered || !short || worker.signal == Signal::Traces) {
-                return Some(Worker::take_batch(&mut queue, worker.signal));
-            }
-            !queue.items.is_empty() && hub.shutting_down().is_none()
-        };
-        if linger {
-            lingered = true;
-            tokio::select! {
-                _ = tokio::time::sleep(LOG_LINGER) => {}
-                _ = shutdown.changed() => {}
-            }
-            continue;
-        }
+        // Read before the queue is locked (the budget is never locked
+        // under a queue's lock).
+        let half_full = worker.signal == Signal::Logs && hub.budget.half_full();
         {
             let mut queue = worker.lock();
-            if !queue.items.is_empty() {
-                return Some(Worker::take_batch(&mut queue, worker.signal));
-            }
-            if hub.shutting_down().is_some() {
-                queue.closed = true;
-                return None;
-            }
-        }
-        tokio::select! {
-            _ = &mut woken => {}
-            _ = shutdown.changed() => {}
-            _ = tokio::time::sleep(IDLE_EXIT) => {
-                if hub.retire(worker) {
+            if queue.items.is_empty() {
+                linger_until = None;
+                if hub.shutting_down().is_some() || queue.closed {
+                    queue.closed = true;
                     return None;
                 }
+            } else {
+                let now = tokio::time::Instant::now();
+                let send = worker.signal == Signal::Traces
+                    || queue.full(worker.signal)
+                    || hub.shutting_down().is_some()
+                    || linger_until.is_some_and(|until| now >= until)
+                    || half_full;
+                if send {
+                    return Some(Worker::take_batch(&mut queue, worker.signal));
+                }
+                linger_until.get_or_insert(now + LOG_LINGER);
             }
+        }
+        match linger_until {
+            Some(until) => tokio::select! {
+                _ = &mut woken => {}
+                _ = shutdown.changed() => {}
+                _ = tokio::time::sleep_until(until) => {}
+            },
+            None => tokio::select! {
+                _ = &mut woken => {}
+                _ = shutdown.changed() => {}
+                _ = tokio::time::sleep(IDLE_EXIT) => {
+                    if hub.retire(worker) {
+                        return None;
+                    }
+                }
+            },
         }
     }
 }
@@ -802,6 +861,7 @@ async fn export_batch(
             return;
         };
         let http = transports.http();
+        let timeout = hub.timeouts[usize::from(worker.signal == Signal::Logs)];
         let attempt = async {
             let bearer = match hub.auth.bearer(&worker.target.auth, http).await {
                 Ok(b) => b,
@@ -812,16 +872,18 @@ async fn export_batch(
                 resource: &i.span.resource,
                 scope: &i.span.scope,
             }));
-            transports
-                .send_signal(
-                    worker.signal,
-                    worker.target.transport,
-                    &worker.target.url,
-                    &worker.headers,
-                    bearer.as_ref(),
-                    request,
-                )
-                .await
+            let send = transports.send_signal(
+                worker.signal,
+                worker.target.transport,
+                &worker.target.url,
+                &worker.headers,
+                bearer.as_ref(),
+                request,
+            );
+            match tokio::time::timeout(timeout, send).await {
+                Ok(attempt) => attempt,
+                Err(_) => Attempt::failed(super::error::RequestError::Timeout(timeout)),
+            }
         };
         let deadline_passed = async {
             loop {

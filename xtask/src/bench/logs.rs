@@ -1,11 +1,15 @@
 //! `cargo xtask bench logs`: job log export (issue 12). A job printing
 //! [`LOG_LINES`] short lines with log export on vs off (telemetry on for
-//! both; a fresh runner each): the job's wall-time ratio, the log records
-//! exported per second end to end (job start to the last record in
-//! ClickHouse's `otel_logs`), and the runner's peak RSS (`VmHWM`).
-//! `BENCH_LOG_LINES` changes the count.
+//! both; a fresh runner each), in a release build (`--dev-build`: the debug
+//! build at hand), [`ROUNDS`] rounds alternating which side goes first:
+//! the job's wall-time ratio (median, smallest and largest round), the log
+//! records exported per second end to end (job start to the last record in
+//! ClickHouse's `otel_logs`) beside the rate the collector accepted them
+//! (job start to the runner's flush line, every record decided), the
+//! runner's CPU time and peak RSS (`VmHWM`). `BENCH_LOG_LINES` and
+//! `BENCH_LOG_ROUNDS` change the sizes.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use conformance::gitlab::{init_repository, FakeRails, FakeRailsOptions};
@@ -15,10 +19,11 @@ use conformance::stack::{Stack, StackOptions};
 
 /// Lines printed by the log export scenario's job.
 const LOG_LINES: u64 = 1_000_000;
+/// Rounds of (off, on) pairs.
+const ROUNDS: usize = 2;
 
-/// Starts an embedded stack and runs the scenario.
+/// Starts an embedded stack and runs the scenario (binaries already built).
 pub fn run() -> Result<()> {
-    crate::test::build_binaries()?;
     let stack = Stack::start(StackOptions::isolated())?;
     println!("==> Embedded stack up ({})", stack.dir().display());
     log_export(&stack)
@@ -30,104 +35,175 @@ struct LogRun {
     exported: u64,
     dropped: u64,
     records: u64,
-    /// From the job's start to the last exported record in `otel_logs`.
+    /// From the job's creation to the runner's flush line (every record
+    /// accepted by the collector or dropped).
+    accepted: Option<Duration>,
+    /// From the job's creation to the last exported record in `otel_logs`.
     end_to_end: Option<Duration>,
     peak_rss: u64,
+    /// The runner's user + system CPU time.
+    cpu_seconds: f64,
+}
+
+fn env_number<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn log_export(stack: &Stack) -> Result<()> {
-    let lines: u64 = std::env::var("BENCH_LOG_LINES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(LOG_LINES);
-    println!("==> Job log export: a job printing {lines} lines, log export on vs off");
+    let lines: u64 = env_number("BENCH_LOG_LINES", LOG_LINES);
+    let rounds: usize = env_number("BENCH_LOG_ROUNDS", ROUNDS).max(1);
+    println!(
+        "==> Job log export: a job printing {lines} lines, log export on vs off, {rounds} rounds"
+    );
     let rails = start_rails(stack, "rails-logs")?;
-    let mut runs = Vec::new();
-    for (round, on) in [(0, false), (1, true)] {
-        let repo = init_repository(&stack.dir().join(format!("logs-repo-{round}")), &[])?;
-        let (project, path) = rails.create_project(&format!("bench-logs-{round}"), Some(&repo))?;
-        rails.set_telemetry_flag(true, Some(&path))?;
-        let token = rails.register_runner("bench-logs")?;
-        let dir = stack.dir().join(format!("runner-logs-{round}"));
-        std::fs::create_dir_all(dir.join("logs"))?;
-        let mut options = RunnerOptions {
-            otlp_endpoint: Some(stack.endpoints().otlp_http.clone()),
-            otlp_protocol: Some("http/protobuf".into()),
-            flush_timeout_secs: Some(600),
-            ..RunnerOptions::default()
+    let mut pairs = Vec::new();
+    let mut n = 0;
+    for round in 0..rounds {
+        // Alternate which side goes first.
+        let order = match round % 2 {
+            0 => [false, true],
+            _ => [true, false],
         };
-        if on {
-            options
-                .extra_env
-                .push(("CI_TELEMETRY_LOGS".into(), "true".into()));
+        let mut off = None;
+        let mut on = None;
+        for side in order {
+            let run = one_run(stack, &rails, n, lines, side)?;
+            n += 1;
+            print_run(round, side, &run);
+            match side {
+                true => on = Some(run),
+                false => off = Some(run),
+            }
         }
-        let runner = Runner::start(&dir, &rails.url, &token, &options, Lifetime::Owned)?;
-        let started = std::time::SystemTime::now();
-        let pipeline =
-            rails.create_pipeline(project, &format!("many:\n  script:\n    - seq 1 {lines}\n"))?;
-        let jobs = rails.wait_for_pipeline(project, pipeline, Duration::from_secs(600))?;
-        let job = jobs.first().context("a job")?;
-        anyhow::ensure!(job["status"] == "success", "bench job failed: {job}");
-        let job_id = job["id"].as_u64().context("job id")?;
-        let job_seconds = job["duration"].as_f64().context("job duration")?;
-        let (records, exported, dropped) = if on {
-            flushed_line(&runner, job_id)?
-        } else {
-            (0, 0, 0)
-        };
-        let end_to_end = if on {
-            let clickhouse = stack.clickhouse();
-            let query = format!(
-                "SELECT count() FROM otel.otel_logs WHERE LogAttributes['ci.job.id'] = '{job_id}'"
-            );
-            conformance::process::wait_for(
-                "the exported records in otel_logs",
-                Duration::from_secs(600),
-                || Ok((clickhouse.count(&query)? >= exported).then_some(())),
-            )?;
-            Some(started.elapsed().unwrap_or_default())
-        } else {
-            None
-        };
-        let peak_rss = peak_rss(runner.pid()).unwrap_or(0);
-        drop(runner);
-        runs.push(LogRun {
-            job_seconds,
-            exported,
-            dropped,
-            records,
-            end_to_end,
-            peak_rss,
-        });
+        pairs.push((off.context("the off run")?, on.context("the on run")?));
     }
-    let (off, on) = (&runs[0], &runs[1]);
-    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    let mut ratios: Vec<f64> = pairs
+        .iter()
+        .map(|(off, on)| on.job_seconds / off.job_seconds)
+        .collect();
+    ratios.sort_by(f64::total_cmp);
+    let median = ratios[ratios.len() / 2];
     println!(
-        "  log export off: job {:.2} s  peak RSS {:.1} MiB",
-        off.job_seconds,
-        mib(off.peak_rss)
+        "  ratio on/off job wall time: {median:.3}x (rounds {}; goal <= 1.05)",
+        ratios
+            .iter()
+            .map(|r| format!("{r:.3}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let rate = |count: u64, d: Option<Duration>| d.map(|d| count as f64 / d.as_secs_f64());
+    let mut accepted: Vec<f64> = pairs
+        .iter()
+        .filter_map(|(_, on)| rate(on.exported, on.accepted))
+        .collect();
+    let mut landed: Vec<f64> = pairs
+        .iter()
+        .filter_map(|(_, on)| rate(on.exported, on.end_to_end))
+        .collect();
+    accepted.sort_by(f64::total_cmp);
+    landed.sort_by(f64::total_cmp);
+    let spread = |v: &[f64]| match (v.first(), v.last()) {
+        (Some(a), Some(b)) => format!("{:.0} (min {a:.0}, max {b:.0})", v[v.len() / 2]),
+        _ => "-".into(),
+    };
+    println!(
+        "  accepted by the collector: {} records/s (job start to every record decided)",
+        spread(&accepted)
     );
     println!(
-        "  log export on : job {:.2} s  peak RSS {:.1} MiB  records={} exported={} dropped={}",
-        on.job_seconds,
-        mib(on.peak_rss),
-        on.records,
-        on.exported,
-        on.dropped
+        "  exported end to end into ClickHouse: {} records/s (goal >= 100k/s)",
+        spread(&landed)
     );
-    println!(
-        "  ratio on/off job wall time: {:.3}x (goal <= 1.05)",
-        on.job_seconds / off.job_seconds
-    );
-    if let Some(elapsed) = on.end_to_end {
-        println!(
-            "  exported end to end into ClickHouse: {:.0} records/s ({} in {:.2} s; goal >= 100k/s)",
-            on.exported as f64 / elapsed.as_secs_f64(),
-            on.exported,
-            elapsed.as_secs_f64()
-        );
-    }
     Ok(())
+}
+
+fn print_run(round: usize, on: bool, run: &LogRun) {
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    let secs = |d: Option<Duration>| d.map_or("-".into(), |d| format!("{:.2}s", d.as_secs_f64()));
+    match on {
+        false => println!(
+            "  round {round} log export off: job {:.2} s  runner CPU {:.2} s  peak RSS {:.1} MiB",
+            run.job_seconds,
+            run.cpu_seconds,
+            mib(run.peak_rss)
+        ),
+        true => println!(
+            "  round {round} log export on : job {:.2} s  runner CPU {:.2} s  peak RSS {:.1} MiB  records={} exported={} dropped={}  accepted after {}  landed after {}",
+            run.job_seconds,
+            run.cpu_seconds,
+            mib(run.peak_rss),
+            run.records,
+            run.exported,
+            run.dropped,
+            secs(run.accepted),
+            secs(run.end_to_end),
+        ),
+    }
+}
+
+fn one_run(stack: &Stack, rails: &FakeRails, n: usize, lines: u64, on: bool) -> Result<LogRun> {
+    let repo = init_repository(&stack.dir().join(format!("logs-repo-{n}")), &[])?;
+    let (project, path) = rails.create_project(&format!("bench-logs-{n}"), Some(&repo))?;
+    rails.set_telemetry_flag(true, Some(&path))?;
+    let token = rails.register_runner("bench-logs")?;
+    let dir = stack.dir().join(format!("runner-logs-{n}"));
+    std::fs::create_dir_all(dir.join("logs"))?;
+    let mut options = RunnerOptions {
+        otlp_endpoint: Some(stack.endpoints().otlp_http.clone()),
+        otlp_protocol: Some("http/protobuf".into()),
+        flush_timeout_secs: Some(600),
+        ..RunnerOptions::default()
+    };
+    if on {
+        options
+            .extra_env
+            .push(("CI_TELEMETRY_LOGS".into(), "true".into()));
+    }
+    let runner = Runner::start(&dir, &rails.url, &token, &options, Lifetime::Owned)?;
+    let started = Instant::now();
+    let pipeline =
+        rails.create_pipeline(project, &format!("many:\n  script:\n    - seq 1 {lines}\n"))?;
+    let jobs = rails.wait_for_pipeline(project, pipeline, Duration::from_secs(600))?;
+    let job = jobs.first().context("a job")?;
+    anyhow::ensure!(job["status"] == "success", "bench job failed: {job}");
+    let job_id = job["id"].as_u64().context("job id")?;
+    let job_seconds = job["duration"].as_f64().context("job duration")?;
+    let (records, exported, dropped, accepted) = if on {
+        let (records, exported, dropped) = flushed_line(&runner, job_id)?;
+        (records, exported, dropped, Some(started.elapsed()))
+    } else {
+        (0, 0, 0, None)
+    };
+    let end_to_end = if on {
+        let clickhouse = stack.clickhouse();
+        let query = format!(
+            "SELECT count() FROM otel.otel_logs WHERE LogAttributes['ci.job.id'] = '{job_id}'"
+        );
+        conformance::process::wait_for(
+            "the exported records in otel_logs",
+            Duration::from_secs(600),
+            || Ok((clickhouse.count(&query)? >= exported).then_some(())),
+        )?;
+        Some(started.elapsed())
+    } else {
+        None
+    };
+    let peak_rss = peak_rss(runner.pid()).unwrap_or(0);
+    let cpu_seconds = cpu_seconds(runner.pid()).unwrap_or(0.0);
+    drop(runner);
+    Ok(LogRun {
+        job_seconds,
+        exported,
+        dropped,
+        records,
+        accepted,
+        end_to_end,
+        peak_rss,
+        cpu_seconds,
+    })
 }
 
 /// `(log_records, exported, dropped)` from the runner's flush line of `job`.
@@ -165,6 +241,19 @@ fn peak_rss(pid: u32) -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
+}
+
+/// The process's user + system CPU time, in seconds (`/proc/PID/stat`).
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the command name in parentheses: state is field 3, utime 14,
+    // stime 15.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    // USER_HZ is 100 on Linux.
+    Some((utime + stime) / 100.0)
 }
 
 fn start_rails(stack: &Stack, name: &str) -> Result<FakeRails> {

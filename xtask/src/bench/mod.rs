@@ -119,11 +119,14 @@ impl Profile {
 const RELEASE_VAR: &str = "XTASK_BENCH_RELEASE";
 
 pub fn run(args: &[String]) -> Result<()> {
-    match args.first().map(String::as_str) {
-        Some("ingest") => return crate::bench_ingest::run(&args[1..]),
-        Some("logs") => return logs::run(),
-        _ => {}
+    if args.first().map(String::as_str) == Some("ingest") {
+        return crate::bench_ingest::run(&args[1..]);
     }
+    let logs = args.first().map(String::as_str) == Some("logs");
+    let args = match logs {
+        true => &args[1..],
+        false => args,
+    };
     let mut gate = false;
     let mut dev_build = false;
     let mut profile = Profile::full();
@@ -144,13 +147,28 @@ pub fn run(args: &[String]) -> Result<()> {
         }
     }
     if cfg!(debug_assertions) && !dev_build && std::env::var_os(RELEASE_VAR).is_none() {
-        return rerun_in_release(args);
+        let mut again = Vec::new();
+        if logs {
+            again.push("logs".to_string());
+        }
+        again.extend(args.iter().cloned());
+        return rerun_in_release(&again);
     }
     let fake_rails = release_dir().join("fake-rails");
     if std::env::var_os("CONFORMANCE_FAKE_RAILS_BIN").is_none() && fake_rails.is_file() {
         // Still single-threaded here: nothing reads the environment
         // concurrently.
         std::env::set_var("CONFORMANCE_FAKE_RAILS_BIN", fake_rails);
+    }
+    if logs {
+        if dev_build {
+            crate::build::build_binaries()?;
+        } else if std::env::var_os("CONFORMANCE_CI_RUNNER_BIN").is_none() {
+            // `workspace_binary` looks beside a test binary (target/<profile>/deps),
+            // not beside xtask: name the release runner.
+            std::env::set_var("CONFORMANCE_CI_RUNNER_BIN", release_dir().join("ci-runner"));
+        }
+        return logs::run();
     }
     let dir = paths::target_dir().join("bench");
     let report = measure(&profile, &dir)?;
