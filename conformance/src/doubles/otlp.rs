@@ -4,7 +4,9 @@
 //! arrival time, answers each from a script (200, any HTTP status with
 //! headers and body, partial success, gRPC statuses with google.rpc
 //! `RetryInfo`, stall, reset), and wakes waiters on each arrival (no
-//! sleeping). Plus a server that accepts and never reads, and a closed port.
+//! sleeping). It counts what it accepted, and can keep only those counts
+//! (`counting_only`, for the bench, where keeping every request would weigh
+//! on the measurement). Plus a server that accepts and never reads, and a closed port.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
@@ -313,9 +315,47 @@ impl Received {
 
 type Responder = Arc<dyn Fn(&Received) -> Answer + Send + Sync>;
 
+/// What a collector accepted: requests (decoded, answered with a 2xx or
+/// gRPC `OK`) and the spans and log records in them (a partial success's
+/// rejected items are not subtracted).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub requests: u64,
+    pub spans: u64,
+    pub log_records: u64,
+}
+
+impl Counts {
+    fn add(&mut self, request: &Received) {
+        if request.traces.is_none() && request.logs.is_none() {
+            return;
+        }
+        self.requests += 1;
+        let spans: usize = request
+            .traces
+            .iter()
+            .flat_map(|r| &r.resource_spans)
+            .flat_map(|rs| &rs.scope_spans)
+            .map(|ss| ss.spans.len())
+            .sum();
+        let records: usize = request
+            .logs
+            .iter()
+            .flat_map(|r| &r.resource_logs)
+            .flat_map(|rl| &rl.scope_logs)
+            .map(|sl| sl.log_records.len())
+            .sum();
+        self.spans += spans as u64;
+        self.log_records += records as u64;
+    }
+}
+
 #[derive(Default)]
 struct State {
     received: Vec<Received>,
+    counts: Counts,
+    /// Count requests, do not keep them.
+    counting_only: bool,
     script: VecDeque<Answer>,
     otherwise: Option<Responder>,
 }
@@ -496,8 +536,13 @@ impl Collector {
                     None => Answer::Ok,
                 },
             };
-            request.answer = answer.clone();
-            state.received.push(request);
+            if answer.accepts() {
+                state.counts.add(&request);
+            }
+            if !state.counting_only {
+                request.answer = answer.clone();
+                state.received.push(request);
+            }
             answer
         };
         self.arrived.notify_waiters();
@@ -522,6 +567,46 @@ impl Collector {
     ) -> &Self {
         self.state.lock().unwrap().otherwise = Some(Arc::new(responder));
         self
+    }
+
+    /// From now on, counts each request (`counts`) and drops it instead of
+    /// keeping it (`received` stays empty): what a bench needs, at the cost
+    /// of a decode per request.
+    pub fn counting_only(&self) -> &Self {
+        self.state.lock().unwrap().counting_only = true;
+        self
+    }
+
+    /// Forgets the requests received and the counts (the script and the
+    /// answers stay).
+    pub fn clear(&self) -> &Self {
+        let mut state = self.state.lock().unwrap();
+        state.received.clear();
+        state.counts = Counts::default();
+        self
+    }
+
+    /// What was accepted since the start (or `clear`).
+    pub fn counts(&self) -> Counts {
+        self.state.lock().unwrap().counts
+    }
+
+    /// Waits until `predicate` holds for the counts, woken by each arrival,
+    /// at most `deadline`; returns them either way.
+    pub async fn wait_for_counts(
+        &self,
+        deadline: Duration,
+        predicate: impl Fn(&Counts) -> bool,
+    ) -> Counts {
+        let until = Instant::now() + deadline;
+        loop {
+            let arrival = self.arrived.notified();
+            let counts = self.counts();
+            if predicate(&counts) || Instant::now() >= until {
+                return counts;
+            }
+            let _ = tokio::time::timeout_at(until, arrival).await;
+        }
     }
 
     /// Every request, in arrival order.
