@@ -598,12 +598,23 @@ impl Collector {
         deadline: Duration,
         predicate: impl Fn(&Counts) -> bool,
     ) -> Counts {
+        self.wait_on(deadline, || self.counts(), predicate).await
+    }
+
+    /// Reads `read` until `predicate` holds for it, woken by each arrival,
+    /// at most `deadline`; returns the last reading either way.
+    async fn wait_on<T>(
+        &self,
+        deadline: Duration,
+        read: impl Fn() -> T,
+        predicate: impl Fn(&T) -> bool,
+    ) -> T {
         let until = Instant::now() + deadline;
         loop {
             let arrival = self.arrived.notified();
-            let counts = self.counts();
-            if predicate(&counts) || Instant::now() >= until {
-                return counts;
+            let value = read();
+            if predicate(&value) || Instant::now() >= until {
+                return value;
             }
             let _ = tokio::time::timeout_at(until, arrival).await;
         }
@@ -671,15 +682,8 @@ impl Collector {
         deadline: Duration,
         predicate: impl Fn(&[Received]) -> bool,
     ) -> Vec<Received> {
-        let until = Instant::now() + deadline;
-        loop {
-            let arrival = self.arrived.notified();
-            let received = self.received();
-            if predicate(&received) || Instant::now() >= until {
-                return received;
-            }
-            let _ = tokio::time::timeout_at(until, arrival).await;
-        }
+        self.wait_on(deadline, || self.received(), |received| predicate(received))
+            .await
     }
 
     /// Waits until `n` requests arrived, at most `deadline`.
