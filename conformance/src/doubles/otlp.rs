@@ -360,6 +360,33 @@ struct State {
     otherwise: Option<Responder>,
 }
 
+impl State {
+    /// The scripted answer to `request`, else the responder's, else `Ok`.
+    fn next_answer(&mut self, request: &Received) -> Answer {
+        match self.script.pop_front() {
+            Some(answer) => answer,
+            None => match &self.otherwise {
+                Some(responder) => responder(request),
+                None => Answer::Ok,
+            },
+        }
+    }
+}
+
+/// An OTLP/HTTP body as the request of `signal`, if it decodes.
+fn decode(
+    signal: Signal,
+    body: &[u8],
+) -> (
+    Option<ExportTraceServiceRequest>,
+    Option<ExportLogsServiceRequest>,
+) {
+    match signal {
+        Signal::Traces => (ExportTraceServiceRequest::decode(body).ok(), None),
+        Signal::Logs => (None, ExportLogsServiceRequest::decode(body).ok()),
+    }
+}
+
 /// The scriptable recording collector. Clones share their state.
 #[derive(Clone, Default)]
 pub struct Collector {
@@ -460,25 +487,28 @@ impl Collector {
         } else {
             Signal::Traces
         };
-        let (traces, logs) = match signal {
-            Signal::Traces => (ExportTraceServiceRequest::decode(body).ok(), None),
-            Signal::Logs => (None, ExportLogsServiceRequest::decode(body).ok()),
-        };
-        let decoded = traces.is_some() || logs.is_some();
         let headers = headers
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
             .collect();
-        let answer = self.record(Received {
+        let mut received = Received {
             at: Instant::now(),
             signal,
             path,
             grpc: false,
             headers,
-            traces,
-            logs,
+            traces: None,
+            logs: None,
             answer: Answer::Ok,
-        });
+        };
+        let counting_only = self.state.lock().unwrap().counting_only;
+        let (answer, decoded) = if counting_only {
+            self.count(received, body)
+        } else {
+            (received.traces, received.logs) = decode(signal, &body);
+            let decoded = received.traces.is_some() || received.logs.is_some();
+            (self.record(received), decoded)
+        };
         if !decoded {
             return (axum::http::StatusCode::BAD_REQUEST, "not OTLP protobuf").into_response();
         }
@@ -529,13 +559,7 @@ impl Collector {
     fn record(&self, mut request: Received) -> Answer {
         let answer = {
             let mut state = self.state.lock().unwrap();
-            let answer = match state.script.pop_front() {
-                Some(answer) => answer,
-                None => match &state.otherwise {
-                    Some(responder) => responder(&request),
-                    None => Answer::Ok,
-                },
-            };
+            let answer = state.next_answer(&request);
             if answer.accepts() {
                 state.counts.add(&request);
             }
@@ -547,6 +571,22 @@ impl Collector {
         };
         self.arrived.notify_waiters();
         answer
+    }
+
+    /// `record` when `counting_only`, over HTTP: answers from the path and
+    /// headers, then decodes and counts the body only if the answer accepts
+    /// it (a refusal costs no decode, as at a collector shedding load).
+    /// Returns the answer and whether the body decoded (true if refused).
+    fn count(&self, mut request: Received, body: axum::body::Bytes) -> (Answer, bool) {
+        let answer = self.state.lock().unwrap().next_answer(&request);
+        let mut decoded = true;
+        if answer.accepts() {
+            (request.traces, request.logs) = decode(request.signal, &body);
+            decoded = request.traces.is_some() || request.logs.is_some();
+            self.state.lock().unwrap().counts.add(&request);
+        }
+        self.arrived.notify_waiters();
+        (answer, decoded)
     }
 
     /// Queues answers for the next requests, in order (after any queued).
@@ -570,8 +610,9 @@ impl Collector {
     }
 
     /// From now on, counts each request (`counts`) and drops it instead of
-    /// keeping it (`received` stays empty): what a bench needs, at the cost
-    /// of a decode per request.
+    /// keeping it (`received` stays empty): what a bench needs. Over HTTP
+    /// the answer comes first (a responder sees no decoded body) and only
+    /// accepted requests are decoded, as a collector shedding load would.
     pub fn counting_only(&self) -> &Self {
         self.state.lock().unwrap().counting_only = true;
         self
