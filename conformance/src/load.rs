@@ -266,41 +266,65 @@ impl Source {
 
     /// `count` spans numbered from `first`, ending at `end` (ns), 50 to a job.
     fn request(&self, first: u64, count: u64, end: u64) -> ExportTraceServiceRequest {
-        let spans = (first..first + count)
-            .map(|i| Span {
-                trace_id: self.trace_id(i).to_vec(),
-                span_id: self.span_id(i).to_vec(),
+        let spans = step_spans(first, count, end, JOB_ID_BASE, |i| {
+            (self.trace_id(i), self.span_id(i))
+        });
+        let resource = Resource {
+            attributes: vec![
+                string("service.name", "gitlab-ci-runner"),
+                string("load.sender", &self.index.to_string()),
+                int("ci.pipeline.id", 4100),
+                int("ci.project.id", 42),
+                int("ci.runner.id", self.index as i64 + 1),
+            ],
+            ..Default::default()
+        };
+        ExportTraceServiceRequest {
+            resource_spans: vec![runner_resource_spans(resource, spans)],
+        }
+    }
+}
+
+/// `count` `step_script` spans numbered from `first`, each 250 ms long and
+/// ending at `end` (ns), 50 to a job (`ci.job.id` counts up from `job_base`);
+/// `ids` gives span `i` its trace id and span id.
+pub fn step_spans(
+    first: u64,
+    count: u64,
+    end: u64,
+    job_base: i64,
+    ids: impl Fn(u64) -> ([u8; 16], [u8; 8]),
+) -> Vec<Span> {
+    (first..first + count)
+        .map(|i| {
+            let (trace_id, span_id) = ids(i);
+            Span {
+                trace_id: trace_id.to_vec(),
+                span_id: span_id.to_vec(),
                 name: "step_script".into(),
                 kind: SpanKind::Internal as i32,
                 start_time_unix_nano: end - SPAN_NANOS,
                 end_time_unix_nano: end,
-                attributes: vec![int("ci.job.id", JOB_ID_BASE + (i / 50) as i64)],
+                attributes: vec![int("ci.job.id", job_base + (i / 50) as i64)],
                 ..Default::default()
-            })
-            .collect();
-        ExportTraceServiceRequest {
-            resource_spans: vec![ResourceSpans {
-                resource: Some(Resource {
-                    attributes: vec![
-                        string("service.name", "gitlab-ci-runner"),
-                        string("load.sender", &self.index.to_string()),
-                        int("ci.pipeline.id", 4100),
-                        int("ci.project.id", 42),
-                        int("ci.runner.id", self.index as i64 + 1),
-                    ],
-                    ..Default::default()
-                }),
-                scope_spans: vec![ScopeSpans {
-                    scope: Some(InstrumentationScope {
-                        name: "gitlab-ci-runner".into(),
-                        ..Default::default()
-                    }),
-                    spans,
-                    ..Default::default()
-                }],
+            }
+        })
+        .collect()
+}
+
+/// `resource` and its `spans` under the runner's instrumentation scope.
+pub fn runner_resource_spans(resource: Resource, spans: Vec<Span>) -> ResourceSpans {
+    ResourceSpans {
+        resource: Some(resource),
+        scope_spans: vec![ScopeSpans {
+            scope: Some(InstrumentationScope {
+                name: "gitlab-ci-runner".into(),
                 ..Default::default()
-            }],
-        }
+            }),
+            spans,
+            ..Default::default()
+        }],
+        ..Default::default()
     }
 }
 

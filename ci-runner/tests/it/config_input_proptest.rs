@@ -4,10 +4,8 @@
 //! parsers are fuzzed in `runner-telemetry/tests/it/export_input_proptest.rs`; the
 //! generators are `conformance::doubles::inputs`.)
 
-use std::time::Duration;
-
 use ci_runner::config as runner_config;
-use conformance::doubles::inputs::{environment, interesting_text, telemetry_table};
+use conformance::doubles::inputs::{environment, interesting_text, telemetry_section};
 use proptest::prelude::*;
 use runner_telemetry::config::TelemetryOverrides;
 
@@ -25,23 +23,19 @@ proptest! {
 
     #[test]
     fn configuration_takes_any_telemetry_section(
-        table in telemetry_table(),
-        env in environment(),
-        flush in proptest::option::of(0u64..100_000),
-        endpoint in proptest::option::of(interesting_text()),
+        section in telemetry_section(),
         listen in proptest::option::of(interesting_text()),
     ) {
-        let text = toml::to_string(&table).unwrap_or_default();
         let overrides = TelemetryOverrides {
-            endpoint: endpoint.clone(),
-            flush_timeout: flush.map(Duration::from_millis),
+            endpoint: section.endpoint,
+            flush_timeout: section.flush_timeout,
             ..TelemetryOverrides::default()
         };
-        let runner_file = format!("listen_address = {}\n[[runners]]\nurl = \"http://g\"\ntoken = \"t\"\n[runners.telemetry]\n{text}",
-            toml::Value::String(listen.clone().unwrap_or_default()));
+        let runner_file = format!("listen_address = {}\n[[runners]]\nurl = \"http://g\"\ntoken = \"t\"\n[runners.telemetry]\n{}",
+            toml::Value::String(listen.clone().unwrap_or_default()), section.text);
         if let Ok(file) = runner_config::parse(&runner_file) {
             let flags = runner_config::RunFlags { telemetry: overrides, metrics_listen: listen, ..Default::default() };
-            let _ = runner_config::resolve(Some(file), &flags, &env);
+            let _ = runner_config::resolve(Some(file), &flags, &section.env);
         }
     }
 }

@@ -23,6 +23,40 @@ pub const RUNNER_TOKEN: &str = "glrt-runner-token-SECRET";
 /// How long a hanging trace PATCH hangs: far longer than any test waits.
 const HANG: Duration = Duration::from_secs(120);
 
+/// A job payload as the job API hands it out: `id`, its job token, the job
+/// info (`queued` seconds in the queue), a `script` and an `after_script`
+/// step, and `variables`. Each suite adds its own fields (features, trace
+/// context) with [`set`].
+pub fn job_payload(
+    id: i64,
+    script: &[&str],
+    after: &[&str],
+    queued: f64,
+    variables: Value,
+) -> Value {
+    json!({
+        "id": id,
+        "token": format!("job-token-{id}-SECRET"),
+        "job_info": {"name": format!("job-{id}"), "stage": "test", "pipeline_id": 500 + id,
+                      "project_id": 3, "project_name": "demo", "project_full_path": "group/demo",
+                      "time_in_queue_seconds": queued},
+        "git_info": {"repo_url": "", "ref": "main", "sha": "", "ref_type": "branch", "depth": 0},
+        "runner_info": {"timeout": 60},
+        "variables": variables,
+        "steps": [
+            {"name": "script", "script": script, "timeout": 60, "when": "on_success", "allow_failure": false},
+            {"name": "after_script", "script": after, "timeout": 60, "when": "always", "allow_failure": false}
+        ],
+        "artifacts": [], "cache": [],
+    })
+}
+
+/// `value` with `key` set to `field`.
+pub fn set(mut value: Value, key: &str, field: Value) -> Value {
+    value[key] = field;
+    value
+}
+
 /// Serves `app` on a free local port; returns its address.
 pub async fn serve(app: axum::Router) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

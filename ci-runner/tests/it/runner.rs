@@ -9,7 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::job_api::{
-    git_commit, git_repo, runner_command, serve, start_api, Api, PARENT, RUNNER_TOKEN, TRACE_ID,
+    git_commit, git_repo, job_payload, runner_command, serve, set, start_api, Api, PARENT,
+    RUNNER_TOKEN, TRACE_ID,
 };
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
@@ -122,34 +123,24 @@ async fn until(what: &str, condition: impl Fn() -> bool) {
     .await
 }
 
+/// A job payload with the fields a runner must accept and ignore.
 fn job(id: i64, script: &[&str], after: &[&str]) -> Value {
-    json!({
-        "id": id,
-        "token": format!("job-token-{id}-SECRET"),
+    let variables = json!([
+        {"key": "CI_JOB_ID", "value": id.to_string(), "public": true, "masked": false},
+        {"key": "CI_JOB_NAME", "value": format!("job-{id}"), "public": true, "masked": false},
+        {"key": "CI_JOB_TOKEN", "value": format!("job-token-{id}-SECRET"), "public": false, "masked": true},
+        {"key": "CI_PIPELINE_SOURCE", "value": "push", "public": true, "masked": false}
+    ]);
+    let mut job = job_payload(id, script, after, 1.0, variables);
+    let extra = json!({
         "allow_git_fetch": true,
-        "job_info": {"name": format!("job-{id}"), "stage": "test", "pipeline_id": 500 + id,
-                      "project_id": 3, "project_name": "demo", "project_full_path": "group/demo",
-                      "time_in_queue_seconds": 1},
-        "git_info": {"repo_url": "", "ref": "main", "sha": "", "ref_type": "branch", "depth": 0},
-        "runner_info": {"timeout": 60},
-        "variables": [
-            {"key": "CI_JOB_ID", "value": id.to_string(), "public": true, "masked": false},
-            {"key": "CI_JOB_NAME", "value": format!("job-{id}"), "public": true, "masked": false},
-            {"key": "CI_JOB_TOKEN", "value": format!("job-token-{id}-SECRET"), "public": false, "masked": true},
-            {"key": "CI_PIPELINE_SOURCE", "value": "push", "public": true, "masked": false}
-        ],
-        "steps": [
-            {"name": "script", "script": script, "timeout": 60, "when": "on_success", "allow_failure": false},
-            {"name": "after_script", "script": after, "timeout": 60, "when": "always", "allow_failure": false}
-        ],
-        "image": null, "services": [], "artifacts": [], "cache": [], "dependencies": [],
+        "image": null, "services": [], "dependencies": [],
         "features": {"trace_sections": true},
         "unknown_future_field": {"nested": [1, 2, 3]}
-    })
-}
-
-fn with(mut job: Value, key: &str, value: Value) -> Value {
-    job[key] = value;
+    });
+    for (key, value) in extra.as_object().unwrap() {
+        job[key] = value.clone();
+    }
     job
 }
 
@@ -332,7 +323,7 @@ async fn masked_variables_and_the_job_token_never_leave_the_process() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn job_timeout_kills_the_script() {
-    let job4 = with(
+    let job4 = set(
         job(4, &["echo start", "sleep 60 & sleep 60"], &["echo after"]),
         "runner_info",
         json!({"timeout": 2}),
@@ -368,12 +359,12 @@ async fn job_timeout_kills_the_script() {
 /// Runs one telemetry-enabled job against a collector that cannot take it,
 /// and checks that the status arrives long before the flush deadline ends.
 async fn status_is_not_delayed_by(collector_url: String, expect_deadline: bool) {
-    let job5 = with(
+    let job5 = set(
         job(5, &["echo hi"], &[]),
         "features",
         json!({"job_telemetry": true}),
     );
-    let job5 = with(
+    let job5 = set(
         job5,
         "trace_context",
         json!({"trace_id": TRACE_ID, "parent_span_id": PARENT}),
@@ -448,8 +439,8 @@ async fn stalled_collector_does_not_delay_the_status() {
 async fn spans_reach_the_collector_from_the_binary() {
     let http = http_collector().await;
     let grpc = grpc_collector().await;
-    let v1 = with(
-        with(
+    let v1 = set(
+        set(
             job(6, &["echo v1"], &[]),
             "features",
             json!({"job_telemetry": true}),
@@ -457,13 +448,13 @@ async fn spans_reach_the_collector_from_the_binary() {
         "trace_context",
         json!({"trace_id": TRACE_ID, "parent_span_id": PARENT}),
     );
-    let off = with(
+    let off = set(
         job(7, &["echo off"], &[]),
         "features",
         json!({"job_telemetry": false}),
     );
     let v2_trace = "0af7651916cd43dd8448eb211c80319c";
-    let v2 = with(
+    let v2 = set(
         job(8, &["exit 1"], &[]),
         "features",
         json!({"tracing": {"trace_id": v2_trace, "span_parent_id": "b7ad6b7169203331",
@@ -580,12 +571,12 @@ async fn sources_are_cloned_at_the_sha_and_a_failed_clone_fails_the_job() {
     git_commit(repo.path(), &["-am", "two"]);
 
     let url = repo.path().to_string_lossy().into_owned();
-    let cloned = with(
+    let cloned = set(
         job(9, &["cat README"], &[]),
         "git_info",
         json!({"repo_url": url, "ref": "main", "sha": sha, "ref_type": "branch", "depth": 0}),
     );
-    let missing = with(
+    let missing = set(
         job(10, &["echo never"], &[]),
         "git_info",
         json!({"repo_url": "/nonexistent/repo.git", "ref": "main", "sha": sha}),

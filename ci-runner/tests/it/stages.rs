@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use crate::job_api::{git_repo, runner_command, start_api, PARENT, TRACE_ID};
+use crate::job_api::{git_repo, job_payload, runner_command, set, start_api, PARENT, TRACE_ID};
 use conformance::doubles::otlp::{http_collector, Collector, ReceivedSpan};
 use conformance::log_lines::{field, job_line};
 use serde_json::{json, Value};
@@ -60,32 +60,18 @@ async fn run_runner(
 
 /// A traced (contract v1) job payload.
 fn job(id: i64, script: &[&str], after: &[&str]) -> Value {
-    json!({
-        "id": id,
-        "token": format!("job-token-{id}-SECRET"),
-        "job_info": {"name": format!("job-{id}"), "stage": "test", "pipeline_id": 500 + id,
-                      "project_id": 3, "project_name": "demo", "project_full_path": "group/demo",
-                      "time_in_queue_seconds": 2.5},
-        "git_info": {"repo_url": "", "ref": "main", "sha": "", "ref_type": "branch", "depth": 0},
-        "runner_info": {"timeout": 60},
-        "variables": [
-            {"key": "CI_JOB_ID", "value": id.to_string(), "public": true},
-            {"key": "CI_JOB_TOKEN", "value": format!("job-token-{id}-SECRET"), "masked": true},
-            {"key": "CI_COMMIT_REF_SLUG", "value": "main", "public": true}
-        ],
-        "steps": [
-            {"name": "script", "script": script, "timeout": 60, "when": "on_success"},
-            {"name": "after_script", "script": after, "timeout": 60, "when": "always"}
-        ],
-        "artifacts": [], "cache": [],
-        "features": {"job_telemetry": true},
-        "trace_context": {"trace_id": TRACE_ID, "parent_span_id": PARENT}
-    })
-}
-
-fn set(mut value: Value, key: &str, field: Value) -> Value {
-    value[key] = field;
-    value
+    let variables = json!([
+        {"key": "CI_JOB_ID", "value": id.to_string(), "public": true},
+        {"key": "CI_JOB_TOKEN", "value": format!("job-token-{id}-SECRET"), "masked": true},
+        {"key": "CI_COMMIT_REF_SLUG", "value": "main", "public": true}
+    ]);
+    let job = job_payload(id, script, after, 2.5, variables);
+    let job = set(job, "features", json!({"job_telemetry": true}));
+    set(
+        job,
+        "trace_context",
+        json!({"trace_id": TRACE_ID, "parent_span_id": PARENT}),
+    )
 }
 
 fn add_variable(mut job: Value, key: &str, value: &str, masked: bool) -> Value {

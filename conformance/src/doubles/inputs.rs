@@ -1,9 +1,11 @@
 //! Input generators (proptest strategies) for the robustness tests of the
 //! runner's and the library's configuration: text shaped like what the
 //! parsers expect and not, TOML values, `[runners.telemetry]` tables and
-//! telemetry environments.
+//! telemetry environments, and whole sections with the overrides they are
+//! resolved with.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use proptest::prelude::*;
 
@@ -101,4 +103,34 @@ pub fn environment() -> impl Strategy<Value = BTreeMap<String, String>> {
         interesting_text(),
         0..6,
     )
+}
+
+/// A `[runners.telemetry]` section as TOML text, with the environment and the
+/// command-line overrides (endpoint, flush timeout) it is resolved with.
+#[derive(Clone, Debug)]
+pub struct TelemetrySection {
+    /// The section's body (`telemetry_table` written as TOML).
+    pub text: String,
+    /// The process environment (`environment`).
+    pub env: BTreeMap<String, String>,
+    /// The endpoint override, if any.
+    pub endpoint: Option<String>,
+    /// The flush timeout override, if any (0 to 100 s).
+    pub flush_timeout: Option<Duration>,
+}
+
+/// A `TelemetrySection`: any table, environment and overrides.
+pub fn telemetry_section() -> impl Strategy<Value = TelemetrySection> {
+    (
+        telemetry_table(),
+        environment(),
+        proptest::option::of(interesting_text()),
+        proptest::option::of(0u64..100_000),
+    )
+        .prop_map(|(table, env, endpoint, flush)| TelemetrySection {
+            text: toml::to_string(&table).unwrap_or_default(),
+            env,
+            endpoint,
+            flush_timeout: flush.map(Duration::from_millis),
+        })
 }

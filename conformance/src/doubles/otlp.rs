@@ -4,7 +4,9 @@
 //! arrival time, answers each from a script (200, any HTTP status with
 //! headers and body, partial success, gRPC statuses with google.rpc
 //! `RetryInfo`, stall, reset), and wakes waiters on each arrival (no
-//! sleeping). Plus a server that accepts and never reads, and a closed port.
+//! sleeping). It counts what it accepted, and can keep only those counts
+//! (`counting_only`, for the bench, where keeping every request would weigh
+//! on the measurement). Plus a server that accepts and never reads, and a closed port.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
@@ -313,11 +315,76 @@ impl Received {
 
 type Responder = Arc<dyn Fn(&Received) -> Answer + Send + Sync>;
 
+/// What a collector accepted: requests (decoded, answered with a 2xx or
+/// gRPC `OK`) and the spans and log records in them (a partial success's
+/// rejected items are not subtracted).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub requests: u64,
+    pub spans: u64,
+    pub log_records: u64,
+}
+
+impl Counts {
+    fn add(&mut self, request: &Received) {
+        if request.traces.is_none() && request.logs.is_none() {
+            return;
+        }
+        self.requests += 1;
+        let spans: usize = request
+            .traces
+            .iter()
+            .flat_map(|r| &r.resource_spans)
+            .flat_map(|rs| &rs.scope_spans)
+            .map(|ss| ss.spans.len())
+            .sum();
+        let records: usize = request
+            .logs
+            .iter()
+            .flat_map(|r| &r.resource_logs)
+            .flat_map(|rl| &rl.scope_logs)
+            .map(|sl| sl.log_records.len())
+            .sum();
+        self.spans += spans as u64;
+        self.log_records += records as u64;
+    }
+}
+
 #[derive(Default)]
 struct State {
     received: Vec<Received>,
+    counts: Counts,
+    /// Count requests, do not keep them.
+    counting_only: bool,
     script: VecDeque<Answer>,
     otherwise: Option<Responder>,
+}
+
+impl State {
+    /// The scripted answer to `request`, else the responder's, else `Ok`.
+    fn next_answer(&mut self, request: &Received) -> Answer {
+        match self.script.pop_front() {
+            Some(answer) => answer,
+            None => match &self.otherwise {
+                Some(responder) => responder(request),
+                None => Answer::Ok,
+            },
+        }
+    }
+}
+
+/// An OTLP/HTTP body as the request of `signal`, if it decodes.
+fn decode(
+    signal: Signal,
+    body: &[u8],
+) -> (
+    Option<ExportTraceServiceRequest>,
+    Option<ExportLogsServiceRequest>,
+) {
+    match signal {
+        Signal::Traces => (ExportTraceServiceRequest::decode(body).ok(), None),
+        Signal::Logs => (None, ExportLogsServiceRequest::decode(body).ok()),
+    }
 }
 
 /// The scriptable recording collector. Clones share their state.
@@ -420,25 +487,28 @@ impl Collector {
         } else {
             Signal::Traces
         };
-        let (traces, logs) = match signal {
-            Signal::Traces => (ExportTraceServiceRequest::decode(body).ok(), None),
-            Signal::Logs => (None, ExportLogsServiceRequest::decode(body).ok()),
-        };
-        let decoded = traces.is_some() || logs.is_some();
         let headers = headers
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
             .collect();
-        let answer = self.record(Received {
+        let mut received = Received {
             at: Instant::now(),
             signal,
             path,
             grpc: false,
             headers,
-            traces,
-            logs,
+            traces: None,
+            logs: None,
             answer: Answer::Ok,
-        });
+        };
+        let counting_only = self.state.lock().unwrap().counting_only;
+        let (answer, decoded) = if counting_only {
+            self.count(received, body)
+        } else {
+            (received.traces, received.logs) = decode(signal, &body);
+            let decoded = received.traces.is_some() || received.logs.is_some();
+            (self.record(received), decoded)
+        };
         if !decoded {
             return (axum::http::StatusCode::BAD_REQUEST, "not OTLP protobuf").into_response();
         }
@@ -489,19 +559,34 @@ impl Collector {
     fn record(&self, mut request: Received) -> Answer {
         let answer = {
             let mut state = self.state.lock().unwrap();
-            let answer = match state.script.pop_front() {
-                Some(answer) => answer,
-                None => match &state.otherwise {
-                    Some(responder) => responder(&request),
-                    None => Answer::Ok,
-                },
-            };
-            request.answer = answer.clone();
-            state.received.push(request);
+            let answer = state.next_answer(&request);
+            if answer.accepts() {
+                state.counts.add(&request);
+            }
+            if !state.counting_only {
+                request.answer = answer.clone();
+                state.received.push(request);
+            }
             answer
         };
         self.arrived.notify_waiters();
         answer
+    }
+
+    /// `record` when `counting_only`, over HTTP: answers from the path and
+    /// headers, then decodes and counts the body only if the answer accepts
+    /// it (a refusal costs no decode, as at a collector shedding load).
+    /// Returns the answer and whether the body decoded (true if refused).
+    fn count(&self, mut request: Received, body: axum::body::Bytes) -> (Answer, bool) {
+        let answer = self.state.lock().unwrap().next_answer(&request);
+        let mut decoded = true;
+        if answer.accepts() {
+            (request.traces, request.logs) = decode(request.signal, &body);
+            decoded = request.traces.is_some() || request.logs.is_some();
+            self.state.lock().unwrap().counts.add(&request);
+        }
+        self.arrived.notify_waiters();
+        (answer, decoded)
     }
 
     /// Queues answers for the next requests, in order (after any queued).
@@ -522,6 +607,58 @@ impl Collector {
     ) -> &Self {
         self.state.lock().unwrap().otherwise = Some(Arc::new(responder));
         self
+    }
+
+    /// From now on, counts each request (`counts`) and drops it instead of
+    /// keeping it (`received` stays empty): what a bench needs. Over HTTP
+    /// the answer comes first (a responder sees no decoded body) and only
+    /// accepted requests are decoded, as a collector shedding load would.
+    pub fn counting_only(&self) -> &Self {
+        self.state.lock().unwrap().counting_only = true;
+        self
+    }
+
+    /// Forgets the requests received and the counts (the script and the
+    /// answers stay).
+    pub fn clear(&self) -> &Self {
+        let mut state = self.state.lock().unwrap();
+        state.received.clear();
+        state.counts = Counts::default();
+        self
+    }
+
+    /// What was accepted since the start (or `clear`).
+    pub fn counts(&self) -> Counts {
+        self.state.lock().unwrap().counts
+    }
+
+    /// Waits until `predicate` holds for the counts, woken by each arrival,
+    /// at most `deadline`; returns them either way.
+    pub async fn wait_for_counts(
+        &self,
+        deadline: Duration,
+        predicate: impl Fn(&Counts) -> bool,
+    ) -> Counts {
+        self.wait_on(deadline, || self.counts(), predicate).await
+    }
+
+    /// Reads `read` until `predicate` holds for it, woken by each arrival,
+    /// at most `deadline`; returns the last reading either way.
+    async fn wait_on<T>(
+        &self,
+        deadline: Duration,
+        read: impl Fn() -> T,
+        predicate: impl Fn(&T) -> bool,
+    ) -> T {
+        let until = Instant::now() + deadline;
+        loop {
+            let arrival = self.arrived.notified();
+            let value = read();
+            if predicate(&value) || Instant::now() >= until {
+                return value;
+            }
+            let _ = tokio::time::timeout_at(until, arrival).await;
+        }
     }
 
     /// Every request, in arrival order.
@@ -586,15 +723,8 @@ impl Collector {
         deadline: Duration,
         predicate: impl Fn(&[Received]) -> bool,
     ) -> Vec<Received> {
-        let until = Instant::now() + deadline;
-        loop {
-            let arrival = self.arrived.notified();
-            let received = self.received();
-            if predicate(&received) || Instant::now() >= until {
-                return received;
-            }
-            let _ = tokio::time::timeout_at(until, arrival).await;
-        }
+        self.wait_on(deadline, || self.received(), |received| predicate(received))
+            .await
     }
 
     /// Waits until `n` requests arrived, at most `deadline`.

@@ -17,14 +17,13 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use conformance::load::{int, string};
+use conformance::load::{int, runner_resource_spans, step_spans, string};
 use conformance::process::wait_for;
 use conformance::{ClickHouse, Stack, StackOptions};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-use opentelemetry_proto::tonic::common::v1::InstrumentationScope;
 use opentelemetry_proto::tonic::resource::v1::Resource;
-use opentelemetry_proto::tonic::trace::v1::{span::SpanKind, ResourceSpans, ScopeSpans, Span};
+use opentelemetry_proto::tonic::trace::v1::ResourceSpans;
 use prost::Message;
 
 /// How long a shape may take to land completely. Spans that never land
@@ -95,31 +94,10 @@ impl Source {
 
     /// `count` spans of this source, numbered from `first`.
     fn resource_spans(&self, first: u64, count: u64) -> ResourceSpans {
-        let end = now_ns();
-        let spans = (first..first + count)
-            .map(|i| Span {
-                trace_id: self.trace_id.to_vec(),
-                span_id: (self.span_base | (i + 1)).to_be_bytes().to_vec(),
-                name: "step_script".into(),
-                kind: SpanKind::Internal as i32,
-                start_time_unix_nano: end - 250_000_000,
-                end_time_unix_nano: end,
-                attributes: vec![int("ci.job.id", 1_000 + (i / 50) as i64)],
-                ..Default::default()
-            })
-            .collect();
-        ResourceSpans {
-            resource: Some(self.resource()),
-            scope_spans: vec![ScopeSpans {
-                scope: Some(InstrumentationScope {
-                    name: "gitlab-ci-runner".into(),
-                    ..Default::default()
-                }),
-                spans,
-                ..Default::default()
-            }],
-            ..Default::default()
-        }
+        let spans = step_spans(first, count, now_ns(), 1_000, |i| {
+            (self.trace_id, (self.span_base | (i + 1)).to_be_bytes())
+        });
+        runner_resource_spans(self.resource(), spans)
     }
 }
 

@@ -3,9 +3,9 @@
 //! client's parsers. Whatever comes in, the answer is a value or an error,
 //! never a panic.
 
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
-use conformance::doubles::inputs::{environment, interesting_text, telemetry_table};
+use conformance::doubles::inputs::{environment, interesting_text, telemetry_section};
 use proptest::prelude::*;
 use runner_telemetry::config::{self, TelemetryOverrides, TelemetrySettings};
 use runner_telemetry::export::{auth, retry};
@@ -124,20 +124,14 @@ proptest! {
     }
 
     #[test]
-    fn configuration_takes_any_telemetry_section(
-        table in telemetry_table(),
-        env in environment(),
-        flush in proptest::option::of(0u64..100_000),
-        endpoint in proptest::option::of(interesting_text()),
-    ) {
-        let text = toml::to_string(&table).unwrap_or_default();
+    fn configuration_takes_any_telemetry_section(section in telemetry_section()) {
         let overrides = TelemetryOverrides {
-            endpoint: endpoint.clone(),
-            flush_timeout: flush.map(Duration::from_millis),
+            endpoint: section.endpoint,
+            flush_timeout: section.flush_timeout,
             ..TelemetryOverrides::default()
         };
-        if let Ok(file) = toml::from_str::<TelemetrySettings>(&text) {
-            let _ = config::resolve(&file, &overrides, &env);
+        if let Ok(file) = toml::from_str::<TelemetrySettings>(&section.text) {
+            let _ = config::resolve(&file, &overrides, &section.env);
         }
     }
 

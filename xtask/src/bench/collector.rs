@@ -1,65 +1,30 @@
-//! An OTLP collector in the bench process (HTTP/protobuf and gRPC on
-//! 127.0.0.1) that counts the spans it accepts, and can be scripted to
-//! answer 503 (gRPC `UNAVAILABLE`) with `Retry-After` for a while, or to
-//! stall (read the request, never answer).
+//! The bench's OTLP collector: the harness's scriptable collector
+//! (`conformance::doubles::otlp`, HTTP/protobuf and gRPC on one 127.0.0.1
+//! port) on its own one-thread runtime, counting the spans it accepts
+//! without keeping them, scripted to answer 503 (gRPC `UNAVAILABLE`) with
+//! `Retry-After` for a while, or to stall (read the request, never answer).
+//! Beside it, a stub of GitLab's job status endpoint that notes when each
+//! status update arrives.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
-    TraceService, TraceServiceServer,
-};
-use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTraceServiceRequest, ExportTraceServiceResponse,
-};
-use prost::Message;
-
-#[derive(Debug, Default)]
-struct State {
-    spans: AtomicU64,
-    requests: AtomicU64,
-    refused: AtomicU64,
-    refuse_until: Mutex<Option<Instant>>,
-    stalled: AtomicBool,
-    /// When each job status update (`PUT /api/v4/jobs/:id`) arrived.
-    statuses: Mutex<Vec<Instant>>,
-}
-
-impl State {
-    fn refusing(&self) -> bool {
-        let until = *self.refuse_until.lock().unwrap_or_else(|e| e.into_inner());
-        until.is_some_and(|t| Instant::now() < t)
-    }
-
-    fn accept(&self, request: &ExportTraceServiceRequest) {
-        let spans: usize = request
-            .resource_spans
-            .iter()
-            .flat_map(|rs| &rs.scope_spans)
-            .map(|ss| ss.spans.len())
-            .sum();
-        self.spans.fetch_add(spans as u64, Ordering::SeqCst);
-        self.requests.fetch_add(1, Ordering::SeqCst);
-    }
-}
+use conformance::doubles::otlp::{self, Answer};
 
 pub struct Collector {
     /// `http://127.0.0.1:PORT` (traces at `/v1/traces`).
     pub http_url: String,
-    /// `http://127.0.0.1:PORT` for gRPC.
+    /// `http://127.0.0.1:PORT` for gRPC (the same port).
     pub grpc_url: String,
-    state: Arc<State>,
-    _runtime: tokio::runtime::Runtime,
+    /// `http://127.0.0.1:PORT` of the job status stub
+    /// (`PUT /api/v4/jobs/:id`).
+    pub gitlab_url: String,
+    collector: otlp::Collector,
+    /// When each job status update arrived.
+    statuses: Arc<Mutex<Vec<Instant>>>,
+    runtime: tokio::runtime::Runtime,
 }
 
 impl Collector {
@@ -69,172 +34,89 @@ impl Collector {
             .thread_name("bench-collector")
             .enable_all()
             .build()?;
-        let state = Arc::new(State::default());
-        let (http, grpc) = runtime.block_on(async {
-            let http = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-            let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-            anyhow::Ok((http, grpc))
+        let statuses = Arc::new(Mutex::new(Vec::new()));
+        let (collector, gitlab) = runtime.block_on(async {
+            let collector = otlp::Collector::start().await;
+            collector.counting_only();
+            let gitlab = serve_statuses(statuses.clone()).await?;
+            anyhow::Ok((collector, gitlab))
         })?;
-        let (http_addr, grpc_addr) = (http.local_addr()?, grpc.local_addr()?);
-        runtime.spawn(serve_http(http, state.clone()));
-        let service = TraceServiceServer::new(Grpc(state.clone()))
-            .max_decoding_message_size(64 * 1024 * 1024);
-        runtime.spawn(
-            tonic::transport::Server::builder()
-                .add_service(service)
-                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(grpc)),
-        );
+        let base = collector.grpc_endpoint();
         Ok(Collector {
-            http_url: url(http_addr),
-            grpc_url: url(grpc_addr),
-            state,
-            _runtime: runtime,
+            http_url: base.clone(),
+            grpc_url: base,
+            gitlab_url: format!("http://{gitlab}"),
+            collector,
+            statuses,
+            runtime,
         })
-    }
-
-    pub fn spans(&self) -> u64 {
-        self.state.spans.load(Ordering::SeqCst)
     }
 
     /// Export requests accepted since the last reset.
     pub fn requests(&self) -> u64 {
-        self.state.requests.load(Ordering::SeqCst)
+        self.collector.counts().requests
     }
 
     /// Forgets what was counted and answers normally again.
     pub fn reset(&self) {
-        self.state.spans.store(0, Ordering::SeqCst);
-        self.state.requests.store(0, Ordering::SeqCst);
-        self.state.refused.store(0, Ordering::SeqCst);
-        self.state.stalled.store(false, Ordering::SeqCst);
-        *self
-            .state
-            .refuse_until
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = None;
+        self.collector.clear().otherwise(Answer::Ok);
     }
 
     /// 503 + `Retry-After: 1` (gRPC: `UNAVAILABLE`) for `duration` from now.
     pub fn refuse_for(&self, duration: Duration) {
-        *self
-            .state
-            .refuse_until
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = Some(Instant::now() + duration);
+        let until = Instant::now() + duration;
+        self.collector.answer_with(move |_| {
+            if Instant::now() < until {
+                Answer::retry_after(503, "1")
+            } else {
+                Answer::Ok
+            }
+        });
     }
 
     /// When the last job status update arrived.
     pub fn last_status(&self) -> Option<Instant> {
-        self.state
-            .statuses
+        self.statuses
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .last()
             .copied()
     }
 
-    /// Reads requests and never answers them.
+    /// Reads requests and never answers them (or answers normally again).
     pub fn stall(&self, stalled: bool) {
-        self.state.stalled.store(stalled, Ordering::SeqCst);
+        self.collector
+            .otherwise(if stalled { Answer::Stall } else { Answer::Ok });
     }
 
-    /// Polls until `expected` spans arrived or `deadline` passed; the count.
+    /// Waits until `expected` spans arrived or `deadline` passed; the count.
     pub fn wait_for_spans(&self, expected: u64, deadline: Duration) -> u64 {
-        let until = Instant::now() + deadline;
-        loop {
-            let spans = self.spans();
-            if spans >= expected || Instant::now() >= until {
-                return spans;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        self.runtime
+            .block_on(
+                self.collector
+                    .wait_for_counts(deadline, |counts| counts.spans >= expected),
+            )
+            .spans
     }
 }
 
-fn url(addr: SocketAddr) -> String {
-    format!("http://{addr}")
-}
-
-async fn serve_http(listener: tokio::net::TcpListener, state: Arc<State>) {
-    while let Ok((stream, _)) = listener.accept().await {
-        let state = state.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |request| handle(request, state.clone()));
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
-    }
-}
-
-async fn handle(
-    request: Request<Incoming>,
-    state: Arc<State>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
-    let arrived = Instant::now();
-    let is_status = request.uri().path().starts_with("/api/v4/jobs/");
-    // Read the whole body first, or the connection cannot be reused.
-    let body = match request.into_body().collect().await {
-        Ok(body) => body.to_bytes(),
-        Err(_) => return Ok(status(400)),
-    };
-    if is_status {
-        state
-            .statuses
+/// Serves the job status stub on a free local port: every request is a
+/// status update, noted and answered 200.
+async fn serve_statuses(statuses: Arc<Mutex<Vec<Instant>>>) -> Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let app = axum::Router::new().fallback(move |_body: axum::body::Bytes| {
+        // The body was read whole first, so the connection can be reused.
+        statuses
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .push(arrived);
-        return Ok(status(200));
-    }
-    if state.stalled.load(Ordering::SeqCst) {
-        std::future::pending::<()>().await;
-    }
-    if state.refusing() {
-        state.refused.fetch_add(1, Ordering::SeqCst);
-        let mut response = status(503);
-        response
-            .headers_mut()
-            .insert("retry-after", hyper::header::HeaderValue::from_static("1"));
-        return Ok(response);
-    }
-    let Ok(decoded) = ExportTraceServiceRequest::decode(body) else {
-        return Ok(status(400));
-    };
-    state.accept(&decoded);
-    let mut response = Response::new(Full::new(Bytes::from(
-        ExportTraceServiceResponse::default().encode_to_vec(),
-    )));
-    response.headers_mut().insert(
-        "content-type",
-        hyper::header::HeaderValue::from_static("application/x-protobuf"),
-    );
-    Ok(response)
-}
-
-fn status(code: u16) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::new()));
-    *response.status_mut() = hyper::StatusCode::from_u16(code).unwrap_or_default();
-    response
-}
-
-struct Grpc(Arc<State>);
-
-#[tonic::async_trait]
-impl TraceService for Grpc {
-    async fn export(
-        &self,
-        request: tonic::Request<ExportTraceServiceRequest>,
-    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        if self.0.stalled.load(Ordering::SeqCst) {
-            std::future::pending::<()>().await;
-        }
-        if self.0.refusing() {
-            self.0.refused.fetch_add(1, Ordering::SeqCst);
-            return Err(tonic::Status::unavailable("refusing for the bench"));
-        }
-        self.0.accept(request.get_ref());
-        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
-    }
+            .push(Instant::now());
+        std::future::ready(axum::http::StatusCode::OK)
+    });
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok(addr)
 }
 
 /// Starts a collector or says why not.

@@ -231,7 +231,7 @@ pub fn status_latency(report: &mut Report, profile: &Profile, gitlab: &Collector
         .http_status_as_error(false)
         .build()
         .into();
-    let status_url = format!("{}/api/v4/jobs/1", gitlab.http_url);
+    let status_url = format!("{}/api/v4/jobs/1", gitlab.gitlab_url);
     let modes = [Mode::Up, Mode::Stalled, Mode::Off];
     let mut per_mode: Vec<Vec<f64>> = vec![Vec::new(); 3];
     let mut ratios = Vec::new();
