@@ -27,6 +27,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use conformance::gitlab::{job_id, job_named, FakeRailsOptions};
+use conformance::log_lines::{field, job_line};
 use conformance::process::wait_for;
 use conformance::proxy::Proxy;
 use conformance::runner::RunnerOptions;
@@ -400,8 +401,12 @@ impl Unexported {
             "known={known} dropped={dropped}"
         );
         let log = world.runner_log();
-        let line = format!("job={job} {known} log records of the job were not exported");
-        assert!(log.contains(&line), "no `{line}` in\n{log}");
+        let line = job_line(&log, *job, "log records of the job were not exported");
+        assert_eq!(
+            line.and_then(|l| field(l, "dropped")),
+            Some(known.to_string().as_str()),
+            "no WARN line with dropped={known} for job {job} in\n{log}"
+        );
     }
 }
 
