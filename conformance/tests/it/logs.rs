@@ -138,25 +138,10 @@ fn flushed_account(world: &World, job: u64) -> (u64, u64, u64) {
         &format!("the runner's telemetry flush line of job {job}"),
         Duration::from_secs(180),
         || {
-            let log = world.runner_log();
-            let Some(line) = log.lines().find(|l| {
-                l.contains("Telemetry flush")
-                    && l.contains("log_records=")
-                    && conformance::log_lines::is_job(l, job)
-            }) else {
-                return Ok(None);
-            };
-            let field = |name: &str| -> u64 {
-                line.split_whitespace()
-                    .find_map(|w| w.strip_prefix(&format!("{name}=")))
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or_else(|| panic!("no {name} in {line}"))
-            };
-            Ok(Some((
-                field("log_records"),
-                field("log_records_exported"),
-                field("log_records_dropped"),
-            )))
+            Ok(conformance::log_lines::log_account(
+                &world.runner_log(),
+                job,
+            ))
         },
     )
     .unwrap()

@@ -148,6 +148,7 @@ fn run_side(
         jobs: profile.export_jobs,
         spans_per_job: profile.export_spans_per_job,
         settle_secs: outage.as_secs_f64() + 20.0,
+        buffer_max_spans: None,
     };
     let peer = spawn_peer(&config)?;
     let (delivered, requests) = match sink {

@@ -211,27 +211,7 @@ fn flushed_line(runner: &Runner, job: u64) -> Result<(u64, u64, u64)> {
     conformance::process::wait_for(
         "the runner's telemetry flush line",
         Duration::from_secs(600),
-        || {
-            let log = runner.log();
-            let Some(line) = log.lines().find(|l| {
-                l.contains("Telemetry flush")
-                    && l.contains("log_records=")
-                    && conformance::log_lines::is_job(l, job)
-            }) else {
-                return Ok(None);
-            };
-            let field = |name: &str| -> u64 {
-                line.split_whitespace()
-                    .find_map(|w| w.strip_prefix(&format!("{name}=")))
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(0)
-            };
-            Ok(Some((
-                field("log_records"),
-                field("log_records_exported"),
-                field("log_records_dropped"),
-            )))
-        },
+        || Ok(conformance::log_lines::log_account(&runner.log(), job)),
     )
 }
 

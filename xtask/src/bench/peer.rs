@@ -69,6 +69,10 @@ pub struct PeerConfig {
     pub spans_per_job: usize,
     /// How long to wait for the spans to be delivered before shutting down.
     pub settle_secs: f64,
+    /// Our client's buffer in spans (its default when None): the stack
+    /// ingest scenario sizes it to the burst, so it measures the stack.
+    #[serde(default)]
+    pub buffer_max_spans: Option<usize>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -215,8 +219,13 @@ pub fn our_settings(protocol: Protocol, endpoint: &str, service_name: &str) -> E
 
 fn ours(config: &PeerConfig) -> Result<PeerResult> {
     let runtime = runtime()?;
+    let mut settings = our_settings(config.protocol, &config.endpoint, &config.service_name);
+    if let Some(spans) = config.buffer_max_spans {
+        settings.buffer.max_spans = spans;
+        settings.buffer.max_bytes = settings.buffer.max_bytes.max(spans * 1024);
+    }
     let telemetry = Arc::new(RunnerTelemetry::new(
-        our_settings(config.protocol, &config.endpoint, &config.service_name),
+        settings,
         RunnerIdentity {
             id: Some(1),
             name: "bench".into(),
