@@ -642,32 +642,7 @@ impl EndpointSink {
         if items.is_empty() {
             return;
         }
-        // At most twice: the worker may have retired since the last batch.
-        for _ in 0..2 {
-            let worker = self
-                .worker
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone();
-            {
-                let mut queue = worker.lock();
-                if !queue.closed {
-                    for item in items {
-                        queue.push(item);
-                    }
-                    drop(queue);
-                    worker.wake.notify_one();
-                    return;
-                }
-            }
-            match hub.worker(&worker.target, signal) {
-                Ok(fresh) => *self.worker.lock().unwrap_or_else(|e| e.into_inner()) = fresh,
-                Err(_) => break,
-            }
-        }
-        for mut item in items {
-            item.decide(Outcome::Dropped(DropReason::Shutdown));
-        }
+        self.enqueue(items);
     }
 
     fn push(&self, span: EncodedSpan, account: &Arc<JobAccount>, endpoint: usize, root: bool) {
@@ -694,7 +669,7 @@ impl EndpointSink {
             account.record(endpoint, Outcome::Dropped(DropReason::QueueFull), 1);
             return;
         }
-        let mut item = Item {
+        self.enqueue(vec![Item {
             span,
             account: account.clone(),
             endpoint,
@@ -703,8 +678,13 @@ impl EndpointSink {
             budget: hub.budget.clone(),
             decided: false,
             signal,
-        };
-        // At most twice: the worker may have retired since the last span.
+        }]);
+    }
+
+    /// Queues `items` on this endpoint's worker, under one lock and with one
+    /// wake-up; a worker that retired since the last call is replaced (at
+    /// most twice). Items no worker can take are dropped as `shutdown`.
+    fn enqueue(&self, items: Vec<Item>) {
         for _ in 0..2 {
             let worker = self
                 .worker
@@ -714,18 +694,22 @@ impl EndpointSink {
             {
                 let mut queue = worker.lock();
                 if !queue.closed {
-                    queue.push(item);
+                    for item in items {
+                        queue.push(item);
+                    }
                     drop(queue);
                     worker.wake.notify_one();
                     return;
                 }
             }
-            match hub.worker(&worker.target, signal) {
+            match self.hub.worker(&worker.target, self.signal) {
                 Ok(fresh) => *self.worker.lock().unwrap_or_else(|e| e.into_inner()) = fresh,
                 Err(_) => break,
             }
         }
-        item.decide(Outcome::Dropped(DropReason::Shutdown));
+        for mut item in items {
+            item.decide(Outcome::Dropped(DropReason::Shutdown));
+        }
     }
 }
 
