@@ -194,11 +194,9 @@ fn release_dir() -> PathBuf {
 
 /// Builds what the bench runs in release mode and runs the bench there.
 fn rerun_in_release(args: &[String]) -> Result<()> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     // The same packages every time, so that features (and artifacts) match.
     println!("==> cargo build --release -p xtask -p ci-runner -p fake-rails");
-    let status = Command::new(&cargo)
-        .current_dir(paths::repo_root())
+    let status = crate::build::cargo()
         .args([
             "build",
             "--release",
