@@ -23,6 +23,8 @@ pub fn run_all(args: &[String]) -> Result<()> {
         cargo().args(["fmt", "--all", "--", "--check"]),
     )?;
     let (mut build, mut tests) = (test_build(), rust_tests(&["--workspace"], args));
+    one_shot(&mut build);
+    one_shot(&mut tests);
     let linted = lint_while_building(&mut build) && lint_while_building(&mut tests);
     if !linted {
         step("cargo clippy", &mut clippy())?;
@@ -158,6 +160,18 @@ fn clippy() -> Command {
         "warnings",
     ]);
     cmd
+}
+
+/// Builds the workspace's own crates without incremental compilation, as
+/// cargo builds every dependency. The test build compiles each of them from
+/// scratch (clippy-driver as their wrapper makes them units of their own),
+/// and on a clean checkout, as in CI, writing the incremental caches made
+/// those compilations a third slower (63 s against 42 s on 2 cores); they
+/// pay off only for small edits, which `cargo test -p` and `cargo check`
+/// serve in the edit loop. The tests run with the same setting, so that
+/// nothing is rebuilt between the build and the run.
+fn one_shot(cmd: &mut Command) {
+    cmd.env("CARGO_INCREMENTAL", "0");
 }
 
 /// Makes the test build run clippy's lints as it compiles the workspace's
