@@ -110,6 +110,9 @@ pub fn ensure_at(
         "pip",
         "install",
         "--disable-pip-version-check",
+        // Python compiles a module the first time it is imported; compiling
+        // every file of every package at install time cost 8 s of CPU.
+        "--no-compile",
         "-q",
         "-r",
     ])
