@@ -98,7 +98,7 @@ impl Profile {
             rounds: 3,
             export_jobs: 20,
             export_spans_per_job: 500,
-            outage: Duration::from_secs(3),
+            outage: Duration::from_secs(1),
             outage_rounds: 1,
             short_jobs: 40,
             big_jobs: 10,
