@@ -146,9 +146,19 @@ pub const LOG_QUEUE_BYTES: usize = 16 * 1024 * 1024;
 /// The log task renders at most this many queued bytes per turn, so that it
 /// holds the job's log state briefly.
 const LOG_TASK_ROUND: usize = 4 * 1024;
-/// The log task waits this long after output arrives before rendering what
-/// has gathered: one wake-up per burst, not one per write.
-const LOG_TASK_GATHER: Duration = Duration::from_millis(1);
+/// Output gathers this long, from the first new piece, before the log task
+/// renders it: while a job pours out lines, their rendering, encoding and
+/// export (and the collector's and the database's work on them) do not
+/// compete with the job for the CPU piece by piece; they run in one burst a
+/// second, or after the job's final status when it ended sooner. It is also
+/// the most a record waits before its export starts, unless
+/// [`LOG_RENDER_AT`] bytes are waiting or the job finished, which render at
+/// once.
+pub const LOG_GATHER: Duration = Duration::from_secs(1);
+/// Waiting output of this many bytes is rendered without waiting out
+/// [`LOG_GATHER`], well before the job's own thread would have to
+/// ([`LOG_QUEUE_BYTES`]).
+pub const LOG_RENDER_AT: usize = LOG_QUEUE_BYTES / 2;
 /// While the runner's buffer is half full, the log task checks this often
 /// for room (output waits as compact masked bytes, not as records).
 const LOG_ROOM_POLL: Duration = Duration::from_millis(2);
@@ -189,6 +199,17 @@ struct LogsInner {
     ids: Vec<ProtoKeyValue>,
     template: Template,
     lines: AtomicU64,
+}
+
+impl LogsInner {
+    /// Whether waiting output is rendered without gathering more: the job
+    /// finished (its records follow its final status at once), or
+    /// [`LOG_RENDER_AT`] bytes wait.
+    fn render_now(&self) -> bool {
+        let pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        pending.bytes >= LOG_RENDER_AT
+            || matches!(pending.pieces.back(), Some(Piece::Finish { .. }))
+    }
 }
 
 impl Drop for LogsInner {
@@ -462,11 +483,13 @@ impl JobLogs {
         if self.inner.task {
             let mut pending = self.pending();
             if pending.bytes + piece.len() <= LOG_QUEUE_BYTES {
+                let before = pending.bytes;
                 pending.bytes += piece.len();
                 let was_empty = pending.pieces.is_empty();
                 pending.pieces.push_back(piece);
+                let urgent = before < LOG_RENDER_AT && pending.bytes >= LOG_RENDER_AT;
                 drop(pending);
-                if was_empty {
+                if was_empty || urgent {
                     self.inner.wake.notify_one();
                 }
                 return;
@@ -823,11 +846,24 @@ impl JobLogs {
 }
 
 /// The job's log task: renders handed-over output in turns until the job
-/// finished or its log is gone.
+/// finished or its log is gone. New output first gathers for
+/// [`LOG_GATHER`], unless it is urgent ([`LogsInner::render_now`]).
 async fn render_task(logs: std::sync::Weak<LogsInner>, wake: Arc<tokio::sync::Notify>) {
     loop {
         wake.notified().await;
-        tokio::time::sleep(LOG_TASK_GATHER).await;
+        let gathered = tokio::time::sleep(LOG_GATHER);
+        tokio::pin!(gathered);
+        loop {
+            match logs.upgrade() {
+                Some(inner) if !inner.render_now() => {}
+                Some(_) => break,
+                None => return,
+            }
+            tokio::select! {
+                _ = &mut gathered => break,
+                _ = wake.notified() => {}
+            }
+        }
         loop {
             let Some(inner) = logs.upgrade() else {
                 return;

@@ -244,3 +244,40 @@ async fn output_waits_for_room_in_the_buffer_instead_of_being_dropped() {
     assert_eq!(m.log_dropped_total(), 0);
     telemetry.shutdown().await;
 }
+
+/// While output keeps coming, the job's task lets it gather (for up to
+/// `LOG_GATHER`) instead of rendering it line by line beside the job; the
+/// job's end renders it at once. On tokio's paused clock: no time passes
+/// unless the test (or an idle runtime) advances it.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn output_gathers_while_the_job_runs_and_renders_when_it_finishes() {
+    use runner_telemetry::logs::LOG_GATHER;
+    // Nothing listens there: the export fails, which this test does not
+    // look at (it counts rendered lines).
+    let telemetry = small_buffer_telemetry("http://127.0.0.1:9/v1/traces", 1000, true);
+    let job = telemetry.start_job(&v1_payload(), &job_info(21), SystemTime::now());
+    let logs = job.logs().unwrap();
+    logs.push_output(b"one\ntwo\n", Stream::Stdout, SystemTime::now());
+    // A job printing for 750 ms, within the gathering time.
+    tokio::time::advance(Duration::from_millis(500)).await;
+    logs.push_output(b"three\n", Stream::Stdout, SystemTime::now());
+    tokio::time::advance(Duration::from_millis(250)).await;
+    // Let every task that is due run.
+    for _ in 0..100 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(logs.lines(), 0, "rendered while the job was printing");
+    assert!(LOG_GATHER > Duration::from_millis(750));
+    let _pending = job.finish(&JobOutcome::Success, SystemTime::now());
+    let before = tokio::time::Instant::now();
+    while logs.lines() < 3 {
+        tokio::task::yield_now().await;
+    }
+    // Rendered without waiting out the rest of the gathering time (with
+    // the runtime busy rendering, the paused clock did not move).
+    assert!(
+        before.elapsed() < LOG_GATHER - Duration::from_millis(750),
+        "{:?}",
+        before.elapsed()
+    );
+}
