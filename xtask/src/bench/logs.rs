@@ -43,6 +43,9 @@ struct LogRun {
     peak_rss: u64,
     /// The runner's user + system CPU time.
     cpu_seconds: f64,
+    /// CPU seconds of each stack component (collector, database) from the
+    /// job's creation until its records landed.
+    stack_cpu: Vec<(String, f64)>,
 }
 
 fn env_number<T: std::str::FromStr>(name: &str, default: T) -> T {
@@ -142,6 +145,14 @@ fn print_run(round: usize, on: bool, run: &LogRun) {
             secs(run.end_to_end),
         ),
     }
+    if on && !run.stack_cpu.is_empty() {
+        let split: Vec<String> = run
+            .stack_cpu
+            .iter()
+            .map(|(name, cpu)| format!("{name} {cpu:.2} s"))
+            .collect();
+        println!("    stack CPU until landed: {}", split.join(", "));
+    }
 }
 
 fn one_run(stack: &Stack, rails: &FakeRails, n: usize, lines: u64, on: bool) -> Result<LogRun> {
@@ -163,6 +174,14 @@ fn one_run(stack: &Stack, rails: &FakeRails, n: usize, lines: u64, on: bool) -> 
             .push(("CI_TELEMETRY_LOGS".into(), "true".into()));
     }
     let runner = Runner::start(&dir, &rails.url, &token, &options, Lifetime::Owned)?;
+    let stack_cpu = |stack: &Stack| -> Vec<(String, f64)> {
+        stack
+            .pids()
+            .into_iter()
+            .map(|(name, pid)| (name.to_string(), cpu_seconds(pid).unwrap_or(0.0)))
+            .collect()
+    };
+    let stack_before = stack_cpu(stack);
     let started = Instant::now();
     let pipeline =
         rails.create_pipeline(project, &format!("many:\n  script:\n    - seq 1 {lines}\n"))?;
@@ -191,6 +210,14 @@ fn one_run(stack: &Stack, rails: &FakeRails, n: usize, lines: u64, on: bool) -> 
     } else {
         None
     };
+    let stack_cpu = match on {
+        true => stack_cpu(stack)
+            .into_iter()
+            .zip(stack_before)
+            .map(|((name, after), (_, before))| (name, after - before))
+            .collect(),
+        false => Vec::new(),
+    };
     let peak_rss = peak_rss(runner.pid()).unwrap_or(0);
     let cpu_seconds = cpu_seconds(runner.pid()).unwrap_or(0.0);
     drop(runner);
@@ -203,6 +230,7 @@ fn one_run(stack: &Stack, rails: &FakeRails, n: usize, lines: u64, on: bool) -> 
         end_to_end,
         peak_rss,
         cpu_seconds,
+        stack_cpu,
     })
 }
 
