@@ -332,6 +332,15 @@ class HttpInterfaceTest(ServerTestCase):
         status, _, body = self.server.request("HEAD", path="/ping", auth=None)
         self.assertEqual((status, body), (200, b""))
 
+    def test_the_server_runs_without_pyarrow(self):
+        # chDB would load pyarrow and numpy, for Python APIs the server never
+        # calls: half of every start's CPU.
+        with open(f"/proc/{self.server.proc.pid}/maps") as maps:
+            loaded = maps.read()
+        self.assertTrue("chdb" in loaded, "chDB's library is not loaded")
+        self.assertFalse("libarrow" in loaded, "pyarrow's library is loaded")
+        self.assertFalse("numpy" in loaded, "numpy is loaded")
+
     def test_unknown_path_is_404(self):
         status, _, body = self.server.request("GET", path="/nope", auth=None)
         self.assertEqual(status, 404)
