@@ -20,7 +20,7 @@ use conformance::stack::{Stack, StackOptions};
 /// Lines printed by the log export scenario's job.
 const LOG_LINES: u64 = 1_000_000;
 /// Rounds of (off, on) pairs.
-const ROUNDS: usize = 2;
+const ROUNDS: usize = 5;
 
 /// Starts an embedded stack and runs the scenario (binaries already built).
 pub fn run() -> Result<()> {
@@ -181,6 +181,14 @@ fn one_run(stack: &Stack, rails: &FakeRails, n: usize, lines: u64, on: bool) -> 
             .map(|(name, pid)| (name.to_string(), cpu_seconds(pid).unwrap_or(0.0)))
             .collect()
     };
+    // Each side starts on a quiet stack: the engine's background merges of
+    // the previous run's records would otherwise compete with this job.
+    let clickhouse = stack.clickhouse();
+    conformance::process::wait_for(
+        "the engine's merges to end",
+        Duration::from_secs(300),
+        || Ok((clickhouse.count("SELECT count() FROM system.merges")? == 0).then_some(())),
+    )?;
     let stack_before = stack_cpu(stack);
     let started = Instant::now();
     let pipeline =
