@@ -7,6 +7,7 @@ use crate::build::{build_binaries, cargo, step};
 use anyhow::{bail, Context, Result};
 use conformance::docker::Backend;
 use conformance::paths;
+use xtask_launch::test_build_env;
 
 /// Formatting, the chDB server's own tests, every Rust test (unit,
 /// integration and conformance) in a build linted by clippy, then the bench
@@ -23,9 +24,9 @@ pub fn run_all(args: &[String]) -> Result<()> {
         cargo().args(["fmt", "--all", "--", "--check"]),
     )?;
     let (mut build, mut tests) = (test_build(), rust_tests(&["--workspace"], args));
-    one_shot(&mut build);
-    one_shot(&mut tests);
-    let linted = lint_while_building(&mut build) && lint_while_building(&mut tests);
+    // As `cargo xtask` built xtask itself, so that the workspace's crates
+    // are compiled once.
+    let linted = test_build_env(&mut build) && test_build_env(&mut tests);
     if !linted {
         step("cargo clippy", &mut clippy())?;
     }
@@ -160,39 +161,4 @@ fn clippy() -> Command {
         "warnings",
     ]);
     cmd
-}
-
-/// Builds the workspace's own crates without incremental compilation, as
-/// cargo builds every dependency. The test build compiles each of them from
-/// scratch (clippy-driver as their wrapper makes them units of their own),
-/// and on a clean checkout, as in CI, writing the incremental caches made
-/// those compilations a third slower (63 s against 42 s on 2 cores); they
-/// pay off only for small edits, which `cargo test -p` and `cargo check`
-/// serve in the edit loop. The tests run with the same setting, so that
-/// nothing is rebuilt between the build and the run.
-fn one_shot(cmd: &mut Command) {
-    cmd.env("CARGO_INCREMENTAL", "0");
-}
-
-/// Makes the test build run clippy's lints as it compiles the workspace's
-/// own crates, as `cargo clippy -- -D warnings` would (clippy-driver as
-/// cargo's workspace wrapper, its arguments in `CLIPPY_ARGS`, which is how
-/// `cargo clippy` drives it), instead of a separate `cargo clippy` whose
-/// check build shares nothing with the test build: on 2 cores that second
-/// pass over every dependency cost CI about 90 s. The test build covers the
-/// targets `--all-targets` does (every library, binary and integration test,
-/// in and out of `cfg(test)`; the workspace has no benches or examples).
-/// False when clippy-driver is not installed: then clippy runs on its own.
-fn lint_while_building(tests: &mut Command) -> bool {
-    let driver = Command::new("clippy-driver")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if driver {
-        tests.env("RUSTC_WORKSPACE_WRAPPER", "clippy-driver").env(
-            "CLIPPY_ARGS",
-            "-D__CLIPPY_HACKERY__warnings__CLIPPY_HACKERY__",
-        );
-    }
-    driver
 }
