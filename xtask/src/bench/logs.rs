@@ -46,6 +46,8 @@ struct LogRun {
     /// CPU seconds of each stack component (collector, database) from the
     /// job's creation until its records landed.
     stack_cpu: Vec<(String, f64)>,
+    /// The runner's minor page faults (memory it touched for the first time).
+    page_faults: u64,
 }
 
 fn env_number<T: std::str::FromStr>(name: &str, default: T) -> T {
@@ -128,16 +130,18 @@ fn print_run(round: usize, on: bool, run: &LogRun) {
     let secs = |d: Option<Duration>| d.map_or("-".into(), |d| format!("{:.2}s", d.as_secs_f64()));
     match on {
         false => println!(
-            "  round {round} log export off: job {:.2} s  runner CPU {:.2} s  peak RSS {:.1} MiB",
-            run.job_seconds,
-            run.cpu_seconds,
-            mib(run.peak_rss)
-        ),
-        true => println!(
-            "  round {round} log export on : job {:.2} s  runner CPU {:.2} s  peak RSS {:.1} MiB  records={} exported={} dropped={}  accepted after {}  landed after {}",
+            "  round {round} log export off: job {:.3} s  runner CPU {:.2} s  peak RSS {:.1} MiB  page faults {}",
             run.job_seconds,
             run.cpu_seconds,
             mib(run.peak_rss),
+            run.page_faults
+        ),
+        true => println!(
+            "  round {round} log export on : job {:.3} s  runner CPU {:.2} s  peak RSS {:.1} MiB  page faults {}  records={} exported={} dropped={}  accepted after {}  landed after {}",
+            run.job_seconds,
+            run.cpu_seconds,
+            mib(run.peak_rss),
+            run.page_faults,
             run.records,
             run.exported,
             run.dropped,
@@ -228,6 +232,7 @@ fn one_run(stack: &Stack, rails: &FakeRails, n: usize, lines: u64, on: bool) -> 
     };
     let peak_rss = peak_rss(runner.pid()).unwrap_or(0);
     let cpu_seconds = cpu_seconds(runner.pid()).unwrap_or(0.0);
+    let page_faults = stat_field(runner.pid(), 7).unwrap_or(0.0) as u64;
     drop(runner);
     Ok(LogRun {
         job_seconds,
@@ -239,6 +244,7 @@ fn one_run(stack: &Stack, rails: &FakeRails, n: usize, lines: u64, on: bool) -> 
         peak_rss,
         cpu_seconds,
         stack_cpu,
+        page_faults,
     })
 }
 
@@ -261,15 +267,16 @@ fn peak_rss(pid: u32) -> Option<u64> {
 
 /// The process's user + system CPU time, in seconds (`/proc/PID/stat`).
 fn cpu_seconds(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // After the command name in parentheses: state is field 3, utime 14,
-    // stime 15.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let utime: f64 = fields.get(11)?.parse().ok()?;
-    let stime: f64 = fields.get(12)?.parse().ok()?;
     // USER_HZ is 100 on Linux.
-    Some((utime + stime) / 100.0)
+    Some((stat_field(pid, 11)? + stat_field(pid, 12)?) / 100.0)
+}
+
+/// Field `index` of `/proc/PID/stat` counted from the state (0), after the
+/// command name in parentheses: 7 minflt, 11 utime, 12 stime.
+fn stat_field(pid: u32, index: usize) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split_whitespace().nth(index)?.parse().ok()
 }
 
 fn start_rails(stack: &Stack, name: &str) -> Result<FakeRails> {
