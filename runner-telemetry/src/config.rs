@@ -1142,27 +1142,36 @@ mod tests {
 
     /// Resolves and renders `transport+url headers=[..] timeout=.. flush=.. service=..`.
     fn check(file: &str, overrides: TelemetryOverrides, vars: &[(&str, &str)], expected: &str) {
+        check_rendered(file, &overrides, vars, expected, |s| {
+            let mut line = format!(
+                "{} headers=[{}] timeout={:?} flush={:?} service={}",
+                s.endpoint,
+                rendered_headers(&s.endpoint.headers),
+                s.export_timeout,
+                s.flush_timeout,
+                s.service_name
+            );
+            if !s.enabled {
+                line.push_str(" disabled");
+            }
+            line
+        });
+    }
+
+    /// Resolves `file` with `overrides` and `vars` and compares `render`'s
+    /// line, with the warnings appended (or `error: ..`), to `expected`.
+    fn check_rendered(
+        file: &str,
+        overrides: &TelemetryOverrides,
+        vars: &[(&str, &str)],
+        expected: &str,
+        render: impl FnOnce(&ExportSettings) -> String,
+    ) {
         let file: TelemetrySettings = toml::from_str(file).expect("test config parses");
-        let actual = match resolve(&file, &overrides, &env(vars)) {
+        let actual = match resolve(&file, overrides, &env(vars)) {
             Ok(s) => {
-                let headers: Vec<String> = s
-                    .endpoint
-                    .headers
-                    .iter()
-                    .map(|(k, v)| format!("{k}={v}"))
-                    .collect();
-                let mut line = format!(
-                    "{} headers=[{}] timeout={:?} flush={:?} service={}",
-                    s.endpoint,
-                    headers.join(","),
-                    s.export_timeout,
-                    s.flush_timeout,
-                    s.service_name
-                );
-                if !s.enabled {
-                    line.push_str(" disabled");
-                }
-                for w in s.warnings {
+                let mut line = render(&s);
+                for w in &s.warnings {
                     line.push_str(&format!(" warning=({w})"));
                 }
                 line
@@ -1170,6 +1179,11 @@ mod tests {
             Err(e) => format!("error: {e}"),
         };
         assert_eq!(actual, expected);
+    }
+
+    fn rendered_headers(headers: &[(String, String)]) -> String {
+        let headers: Vec<String> = headers.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        headers.join(",")
     }
 
     fn none() -> TelemetryOverrides {
@@ -1324,33 +1338,19 @@ mod tests {
     /// Resolves with log export on and renders the logs side:
     /// `transport+url headers=[..] timeout=.. compression=..` and warnings.
     fn check_logs(file: &str, vars: &[(&str, &str)], expected: &str) {
-        let file: TelemetrySettings = toml::from_str(file).expect("test config parses");
         let overrides = TelemetryOverrides {
             logs: true,
             ..none()
         };
-        let actual = match resolve(&file, &overrides, &env(vars)) {
-            Ok(s) => {
-                let logs = s.logs.expect("log export is on");
-                let headers: Vec<String> = logs
-                    .headers
-                    .iter()
-                    .map(|(k, v)| format!("{k}={v}"))
-                    .collect();
-                let mut line = format!(
-                    "{logs} headers=[{}] timeout={:?} compression={:?}",
-                    headers.join(","),
-                    s.logs_export_timeout,
-                    s.logs_compression
-                );
-                for w in s.warnings {
-                    line.push_str(&format!(" warning=({w})"));
-                }
-                line
-            }
-            Err(e) => format!("error: {e}"),
-        };
-        assert_eq!(actual, expected);
+        check_rendered(file, &overrides, vars, expected, |s| {
+            let logs = s.logs.as_ref().expect("log export is on");
+            format!(
+                "{logs} headers=[{}] timeout={:?} compression={:?}",
+                rendered_headers(&logs.headers),
+                s.logs_export_timeout,
+                s.logs_compression
+            )
+        });
     }
 
     /// The logs' own settings: signal-specific variable, then generic, then
@@ -1683,30 +1683,21 @@ mod tests {
 
     /// Resolves and renders the export client's settings.
     fn check_client(file: &str, vars: &[(&str, &str)], expected: &str) {
-        let file: TelemetrySettings = toml::from_str(file).expect("test config parses");
-        let actual = match resolve(&file, &none(), &env(vars)) {
-            Ok(s) => {
-                let b = s.buffer;
-                let mut line = format!(
-                    "spans={} bytes={} max_age={:?} backoff={:?}..{:?} shutdown={:?} ca={:?} token_file={:?} metadata={}",
-                    b.max_spans,
-                    b.max_bytes,
-                    b.max_age,
-                    b.initial_backoff,
-                    b.max_backoff,
-                    s.shutdown_timeout,
-                    s.ca_file,
-                    s.bearer_token_file,
-                    s.gcp_metadata_url
-                );
-                for w in s.warnings {
-                    line.push_str(&format!(" warning=({w})"));
-                }
-                line
-            }
-            Err(e) => format!("error: {e}"),
-        };
-        assert_eq!(actual, expected);
+        check_rendered(file, &none(), vars, expected, |s| {
+            let b = &s.buffer;
+            format!(
+                "spans={} bytes={} max_age={:?} backoff={:?}..{:?} shutdown={:?} ca={:?} token_file={:?} metadata={}",
+                b.max_spans,
+                b.max_bytes,
+                b.max_age,
+                b.initial_backoff,
+                b.max_backoff,
+                s.shutdown_timeout,
+                s.ca_file,
+                s.bearer_token_file,
+                s.gcp_metadata_url
+            )
+        });
     }
 
     #[test]
