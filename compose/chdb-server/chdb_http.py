@@ -22,6 +22,8 @@ What goes over the wire (the subset of ClickHouse's HTTP interface we speak):
 - Data after `FORMAT X` is written to a temporary file and inserted with
   `INSERT ... FROM INFILE '<file>' FORMAT X`, so every input format chDB
   knows works (RowBinary, JSONEachRow, TabSeparated, CSV, Native, ...).
+  RowBinary inserts are committed in groups (module `ingest`), as
+  `INSERT ... SELECT * FROM file(...)` where the insert names its columns.
 - URL parameters: `database` (default `default`), `default_format` (default
   TabSeparated; a FORMAT clause in the query wins), `param_<name>` (query
   parameters `{name:Type}`), `user`/`password`, and ClickHouse settings,
@@ -1231,9 +1233,21 @@ def grouped_insert(engine: Engine, database: str, settings, template: str, data_
     """An insert for the group committer; `template` has ingest.PATH_MARKER where the data file goes."""
     settings = [tuple(s) for s in settings]
     marker = quote_string(ingest.PATH_MARKER)
+    # The INSERT up to its FORMAT clause, without the INFILE part (Plan.insert_sql).
+    head = template.replace(f" FROM INFILE {marker} ", " ").rsplit(" FORMAT ", 1)[0].rstrip()
+    target = insert_target(head)
 
     def run(sql, extra_settings):
         return engine.execute(sql, database, settings + extra_settings, "TabSeparated", {})
+
+    def select_sql_for(path: str) -> Optional[str]:
+        if target is None:
+            return None
+        types = column_types(engine, target.database or database, target.table)
+        if not all(column in types for column in target.columns):
+            return None  # INFILE gives the engine's own error
+        structure = ", ".join(f"c{i} {plain_type(types[c])}" for i, c in enumerate(target.columns, 1))
+        return f"{head} SELECT * FROM file({quote_string(path)}, RowBinary, {quote_string(structure)})"
 
     return ingest.Insert(
         key=(database, template, tuple(settings)),
@@ -1241,7 +1255,160 @@ def grouped_insert(engine: Engine, database: str, settings, template: str, data_
         size=os.path.getsize(data_path),
         sql_for=lambda path: template.replace(marker, quote_string(path)),
         run=run,
+        select_sql_for=select_sql_for,
     )
+
+
+# ---------------------------------------------------------------------------
+# Group commits as INSERT ... SELECT FROM file(): chDB 26.9 parses RowBinary
+# into LowCardinality columns row by row, and that was most of an insert's
+# cost (compose/README.md, "Log records"). Parsed as the plain type and
+# converted by the INSERT, a column at a time, the same rows land with a
+# third of the CPU. RowBinary writes LowCardinality(T) exactly as T, so the
+# bytes mean the same thing either way.
+
+
+@dataclass(frozen=True)
+class InsertTarget:
+    database: Optional[str]
+    table: str
+    columns: tuple
+
+
+def insert_target(head: str) -> Optional[InsertTarget]:
+    """`INSERT INTO [TABLE] [db.]table (c1, c2, ...) [SETTINGS ...]`: its table and columns.
+
+    None for every other form (no column list, `*`, `COLUMNS(...)`, `FUNCTION`,
+    a `PARTITION BY`, ...): such inserts keep `INSERT ... FROM INFILE`.
+    A column may be a dotted name (`Events.Timestamp`, a Nested column)."""
+    tokens = []
+    for match in _TOKEN_RE.finditer(head):
+        kind = match.lastgroup
+        if kind in ("space", "comment"):
+            continue
+        tokens.append((kind, match.group()))
+    words = [t.upper() if k == "word" else None for k, t in tokens]
+    i = 0
+    if words[i : i + 2] != ["INSERT", "INTO"]:
+        return None
+    i += 2
+    if i < len(words) and words[i] == "TABLE":
+        i += 1
+
+    def name_at(j: int) -> Optional[str]:
+        if j >= len(tokens):
+            return None
+        kind, text = tokens[j]
+        if kind == "word":
+            return text
+        if kind == "quoted" and len(text) >= 2 and text[-1] == text[0]:
+            return _unquote(text)
+        return None
+
+    def dotted(j: int):
+        """A dotted name at `j`: (its parts, the index after it)."""
+        parts = []
+        while True:
+            part = name_at(j)
+            if part is None:
+                return None, j
+            parts.append(part)
+            j += 1
+            if j < len(tokens) and tokens[j] == ("punct", "."):
+                j += 1
+                continue
+            return parts, j
+
+    table, i = dotted(i)
+    if table is None or len(table) > 2:
+        return None
+    if i >= len(tokens) or tokens[i] != ("punct", "("):
+        return None
+    columns = []
+    i += 1
+    while True:
+        column, i = dotted(i)
+        if column is None or i >= len(tokens):
+            return None
+        columns.append(".".join(column))
+        if tokens[i] == ("punct", ","):
+            i += 1
+            continue
+        if tokens[i] == ("punct", ")"):
+            i += 1
+            break
+        return None
+    if i < len(tokens) and words[i] != "SETTINGS":
+        return None
+    database = table[0] if len(table) == 2 else None
+    return InsertTarget(database, table[-1], tuple(columns))
+
+
+def _unquote(text: str) -> str:
+    """A quoted identifier's name: `a``b` or "a""b" (doubled quote), and backslash escapes."""
+    quote, body, out, i = text[0], text[1:-1], [], 0
+    while i < len(body):
+        char = body[i]
+        if char == "\\" and i + 1 < len(body):
+            out.append(body[i + 1])
+            i += 2
+        elif char == quote and i + 1 < len(body) and body[i + 1] == quote:
+            out.append(quote)
+            i += 2
+        else:
+            out.append(char)
+            i += 1
+    return "".join(out)
+
+
+def plain_type(type_name: str) -> str:
+    """`type_name` with every `LowCardinality(T)` replaced by `T`, at any depth
+    (`Map(LowCardinality(String), String)` -> `Map(String, String)`); quoted
+    parts (`Enum8('a(' = 1)`) are left alone."""
+    out, stack, i = [], [], 0  # stack: per open parenthesis, whether it is LowCardinality's
+    wrapper = "LowCardinality("
+    while i < len(type_name):
+        char = type_name[i]
+        if char in "'\"`":
+            end = i + 1
+            while end < len(type_name) and type_name[end] != char:
+                end += 2 if type_name[end] == "\\" else 1
+            out.append(type_name[i : end + 1])
+            i = end + 1
+        elif type_name.startswith(wrapper, i) and (i == 0 or not (type_name[i - 1].isalnum() or type_name[i - 1] == "_")):
+            stack.append(True)
+            i += len(wrapper)
+        elif char == "(":
+            stack.append(False)
+            out.append(char)
+            i += 1
+        elif char == ")":
+            if not (stack and stack.pop()):
+                out.append(char)
+            i += 1
+        else:
+            out.append(char)
+            i += 1
+    return "".join(out)
+
+
+def column_types(engine: Engine, database: str, table: str) -> dict:
+    """Each column of `database.table` with its type, from `system.columns` (read per group
+    commit: a table altered since the last one is seen)."""
+    result = engine.execute(
+        f"SELECT name, type FROM system.columns WHERE database = {quote_string(database)} "
+        f"AND table = {quote_string(table)}",
+        database="system",
+        settings=[],
+        output_format="JSONEachRow",
+        params={},
+    )
+    types = {}
+    for line in result.body.decode("utf-8").splitlines():
+        if line.strip():
+            row = json.loads(line)
+            types[row["name"]] = row["type"]
+    return types
 
 
 def _decode_query(raw: bytes) -> str:

@@ -22,9 +22,18 @@ How:
 - one committer thread takes every waiting request of the oldest kind (up
   to `max_group_bytes`), concatenates their data files (RowBinary rows are
   self-delimiting: the concatenation is the union of the rows) and runs one
+  `INSERT INTO t (cols) SELECT * FROM file('<group>', RowBinary, '<the
+  columns' types without LowCardinality>')` with the insert's block
+  thresholds above the group's size, so the table receives one block, written
+  once the whole file was parsed: a parse error anywhere fails the group
+  before anything is written. chDB 26.9 parses RowBinary into LowCardinality
+  columns row by row, most of an insert's cost; parsed as the plain types and
+  converted a column at a time, the same rows land with less than half the CPU
+  (compose/README.md, "Log records"). Inserts without a column list, and a
+  group whose SELECT form fails for another reason than its data, run as
   `INSERT ... FROM INFILE` with `max_insert_block_size` above the group's
-  size, so the table receives one block: a parse error anywhere fails the
-  group before anything is written;
+  size, as before; so does a single request larger than a group (in the
+  engine's usual blocks: bounded memory);
 - when a group of several fails with an input error (malformed data in one
   request), each request is inserted again on its own, so only the request
   at fault gets the error; any other failure is answered to every request of
@@ -121,6 +130,12 @@ RETRY_PAUSE_SECONDS = 1.0
 # 2.5-million-row RowBinary insert whose last row was truncated, even with the
 # default block size; this makes it explicit.)
 GROUP_BLOCK_ROWS = str(1 << 30)
+# The same for INSERT ... SELECT: the rows are squashed into one block, written
+# only once the whole file was parsed.
+GROUP_SELECT_SETTINGS = [
+    ("min_insert_block_size_rows", GROUP_BLOCK_ROWS),
+    ("min_insert_block_size_bytes", str(1 << 50)),
+]
 
 
 def name_os_thread(name: str) -> None:
@@ -161,6 +176,9 @@ class Insert:
     done: threading.Event = field(default_factory=threading.Event)
     result: object = None
     error: Optional[BaseException] = None
+    # Builds the faster INSERT ... SELECT FROM file() for a group's data file,
+    # or None where that form does not apply (see `_commit`); may query the engine.
+    select_sql_for: Optional[Callable[[str], Optional[str]]] = None
     # Answered already; its data is in the spool (data_path), plus `.json`.
     durable: bool = False
     queued_at: float = field(default_factory=time.monotonic)
@@ -178,6 +196,10 @@ class Stats:
     rejected: int = 0
     over_limit: int = 0
     empty: int = 0
+    # Groups committed as INSERT ... SELECT FROM file(); and those whose
+    # attempt failed for another reason than their data, then ran FROM INFILE.
+    selected: int = 0
+    select_fallbacks: int = 0
 
 
 class GroupCommitter:
@@ -425,25 +447,41 @@ class GroupCommitter:
         self.stats.requests += len(group)
         self.stats.bytes += size
         self.stats.largest_group = max(self.stats.largest_group, len(group))
-        if len(group) == 1:
+        if len(group) == 1 and size > self._group_limit(group[0]):
+            # Larger than a group may be: inserted in the engine's usual blocks
+            # (bounded memory), as ClickHouse inserts it.
             self._commit_alone(group[0])
             return self._retry_later(group)
-        fd, path = tempfile.mkstemp(prefix="group-", suffix=".data", dir=self._tmp_dir)
+        path = None
         try:
-            with os.fdopen(fd, "wb") as out:
-                for insert in group:
-                    with open(insert.data_path, "rb") as data:
-                        shutil.copyfileobj(data, out, 1024 * 1024)
+            if len(group) == 1:
+                data_path = group[0].data_path
+            else:
+                fd, path = tempfile.mkstemp(prefix="group-", suffix=".data", dir=self._tmp_dir)
+                with os.fdopen(fd, "wb") as out:
+                    for insert in group:
+                        with open(insert.data_path, "rb") as data:
+                            shutil.copyfileobj(data, out, 1024 * 1024)
+                data_path = path
             first = group[0]
             started = time.monotonic()
+            how = "SELECT FROM file()"
             try:
-                result = first.run(first.sql_for(path), [("max_insert_block_size", GROUP_BLOCK_ROWS)])
+                result = self._run_select(first, data_path)
+                if result is None:
+                    if len(group) == 1:
+                        self._commit_alone(first)
+                        return self._retry_later(group)
+                    how = "FROM INFILE"
+                    result = first.run(first.sql_for(data_path), [("max_insert_block_size", GROUP_BLOCK_ROWS)])
             except Exception as error:  # noqa: BLE001 - the engine's error, answered below
                 if getattr(error, "code", None) in INPUT_ERROR_CODES:
-                    self._log(
-                        f"Group insert of {len(group)} requests failed on its input; inserting them one by one"
-                    )
-                    self.stats.retried_alone += len(group)
+                    if len(group) > 1:
+                        self._log(
+                            f"Group insert of {len(group)} requests failed on its input; inserting them one by one"
+                        )
+                        self.stats.retried_alone += len(group)
+                    # One by one FROM INFILE: each request at fault gets the engine's own error for it.
                     for insert in group:
                         self._commit_alone(insert)
                     return self._retry_later(group)
@@ -451,7 +489,7 @@ class GroupCommitter:
                     insert.error = error
                 return self._retry_later(group)
             elapsed_ms = (time.monotonic() - started) * 1000
-            self._log(f"Group insert of {len(group)} requests, {size} bytes, in {elapsed_ms:.0f}ms")
+            self._log(f"Group insert of {len(group)} requests, {size} bytes, in {elapsed_ms:.0f}ms ({how})")
             for insert in group:
                 insert.result = result
         except Exception as error:  # noqa: BLE001 - e.g. the group file could not be written
@@ -460,10 +498,32 @@ class GroupCommitter:
                     insert.error = error
             return self._retry_later(group)
         finally:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+            if path is not None:
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+
+    def _run_select(self, first: Insert, data_path: str):
+        """The group as one INSERT ... SELECT FROM file(): its result, or None
+        when that form does not apply or failed for another reason than the
+        data (then the caller runs it FROM INFILE, as every insert ran before).
+        An input error is raised: the data is at fault, not the form."""
+        if first.select_sql_for is None:
+            return None
+        try:
+            sql = first.select_sql_for(data_path)
+            if sql is None:
+                return None
+            result = first.run(sql, GROUP_SELECT_SETTINGS)
+        except Exception as error:  # noqa: BLE001 - logged, then FROM INFILE
+            if getattr(error, "code", None) in INPUT_ERROR_CODES:
+                raise
+            self.stats.select_fallbacks += 1
+            self._log(f"INSERT ... SELECT FROM file() failed, running the group FROM INFILE: {str(error).strip()[:300]}")
+            return None
+        self.stats.selected += 1
+        return result
 
     @staticmethod
     def _retry_later(group: List[Insert]) -> List[Insert]:

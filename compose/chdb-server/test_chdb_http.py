@@ -324,6 +324,43 @@ class LexerTest(unittest.TestCase):
         self.check("  -- only a comment", keyword="")
 
 
+class GroupSelectFormTest(unittest.TestCase):
+    """What a group commit's INSERT ... SELECT FROM file() is built from."""
+
+    def test_the_target_of_an_insert_with_a_column_list(self):
+        target = chdb_http.insert_target(
+            "INSERT INTO otel.`otel traces` (Timestamp, `odd``name`, \"q\", Events.Name) SETTINGS async_insert = 1"
+        )
+        self.assertEqual(target, chdb_http.InsertTarget("otel", "otel traces", ("Timestamp", "odd`name", "q", "Events.Name")))
+        self.assertEqual(chdb_http.insert_target("insert into table t (a)"), chdb_http.InsertTarget(None, "t", ("a",)))
+
+    def test_other_insert_forms_have_no_target(self):
+        for head in (
+            "INSERT INTO t",  # no column list: the table's own, left to INFILE
+            "INSERT INTO t (*)",
+            "INSERT INTO t (COLUMNS('a'))",
+            "INSERT INTO t (a, b + 1)",
+            "INSERT INTO FUNCTION file('x', RowBinary) (a)",
+            "INSERT INTO a.b.c (a)",
+            "INSERT INTO t (a) PARTITION BY a",
+            "INSERT INTO t (a",
+        ):
+            self.assertIsNone(chdb_http.insert_target(head), head)
+
+    def test_plain_type_drops_low_cardinality_at_any_depth(self):
+        cases = {
+            "LowCardinality(String)": "String",
+            "Map(LowCardinality(String), String)": "Map(String, String)",
+            "Array(LowCardinality(Nullable(String)))": "Array(Nullable(String))",
+            "Tuple(a LowCardinality(String), b Nullable(UInt8))": "Tuple(a String, b Nullable(UInt8))",
+            "Enum8('LowCardinality(' = 1, ')' = 2)": "Enum8('LowCardinality(' = 1, ')' = 2)",
+            "DateTime64(9, 'UTC')": "DateTime64(9, 'UTC')",
+            "MyLowCardinality(String)": "MyLowCardinality(String)",
+        }
+        for given, expected in cases.items():
+            self.assertEqual(chdb_http.plain_type(given), expected, given)
+
+
 class HttpInterfaceTest(ServerTestCase):
     def test_ping_and_root_answer_ok_without_credentials(self):
         for path in ("/ping", "/"):
@@ -547,6 +584,48 @@ class HttpInterfaceTest(ServerTestCase):
             sock.shutdown(socket.SHUT_WR)
             self.assertTrue(sock.recv(65536).startswith(b"HTTP/1.1 400"))
         self.assertEqual(self.server.request("GET", path="/ping", auth=None)[0], 200)
+
+    def test_a_grouped_insert_stores_every_type_as_an_insert_from_infile_does(self):
+        # The group commit parses RowBinary as the plain types (no LowCardinality)
+        # and lets the INSERT convert: the stored rows must be exactly those of
+        # an insert FROM INFILE (one with a query parameter is never grouped).
+        columns = (
+            "id UInt32, lc LowCardinality(String), lcn LowCardinality(Nullable(String)), "
+            "m Map(LowCardinality(String), String), arr Array(LowCardinality(String)), n Nullable(Int64), "
+            "e Enum8('a(' = 1, 'b)' = 2), ts DateTime64(9, 'UTC'), d Decimal(18, 4), u UUID, ip IPv6, "
+            "fs FixedString(3), tup Tuple(x LowCardinality(String), y UInt8), `odd name` LowCardinality(String), "
+            "nested Nested(k LowCardinality(String), v UInt16)"
+        )
+        insert_columns = "id, lc, lcn, m, arr, n, e, ts, d, u, ip, fs, tup, `odd name`, nested.k, nested.v"
+        for table in ("typed_src", "typed_grouped", "typed_infile"):
+            self.server.query(
+                f"CREATE TABLE {table} ({columns}, lc_copy String MATERIALIZED lc) ENGINE = MergeTree ORDER BY id"
+            )
+        self.server.query(
+            f"INSERT INTO typed_src ({insert_columns}) SELECT number, toString(number % 7), "
+            "if(number % 3 = 0, NULL, toString(number % 11)), map(toString(number % 5), toString(number)), "
+            "[toString(number % 2), 'x'], if(number % 4 = 0, NULL, number * 1000003), if(number % 2 = 0, 'a(', 'b)'), "
+            "toDateTime64('2026-12-02 10:00:00', 9, 'UTC') + toIntervalNanosecond(number * 7), number / 7, "
+            "generateUUIDv4(number), IPv6NumToString(toFixedString(reinterpretAsString(number), 16)), 'abc', "
+            "(toString(number % 3), number % 256), 'odd', [toString(number), 'k'], [number % 100, 7] FROM numbers(3000)"
+        )
+        status, _, data = self.server.request(
+            "POST", body=f"SELECT {insert_columns} FROM typed_src ORDER BY id FORMAT RowBinary"
+        )
+        self.assertEqual(status, 200, data)
+        for table, params in (("typed_grouped", {}), ("typed_infile", {"param_unused": "1"})):
+            query = urllib.parse.urlencode({"query": f"INSERT INTO {table} ({insert_columns}) FORMAT RowBinary", **params})
+            status, _, body = self.server.request("POST", query, body=data)
+            self.assertEqual(status, 200, body)
+        everything = "SELECT *, lc_copy FROM {} ORDER BY id FORMAT TSVWithNamesAndTypes"
+        expected = self.server.query(everything.format("typed_src"))
+        self.assertEqual(expected.count("\n"), 3002)
+        self.assertEqual(self.server.query(everything.format("typed_infile")), expected)
+        self.assertEqual(self.server.query(everything.format("typed_grouped")), expected)
+        log = self.server.stderr_text()
+        self.assertIn("Group insert of 1 requests", log)
+        self.assertIn("(SELECT FROM file())", log)
+        self.assertNotIn("failed, running the group FROM INFILE", log)
 
     def test_concurrent_writers_lose_nothing(self):
         self.server.query("CREATE TABLE IF NOT EXISTS conc (writer UInt8, n UInt32) ENGINE = MergeTree ORDER BY (writer, n)")

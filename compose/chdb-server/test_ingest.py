@@ -32,13 +32,15 @@ class ScriptedEngine:
 
     def __init__(self, fail=None):
         self.inserts = []  # (data, extra settings)
+        self.statements = []  # each insert's form, "INFILE" or "SELECT", also of failed ones
         self.started = threading.Event()
         self.release = threading.Event()
         self.fail = fail or (lambda data: None)
         self.lock = threading.Lock()
 
     def run(self, sql, extra):
-        path = sql.split("INFILE ", 1)[1]
+        self.statements.append(sql.split(" ", 2)[1])  # INFILE or SELECT (`insert` below)
+        path = sql.rsplit(" ", 1)[1]
         with open(path, "rb") as f:
             data = f.read()
         self.started.set()
@@ -67,11 +69,14 @@ class GroupCommitTest(unittest.TestCase):
         self.addCleanup(committer.close)
         return committer
 
-    def insert(self, engine, data: bytes, key=("otel", "INSERT INTO otel_traces", None, "RowBinary", ())):
+    def insert(self, engine, data: bytes, key=("otel", "INSERT INTO otel_traces", None, "RowBinary", ()), select=None):
+        """`select`: the insert's INSERT ... SELECT FROM file() builder (none: FROM INFILE only)."""
         fd, path = tempfile.mkstemp(dir=self.tmp, prefix="req-")
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        return ingest.Insert(key, path, len(data), lambda p: f"INSERT FROM INFILE {p}", engine.run)
+        insert = ingest.Insert(key, path, len(data), lambda p: f"INSERT INFILE {p}", engine.run)
+        insert.select_sql_for = select
+        return insert
 
     def submit_all(self, committer, inserts):
         """Submits each insert on its own thread; returns {index: result or error}."""
@@ -185,6 +190,73 @@ class GroupCommitTest(unittest.TestCase):
             t.join(DEADLINE_SECONDS)
         committer.close()
         self.assertEqual(outcomes[0], "inserted 4 bytes")
+
+    @staticmethod
+    def select(path):
+        return f"INSERT SELECT {path}"
+
+    def grouped(self, engine, committer, datas, select):
+        """Holds the engine on a first insert while `datas` queue; returns their outcomes."""
+        blocker, _ = self.submit_all(committer, [self.insert(engine, b"x", select=select)])
+        self.assertTrue(engine.started.wait(DEADLINE_SECONDS))
+        threads, outcomes = self.submit_all(committer, [self.insert(engine, d, select=select) for d in datas])
+        self.wait_queued(committer, 1 + sum(len(d) for d in datas))
+        engine.release.set()
+        for t in blocker + threads:
+            t.join(DEADLINE_SECONDS)
+        return outcomes
+
+    def test_a_group_is_inserted_with_select_from_file_as_one_block(self):
+        engine = ScriptedEngine()
+        committer = self.committer()
+        outcomes = self.grouped(engine, committer, [b"-a", b"-b"], self.select)
+        self.assertEqual(engine.inserts, [(b"x", ingest.GROUP_SELECT_SETTINGS), (b"-a-b", ingest.GROUP_SELECT_SETTINGS)])
+        self.assertEqual(engine.statements, ["SELECT", "SELECT"])
+        self.assertEqual(sorted(outcomes.values()), ["inserted 4 bytes"] * 2)
+        self.assertEqual((committer.stats.selected, committer.stats.select_fallbacks), (2, 0))
+        self.assertIn("(SELECT FROM file())", self.log[-1])
+
+    def test_a_form_select_cannot_take_is_inserted_from_infile(self):
+        engine = ScriptedEngine()
+        committer = self.committer()
+        self.grouped(engine, committer, [b"-a", b"-b"], lambda path: None)
+        self.assertEqual(engine.statements, ["INFILE", "INFILE"])
+        self.assertEqual(engine.inserts[1], (b"-a-b", [("max_insert_block_size", ingest.GROUP_BLOCK_ROWS)]))
+        self.assertEqual((committer.stats.selected, committer.stats.select_fallbacks), (0, 0))
+
+    def test_select_failing_for_another_reason_than_the_data_falls_back_to_infile(self):
+        # e.g. a column type file() cannot read: the same rows go FROM INFILE, once.
+        engine = ScriptedEngine()
+        engine.fail = lambda data: EngineError(50) if engine.statements[-1] == "SELECT" else None
+        committer = self.committer()
+        outcomes = self.grouped(engine, committer, [b"-a", b"-b"], self.select)
+        self.assertEqual(engine.statements, ["SELECT", "INFILE", "SELECT", "INFILE"])
+        self.assertEqual(sorted(outcomes.values()), ["inserted 4 bytes"] * 2)
+        self.assertEqual(committer.stats.select_fallbacks, 2)
+        self.assertTrue(any("running the group FROM INFILE" in line for line in self.log), self.log)
+
+    def test_bad_data_in_a_selected_group_fails_only_its_own_request(self):
+        engine = ScriptedEngine(fail=lambda data: EngineError(33) if b"bad" in data else None)
+        committer = self.committer()
+        outcomes = self.grouped(engine, committer, [b"good1", b"bad", b"good2"], self.select)
+        self.assertEqual(outcomes[0], "inserted 5 bytes")
+        self.assertIsInstance(outcomes[1], EngineError)
+        self.assertEqual(outcomes[2], "inserted 5 bytes")
+        # Nothing of the failed group was written (one block); then one by one FROM INFILE.
+        self.assertEqual([d for d, _ in engine.inserts][1:], [b"good1badgood2", b"good1", b"bad", b"good2"])
+        self.assertEqual(engine.statements[1:], ["SELECT", "INFILE", "INFILE", "INFILE"])
+
+    def test_an_insert_larger_than_a_group_is_inserted_alone_from_infile(self):
+        engine = ScriptedEngine()
+        engine.release.set()
+        committer = self.committer(max_group_bytes=4)
+        threads, outcomes = self.submit_all(committer, [self.insert(engine, b"123456", select=self.select)])
+        for t in threads:
+            t.join(DEADLINE_SECONDS)
+        self.assertEqual(outcomes[0], "inserted 6 bytes")
+        # In the engine's usual blocks (no extra settings): memory stays bounded.
+        self.assertEqual(engine.inserts, [(b"123456", [])])
+        self.assertEqual(engine.statements, ["INFILE"])
 
     def test_only_rowbinary_without_parameters_is_grouped(self):
         self.assertTrue(ingest.GroupCommitter.groupable("RowBinary", False))
