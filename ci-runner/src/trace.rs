@@ -181,7 +181,7 @@ impl JobLog {
         }
         let masked = state.masker.push(bytes);
         self.append(&mut state, &masked);
-        to_records(&mut state, &masked, stream);
+        to_records(&mut state, masked, stream);
     }
 
     fn append(&self, state: &mut LogState, masked: &[u8]) {
@@ -233,7 +233,7 @@ impl JobLog {
         }
         let rest = state.masker.finish();
         self.append(&mut state, &rest);
-        to_records(&mut state, &rest, Stream::Runner);
+        to_records(&mut state, rest, Stream::Runner);
         if let Some(records) = state.records.as_ref() {
             records.end_output();
         }
@@ -287,7 +287,9 @@ impl JobLog {
 }
 
 /// Hands complete lines of `masked` to the log records, if exported.
-fn to_records(state: &mut LogState, masked: &[u8], stream: Stream) {
+/// Hands `masked` (owned: moved into the records' queue, not copied) to the
+/// job's log records, when they are exported.
+fn to_records(state: &mut LogState, masked: Vec<u8>, stream: Stream) {
     if masked.is_empty() {
         return;
     }

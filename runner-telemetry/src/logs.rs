@@ -459,13 +459,15 @@ impl JobLogs {
     /// Hands over masked job output of `stream` that arrived at `at`, in
     /// any chunks: the job's task splits it into lines, each rendered by
     /// [`visible_line`] and attributed to the span open now. Never blocks
-    /// on export; see [`LOG_QUEUE_BYTES`].
-    pub fn push_output(&self, masked: &[u8], stream: Stream, at: SystemTime) {
+    /// on export; see [`LOG_QUEUE_BYTES`]. An owned chunk is queued as it is
+    /// (a slice is copied).
+    pub fn push_output(&self, masked: impl Into<Vec<u8>>, stream: Stream, at: SystemTime) {
+        let masked = masked.into();
         if masked.is_empty() {
             return;
         }
         self.enqueue(Piece::Output {
-            bytes: masked.to_vec(),
+            bytes: masked,
             stream,
             at,
             span: self.inner.spans.current(),
