@@ -9,17 +9,21 @@ generates `--rows` spans shaped like the volume tests' (a CI runner's
 resource, `ci.*` ids, current timestamps, random ids) as RowBinary with the
 exact column list rotel inserts, then inserts them with
 `INSERT ... FROM INFILE ... FORMAT RowBinary` in batches of each size, into a
-fresh database each time, and prints rows/s per batch size (views included).
+fresh database each time, and prints rows/s per batch size (views included);
+then the same batches the way chdb-http's group commit inserts them,
+`INSERT ... SELECT * FROM file(..., RowBinary, <types without LowCardinality>)`
+(ingest.py), side by side.
 That is the most a stack built on this engine can land on this machine; the
 stack's landed rate is compared with it (`cargo xtask bench`, compose/README.md).
 
-Prints one line per batch size: `ceiling batch=<rows> rows=<n> seconds=<s> rows_per_s=<r>
+Prints one line per form and batch size: `ceiling form=<infile|select> batch=<rows> rows=<n> seconds=<s> rows_per_s=<r>
 cpu_seconds=<c> cpu_s_per_100k=<c per 100,000 rows>` (the CPU of the whole process, every engine
 thread included, while the inserts ran: on a shared machine the rate drops with the load, the CPU
 per row much less, and it is what the stack's CPU split is compared with).
 """
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -29,6 +33,9 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SQL_DIR = os.path.join(os.path.dirname(HERE), "sql")
+sys.path.insert(0, HERE)
+import chdb_http  # noqa: E402 - the group commit's SELECT form, built as chdb-http builds it
+import ingest  # noqa: E402
 
 # What rotel 0.0.1a15 inserts (captured on the wire; see compose/sql/10_otel_traces.sql).
 ROTEL_COLUMNS = (
@@ -101,10 +108,34 @@ def check(result):
     return result
 
 
+def insert_sql(form, session, database, path, batch):
+    """One batch's insert, FROM INFILE or as chdb-http's group commit runs it."""
+    if form == "infile":
+        return (
+            f"INSERT INTO {database}.otel_traces ({ROTEL_COLUMNS}) FROM INFILE '{path}' "
+            f"SETTINGS max_insert_block_size = {batch + 1} FORMAT RowBinary"
+        )
+    columns = check(
+        session.query(
+            f"SELECT name, type FROM system.columns WHERE database = '{database}' AND table = 'otel_traces'",
+            "JSONEachRow",
+        )
+    )
+    types = {row["name"]: row["type"] for row in map(json.loads, columns.bytes().decode().splitlines())}
+    target = chdb_http.insert_target(f"INSERT INTO {database}.otel_traces ({ROTEL_COLUMNS})")
+    structure = ", ".join(f"c{i} {chdb_http.plain_type(types[c])}" for i, c in enumerate(target.columns, 1))
+    settings = ", ".join(f"{name} = {value}" for name, value in ingest.GROUP_SELECT_SETTINGS)
+    return (
+        f"INSERT INTO {database}.otel_traces ({ROTEL_COLUMNS}) SETTINGS {settings} "
+        f"SELECT * FROM file('{path}', RowBinary, {chdb_http.quote_string(structure)})"
+    )
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--batches", default="8192,65536,262144,1000000")
+    parser.add_argument("--forms", default="infile,select")
     args = parser.parse_args(argv)
     from chdb.session import Session
 
@@ -124,19 +155,15 @@ def main(argv=None):
                     f.write(data)
                 paths.append(path)
             files[batch] = paths
-        for batch, paths in files.items():
-            database = f"ceiling_{batch}"
+        runs = [(form, batch, paths) for form in args.forms.split(",") for batch, paths in files.items()]
+        for form, batch, paths in runs:
+            database = f"ceiling_{form}_{batch}"
             for statement in schema(database):
                 check(session.query(statement))
             started = time.monotonic()
             cpu_started = time.process_time()  # every thread of this process: the engine's included
             for path in paths:
-                check(
-                    session.query(
-                        f"INSERT INTO {database}.otel_traces ({ROTEL_COLUMNS}) FROM INFILE '{path}' "
-                        f"SETTINGS max_insert_block_size = {batch + 1} FORMAT RowBinary"
-                    )
-                )
+                check(session.query(insert_sql(form, session, database, path, batch)))
             elapsed = time.monotonic() - started
             cpu = time.process_time() - cpu_started
             stored = int(check(session.query(f"SELECT count() FROM {database}.otel_traces")).bytes())
@@ -144,13 +171,15 @@ def main(argv=None):
             if stored != args.rows or ci != args.rows:
                 raise RuntimeError(f"expected {args.rows} rows, stored {stored} (CI view {ci})")
             print(
-                f"ceiling batch={batch} rows={args.rows} seconds={elapsed:.2f} rows_per_s={args.rows / elapsed:.0f} "
+                f"ceiling form={form} batch={batch} rows={args.rows} seconds={elapsed:.2f} rows_per_s={args.rows / elapsed:.0f} "
                 f"cpu_seconds={cpu:.2f} cpu_s_per_100k={cpu * 100_000 / args.rows:.2f}",
                 flush=True,
             )
-            for path in paths:
-                os.unlink(path)
             check(session.query(f"DROP DATABASE {database} SYNC"))
+        for _, _, paths in runs:
+            for path in paths:
+                if os.path.exists(path):
+                    os.unlink(path)
         session.close()
     finally:
         shutil.rmtree(work, ignore_errors=True)
