@@ -607,19 +607,21 @@ class HttpInterfaceTest(ServerTestCase):
             "[toString(number % 2), 'x'], if(number % 4 = 0, NULL, number * 1000003), if(number % 2 = 0, 'a(', 'b)'), "
             "toDateTime64('2026-12-02 10:00:00', 9, 'UTC') + toIntervalNanosecond(number * 7), number / 7, "
             "generateUUIDv4(number), IPv6NumToString(toFixedString(reinterpretAsString(number), 16)), 'abc', "
-            "(toString(number % 3), number % 256), 'odd', [toString(number), 'k'], [number % 100, 7] FROM numbers(3000)"
+            "(toString(number % 3), number % 256), 'odd', [toString(number), 'k'], [number % 100, 7] FROM numbers(20000)"
         )
         status, _, data = self.server.request(
             "POST", body=f"SELECT {insert_columns} FROM typed_src ORDER BY id FORMAT RowBinary"
         )
         self.assertEqual(status, 200, data)
+        # Large enough for the SELECT form (small groups run FROM INFILE).
+        self.assertGreaterEqual(len(data), chdb_http.ingest.DEFAULT_SELECT_MIN_BYTES)
         for table, params in (("typed_grouped", {}), ("typed_infile", {"param_unused": "1"})):
             query = urllib.parse.urlencode({"query": f"INSERT INTO {table} ({insert_columns}) FORMAT RowBinary", **params})
             status, _, body = self.server.request("POST", query, body=data)
             self.assertEqual(status, 200, body)
         everything = "SELECT *, lc_copy FROM {} ORDER BY id FORMAT TSVWithNamesAndTypes"
         expected = self.server.query(everything.format("typed_src"))
-        self.assertEqual(expected.count("\n"), 3002)
+        self.assertEqual(expected.count("\n"), 20002)
         self.assertEqual(self.server.query(everything.format("typed_infile")), expected)
         self.assertEqual(self.server.query(everything.format("typed_grouped")), expected)
         log = self.server.stderr_text()

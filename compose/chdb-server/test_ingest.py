@@ -65,6 +65,7 @@ class GroupCommitTest(unittest.TestCase):
         os.rmdir(self.tmp)
 
     def committer(self, **kwargs):
+        kwargs.setdefault("select_min_bytes", 0)  # the test data is tiny
         committer = ingest.GroupCommitter(self.tmp, self.log.append, **kwargs)
         self.addCleanup(committer.close)
         return committer
@@ -245,6 +246,14 @@ class GroupCommitTest(unittest.TestCase):
         # Nothing of the failed group was written (one block); then one by one FROM INFILE.
         self.assertEqual([d for d, _ in engine.inserts][1:], [b"good1badgood2", b"good1", b"bad", b"good2"])
         self.assertEqual(engine.statements[1:], ["SELECT", "INFILE", "INFILE", "INFILE"])
+
+    def test_a_small_group_is_inserted_from_infile(self):
+        engine = ScriptedEngine()
+        committer = self.committer(select_min_bytes=5)
+        self.grouped(engine, committer, [b"-a", b"-b"], self.select)
+        # "x" (1 byte) alone, then "-a-b" (4 bytes): both under 5 bytes.
+        self.assertEqual(engine.statements, ["INFILE", "INFILE"])
+        self.assertEqual(committer.stats.selected, 0)
 
     def test_an_insert_larger_than_a_group_is_inserted_alone_from_infile(self):
         engine = ScriptedEngine()
