@@ -1364,31 +1364,23 @@ def _unquote(text: str) -> str:
 def plain_type(type_name: str) -> str:
     """`type_name` with every `LowCardinality(T)` replaced by `T`, at any depth
     (`Map(LowCardinality(String), String)` -> `Map(String, String)`); quoted
-    parts (`Enum8('a(' = 1)`) are left alone."""
-    out, stack, i = [], [], 0  # stack: per open parenthesis, whether it is LowCardinality's
-    wrapper = "LowCardinality("
-    while i < len(type_name):
-        char = type_name[i]
-        if char in "'\"`":
-            end = i + 1
-            while end < len(type_name) and type_name[end] != char:
-                end += 2 if type_name[end] == "\\" else 1
-            out.append(type_name[i : end + 1])
-            i = end + 1
-        elif type_name.startswith(wrapper, i) and (i == 0 or not (type_name[i - 1].isalnum() or type_name[i - 1] == "_")):
-            stack.append(True)
-            i += len(wrapper)
-        elif char == "(":
-            stack.append(False)
-            out.append(char)
-            i += 1
-        elif char == ")":
-            if not (stack and stack.pop()):
-                out.append(char)
-            i += 1
+    parts (`Enum8('a(' = 1)`) are left alone (the lexer skips them)."""
+    out = []
+    wrappers = []  # per open parenthesis: whether it is LowCardinality's
+    wrapper_next = False
+    for match in _TOKEN_RE.finditer(type_name):
+        kind, text = match.lastgroup, match.group()
+        if kind == "word" and text == "LowCardinality" and type_name.startswith("(", match.end()):
+            wrapper_next = True
+        elif kind == "punct" and text == "(":
+            wrappers.append(wrapper_next)
+            if not wrapper_next:
+                out.append(text)
+            wrapper_next = False
+        elif kind == "punct" and text == ")" and wrappers and wrappers.pop():
+            pass
         else:
-            out.append(char)
-            i += 1
+            out.append(text)
     return "".join(out)
 
 
