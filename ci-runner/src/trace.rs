@@ -286,7 +286,6 @@ impl JobLog {
     }
 }
 
-/// Hands complete lines of `masked` to the log records, if exported.
 /// Hands `masked` (owned: moved into the records' queue, not copied) to the
 /// job's log records, when they are exported.
 fn to_records(state: &mut LogState, masked: Vec<u8>, stream: Stream) {

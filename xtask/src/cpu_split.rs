@@ -206,15 +206,42 @@ fn group_name(comm: &str) -> String {
 
 /// (name, utime + stime) of a `/proc/.../stat` file.
 fn stat_ticks(path: &str) -> Option<(String, u64)> {
+    let (name, fields) = stat_fields(path)?;
+    Some((name, fields.get(UTIME)? + fields.get(STIME)?))
+}
+
+// Indexes in `stat_fields`'s numbers: the state (field 3 of the file) is 0.
+const MINFLT: usize = 7;
+const UTIME: usize = 11;
+const STIME: usize = 12;
+
+/// The command name and the numeric fields after it of a `/proc/.../stat`
+/// file (the state, a letter, counts as 0 to keep field positions).
+fn stat_fields(path: &str) -> Option<(String, Vec<u64>)> {
     let text = fs::read_to_string(path).ok()?;
     let open = text.find('(')?;
     let close = text.rfind(')')?;
     let name = text.get(open + 1..close)?.to_string();
-    // After ")": state is field 3; utime and stime are fields 14 and 15.
-    let fields: Vec<&str> = text.get(close + 1..)?.split_whitespace().collect();
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some((name, utime + stime))
+    let fields = text
+        .get(close + 1..)?
+        .split_whitespace()
+        .map(|f| f.parse().unwrap_or(0))
+        .collect();
+    Some((name, fields))
+}
+
+/// Process `pid`'s user + system CPU time so far, in seconds.
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    Some(stat_ticks(&format!("/proc/{pid}/stat"))?.1 as f64 / ticks_per_second())
+}
+
+/// Process `pid`'s minor page faults so far (memory it touched for the
+/// first time).
+pub fn minor_faults(pid: u32) -> Option<u64> {
+    stat_fields(&format!("/proc/{pid}/stat"))?
+        .1
+        .get(MINFLT)
+        .copied()
 }
 
 /// (busy, total) ticks of all cores, from the first line of `/proc/stat`.

@@ -17,6 +17,9 @@ use conformance::process::Lifetime;
 use conformance::runner::{Runner, RunnerOptions};
 use conformance::stack::{Stack, StackOptions};
 
+use super::stats;
+use crate::cpu_split::{cpu_seconds, minor_faults};
+
 /// Lines printed by the log export scenario's job.
 const LOG_LINES: u64 = 1_000_000;
 /// Rounds of (off, on) pairs. The job lasts about 0.17 s, so a few ms of
@@ -92,46 +95,41 @@ fn log_export(stack: &Stack) -> Result<()> {
         .map(|(off, on)| on.job_seconds / off.job_seconds)
         .collect();
     ratios.sort_by(f64::total_cmp);
-    let median = ratios[ratios.len() / 2];
-    let median_of = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
+    let median = |values: Vec<f64>| stats::percentile(&values, 0.5);
     println!(
         "  job wall time, median: off {:.3} s, on {:.3} s",
-        median_of(pairs.iter().map(|(off, _)| off.job_seconds).collect()),
-        median_of(pairs.iter().map(|(_, on)| on.job_seconds).collect()),
+        median(pairs.iter().map(|(off, _)| off.job_seconds).collect()),
+        median(pairs.iter().map(|(_, on)| on.job_seconds).collect()),
     );
     println!(
-        "  ratio on/off job wall time: {median:.3}x (rounds {}; goal <= 1.05)",
+        "  ratio on/off job wall time: {:.3}x (rounds {}; goal <= 1.05)",
+        stats::percentile(&ratios, 0.5),
         ratios
             .iter()
             .map(|r| format!("{r:.3}"))
             .collect::<Vec<_>>()
             .join(", ")
     );
-    let rate = |count: u64, d: Option<Duration>| d.map(|d| count as f64 / d.as_secs_f64());
-    let mut accepted: Vec<f64> = pairs
-        .iter()
-        .filter_map(|(_, on)| rate(on.exported, on.accepted))
-        .collect();
-    let mut landed: Vec<f64> = pairs
-        .iter()
-        .filter_map(|(_, on)| rate(on.exported, on.end_to_end))
-        .collect();
-    accepted.sort_by(f64::total_cmp);
-    landed.sort_by(f64::total_cmp);
-    let spread = |v: &[f64]| match (v.first(), v.last()) {
-        (Some(a), Some(b)) => format!("{:.0} (min {a:.0}, max {b:.0})", v[v.len() / 2]),
-        _ => "-".into(),
+    let rates = |end: fn(&LogRun) -> Option<Duration>| -> String {
+        let rates: Vec<f64> = pairs
+            .iter()
+            .filter_map(|(_, on)| end(on).map(|d| on.exported as f64 / d.as_secs_f64()))
+            .collect();
+        match rates.is_empty() {
+            true => "-".into(),
+            false => {
+                let s = stats::spread(&rates);
+                format!("{:.0} (min {:.0}, max {:.0})", s.value, s.min, s.max)
+            }
+        }
     };
     println!(
         "  accepted by the collector: {} records/s (job start to every record decided)",
-        spread(&accepted)
+        rates(|run| run.accepted)
     );
     println!(
         "  exported end to end into ClickHouse: {} records/s (goal >= 100k/s)",
-        spread(&landed)
+        rates(|run| run.end_to_end)
     );
     Ok(())
 }
@@ -246,7 +244,7 @@ fn one_run(stack: &Stack, rails: &FakeRails, n: usize, lines: u64, on: bool) -> 
     };
     let peak_rss = peak_rss(runner.pid()).unwrap_or(0);
     let cpu_seconds = cpu_seconds(runner.pid()).unwrap_or(0.0);
-    let page_faults = stat_field(runner.pid(), 7).unwrap_or(0.0) as u64;
+    let page_faults = minor_faults(runner.pid()).unwrap_or(0);
     drop(runner);
     Ok(LogRun {
         job_seconds,
@@ -277,20 +275,6 @@ fn peak_rss(pid: u32) -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
-}
-
-/// The process's user + system CPU time, in seconds (`/proc/PID/stat`).
-fn cpu_seconds(pid: u32) -> Option<f64> {
-    // USER_HZ is 100 on Linux.
-    Some((stat_field(pid, 11)? + stat_field(pid, 12)?) / 100.0)
-}
-
-/// Field `index` of `/proc/PID/stat` counted from the state (0), after the
-/// command name in parentheses: 7 minflt, 11 utime, 12 stime.
-fn stat_field(pid: u32, index: usize) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 2..];
-    rest.split_whitespace().nth(index)?.parse().ok()
 }
 
 fn start_rails(stack: &Stack, name: &str) -> Result<FakeRails> {
