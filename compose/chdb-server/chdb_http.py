@@ -1244,10 +1244,7 @@ def grouped_insert(engine: Engine, database: str, settings, template: str, data_
         if target is None:
             return None
         types = column_types(engine, target.database or database, target.table)
-        if not all(column in types for column in target.columns):
-            return None  # INFILE gives the engine's own error
-        structure = ", ".join(f"c{i} {plain_type(types[c])}" for i, c in enumerate(target.columns, 1))
-        return f"{head} SELECT * FROM file({quote_string(path)}, RowBinary, {quote_string(structure)})"
+        return file_select_sql(head, target, types, path)
 
     return ingest.Insert(
         key=(database, template, tuple(settings)),
@@ -1382,6 +1379,17 @@ def plain_type(type_name: str) -> str:
         else:
             out.append(text)
     return "".join(out)
+
+
+def file_select_sql(head: str, target: InsertTarget, types: dict, path: str) -> Optional[str]:
+    """`head` (the INSERT up to its FORMAT clause, of `target`) reading the
+    RowBinary file `path` as the columns' plain types (`types`: each column of
+    the table with its type). None when a column is not in `types`: INFILE
+    then gives the engine's own error."""
+    if not all(column in types for column in target.columns):
+        return None
+    structure = ", ".join(f"c{i} {plain_type(types[c])}" for i, c in enumerate(target.columns, 1))
+    return f"{head} SELECT * FROM file({quote_string(path)}, RowBinary, {quote_string(structure)})"
 
 
 def column_types(engine: Engine, database: str, table: str) -> dict:

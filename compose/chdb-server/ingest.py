@@ -131,12 +131,12 @@ RETRY_PAUSE_SECONDS = 1.0
 # 2.5-million-row RowBinary insert whose last row was truncated, even with the
 # default block size; this makes it explicit.)
 GROUP_BLOCK_ROWS = str(1 << 30)
-# The same for INSERT ... SELECT: the rows are squashed into one block, written
-# only once the whole file was parsed.
 # Smaller groups run FROM INFILE: the SELECT form's column lookup and extra
 # settings cost a few engine calls, more than the parsing it saves on a
 # few thousand rows.
 DEFAULT_SELECT_MIN_BYTES = 1024 * 1024
+# GROUP_BLOCK_ROWS for INSERT ... SELECT: the rows are squashed into one
+# block, written only once the whole file was parsed.
 GROUP_SELECT_SETTINGS = [
     ("min_insert_block_size_rows", GROUP_BLOCK_ROWS),
     ("min_insert_block_size_bytes", str(1 << 50)),

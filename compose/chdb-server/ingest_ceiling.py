@@ -122,13 +122,9 @@ def insert_sql(form, session, database, path, batch):
         )
     )
     types = {row["name"]: row["type"] for row in map(json.loads, columns.bytes().decode().splitlines())}
-    target = chdb_http.insert_target(f"INSERT INTO {database}.otel_traces ({ROTEL_COLUMNS})")
-    structure = ", ".join(f"c{i} {chdb_http.plain_type(types[c])}" for i, c in enumerate(target.columns, 1))
     settings = ", ".join(f"{name} = {value}" for name, value in ingest.GROUP_SELECT_SETTINGS)
-    return (
-        f"INSERT INTO {database}.otel_traces ({ROTEL_COLUMNS}) SETTINGS {settings} "
-        f"SELECT * FROM file('{path}', RowBinary, {chdb_http.quote_string(structure)})"
-    )
+    head = f"INSERT INTO {database}.otel_traces ({ROTEL_COLUMNS}) SETTINGS {settings}"
+    return chdb_http.file_select_sql(head, chdb_http.insert_target(head), types, path)
 
 
 def main(argv=None):
@@ -176,10 +172,9 @@ def main(argv=None):
                 flush=True,
             )
             check(session.query(f"DROP DATABASE {database} SYNC"))
-        for _, _, paths in runs:
+        for paths in files.values():
             for path in paths:
-                if os.path.exists(path):
-                    os.unlink(path)
+                os.unlink(path)
         session.close()
     finally:
         shutil.rmtree(work, ignore_errors=True)
