@@ -1260,8 +1260,8 @@ def grouped_insert(engine: Engine, database: str, settings, template: str, data_
 # Group commits as INSERT ... SELECT FROM file(): chDB 26.9 parses RowBinary
 # into LowCardinality columns row by row, and that was most of an insert's
 # cost (compose/README.md, "Log records"). Parsed as the plain type and
-# converted by the INSERT, a column at a time, the same rows land with a
-# third of the CPU. RowBinary writes LowCardinality(T) exactly as T, so the
+# converted by the INSERT, a column at a time, the same rows land with less
+# than half the CPU. RowBinary writes LowCardinality(T) exactly as T, so the
 # bytes mean the same thing either way.
 
 
